@@ -1,0 +1,18 @@
+# Declarations of vhu_barriers.h: ordering and little-endian access helpers.
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+
+cdef extern from "vhu_barriers.h" nogil:
+    uint16_t vhu_load_acquire_u16(const void *p)
+    void vhu_store_release_u16(void *p, uint16_t v)
+    void vhu_fence_full()
+    uint16_t vhu_read_once_u16(const void *p)
+    uint32_t vhu_read_once_u32(const void *p)
+    uint64_t vhu_read_once_u64(const void *p)
+    void vhu_write_once_u16(void *p, uint16_t v)
+    void vhu_write_once_u32(void *p, uint32_t v)
+    void vhu_write_once_u64(void *p, uint64_t v)
+    void vhu_prefetch(const void *p)
+    bint vhu_likely(bint x)
+    bint vhu_unlikely(bint x)
+    void VHU_ASSERT(bint cond)
+    int VHU_DEBUG_BUILD

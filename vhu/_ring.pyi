@@ -1,0 +1,128 @@
+"""Split virtqueues (virtio 1.x section 2.7), device side and driver side.
+
+Compiled core (vhu/_ring.pyx): pure logic over guest memory, no I/O.
+Python methods here allocate objects per chain: they are for tests, tools and
+control code. The per-packet data path uses the nogil cdef API in _ring.pxd.
+"""
+from typing import Sequence
+from vhu._mem import GuestMemory
+
+MAX_QUEUE_SIZE: int          # 32768
+NET_HDR_LEN_LEGACY: int      # 10: struct virtio_net_hdr
+NET_HDR_LEN_MRG: int         # 12: with num_buffers (VERSION_1 or MRG_RXBUF)
+
+VIRTQ_DESC_F_NEXT: int       # 1
+VIRTQ_DESC_F_WRITE: int      # 2
+VIRTQ_DESC_F_INDIRECT: int   # 4
+VRING_USED_F_NO_NOTIFY: int  # 1
+VRING_AVAIL_F_NO_INTERRUPT: int  # 1
+
+# Reasons a ring is marked broken (DeviceRing.broken_reason); each has a counter in stats.
+BROKEN_HEAD_OUT_OF_RANGE: str      # "head index >= queue size"
+BROKEN_NEXT_OUT_OF_RANGE: str      # "next index >= queue size"
+BROKEN_CHAIN_TOO_LONG: str         # "descriptor chain longer than the queue (loop?)"
+BROKEN_INDIRECT_BAD_LEN: str       # "indirect table length not a non-zero multiple of 16"
+BROKEN_INDIRECT_NESTED: str        # "indirect descriptor inside an indirect table"
+BROKEN_INDIRECT_UNMAPPED: str      # "indirect table outside guest memory"
+BROKEN_INDIRECT_NOT_NEGOTIATED: str  # "indirect descriptor without VIRTIO_F_INDIRECT_DESC"
+BROKEN_BUFFER_UNMAPPED: str        # "buffer outside guest memory"
+BROKEN_AVAIL_IDX_JUMP: str         # "avail idx moved by more than the queue size"
+BROKEN_READABLE_AFTER_WRITABLE: str  # "device-readable descriptor after a device-writable one"
+
+def net_header_len(features: int) -> int:
+    """12 when VIRTIO_F_VERSION_1 (bit 32) or VIRTIO_NET_F_MRG_RXBUF (bit 15) is set, else 10."""
+
+def check_queue_size(size: int) -> None:
+    """RingError unless 1 <= size <= 32768 and size is a power of two."""
+
+def split_ring_layout(size: int) -> tuple[int, int, int]:
+    """Bytes of (descriptor table, avail ring, used ring), event fields included."""
+
+class RingError(ValueError):
+    """A ring that cannot be set up (bad size, unmapped or misaligned ring address)."""
+
+class Chain:
+    """One available descriptor chain as the device sees it (zero-copy views)."""
+    head: int
+    readable: list[memoryview]   # device-readable segments, in chain order
+    writable: list[memoryview]   # device-writable segments, in chain order
+    read_len: int
+    write_len: int
+
+class DeviceRing:
+    """Device side of a split virtqueue (what the back-end runs).
+
+    Ring addresses are front-end virtual addresses (addr_space="uva", as
+    SET_VRING_ADDR sends them) or guest-physical ("gpa"). A guest error
+    marks the ring broken: it stops processing (pop returns nothing), the
+    reason is kept in broken_reason and counted in stats.
+    """
+    size: int
+    event_idx: bool
+    indirect: bool
+    mergeable: bool
+    hdr_len: int
+    def __init__(self, mem: GuestMemory, size: int, desc_addr: int, avail_addr: int,
+                 used_addr: int, *, addr_space: str = "uva", event_idx: bool = False,
+                 indirect: bool = True, features: int = 0) -> None:
+        """features (virtio feature bits) sets hdr_len and mergeable; event_idx/indirect may be given directly."""
+    def remap(self) -> None:
+        """Re-translate the ring addresses after the memory table changed (RingError if they no longer map)."""
+    @property
+    def last_avail_idx(self) -> int: ...
+    @last_avail_idx.setter
+    def last_avail_idx(self, value: int) -> None:
+        """SET_VRING_BASE: also resets the shadow used index to it."""
+    @property
+    def used_idx(self) -> int:
+        """The device's next used index (published or not)."""
+    @property
+    def broken(self) -> bool: ...
+    @property
+    def broken_reason(self) -> str | None: ...
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: popped, pushed, published, notify, notify_suppressed, broken_<reason>..."""
+    def avail_count(self) -> int:
+        """Chains the driver has made available and the device has not popped."""
+    def pop(self, max_chains: int) -> list[Chain]: ...
+    def push(self, head: int, written: int) -> None:
+        """Add a used element (not visible to the driver until publish)."""
+    def publish(self) -> bool:
+        """Store used->idx (release) once for all pushes; True if the driver wants a notification."""
+    def disable_notifications(self) -> None:
+        """Ask the driver not to kick (used->flags NO_NOTIFY, or avail_event left behind with EVENT_IDX)."""
+    def enable_notifications(self) -> bool:
+        """Ask for kicks again; True if buffers arrived meanwhile (poll again before sleeping)."""
+    # virtio-net framing on top of pop/push (the caller still calls publish()).
+    def tx_frames(self, max_frames: int) -> list[bytes]:
+        """Pop frames the driver sent, header stripped; their chains are pushed with written=0."""
+    def rx_frames(self, frames: Sequence[bytes]) -> int:
+        """Deliver frames into the driver's receive buffers with a header (num_buffers when mergeable).
+        Returns how many were delivered; stops at the first that finds no room."""
+
+class DriverRing:
+    """Driver side of a split virtqueue (what a front-end runs), addresses guest-physical.
+
+    Owns the descriptor free list. Initialises the ring memory it is given.
+    """
+    size: int
+    event_idx: bool
+    def __init__(self, mem: GuestMemory, size: int, desc_gpa: int, avail_gpa: int,
+                 used_gpa: int, *, event_idx: bool = False) -> None: ...
+    @property
+    def free_count(self) -> int: ...
+    @property
+    def avail_idx(self) -> int: ...
+    def add(self, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]] = (),
+            *, indirect_gpa: int | None = None) -> int:
+        """Make one chain of (gpa, len) buffers available (not visible until publish).
+        With indirect_gpa the chain is written as an indirect table there and takes one slot.
+        Returns the head id; RingError when the ring is full."""
+    def publish(self) -> bool:
+        """Store avail->idx (release); True if the device wants a kick."""
+    def get_used(self, max_items: int = 2**31) -> list[tuple[int, int]]:
+        """(head, written length) of chains the device returned; frees their descriptors."""
+    def disable_interrupts(self) -> None: ...
+    def enable_interrupts(self) -> bool:
+        """True if used buffers arrived meanwhile."""
