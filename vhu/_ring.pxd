@@ -1,5 +1,6 @@
 # Split virtqueue core: declarations for modules that drive rings from
 # nogil code (workers, the front-end, benchmarks).
+cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from vhu._mem cimport GuestMemory, MemTable
 
@@ -62,6 +63,7 @@ cdef class Chain:
     cdef readonly object read_len
     cdef readonly object write_len
 
+@cython.final
 cdef class DeviceRing:
     cdef GuestMemory mem
     cdef readonly uint32_t size
@@ -102,6 +104,7 @@ cdef class DeviceRing:
     cdef Chain _chain_object(self, ChainInfo *c)
     cdef int rx_enqueue(self, const Seg *src, uint32_t nsrc, uint64_t skip, uint64_t frame_len) noexcept nogil
 
+@cython.final
 cdef class DriverRing:
     cdef GuestMemory mem
     cdef readonly uint32_t size

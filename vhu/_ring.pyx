@@ -407,6 +407,15 @@ cdef class DeviceRing:
         cdef uint32_t dlen
         cdef uint16_t flags
         cdef char *p = NULL
+        # Locals: stores through guest pointers could alias self's fields,
+        # so the compiler would reload them every iteration.
+        cdef MemTable *table = self.mem.table
+        cdef char *desc = self.desc
+        cdef char *avail = self.avail
+        cdef ChainInfo *chains = self.chains
+        cdef Seg *segs = self.segs
+        cdef uint32_t size = self.size, max_segs = self.max_segs
+        cdef uint16_t mask = self.mask, last_avail = self.last_avail
         if pending <= 0:
             return 0
         n = <uint32_t>pending
@@ -415,20 +424,20 @@ cdef class DeviceRing:
         if n > self.max_chains:
             n = self.max_chains
         for i in range(n):
-            head = vhu_read_once_u16(avail_entry(self.avail, <uint16_t>(self.last_avail + i) & self.mask))
-            c = &self.chains[i]
+            head = vhu_read_once_u16(avail_entry(avail, <uint16_t>(last_avail + i) & mask))
+            c = &chains[i]
             # Fast path: one descriptor, no NEXT/INDIRECT, inside one region.
-            if vhu_likely(head < self.size and nseg < self.max_segs):
-                d = self.desc + 16 * <uint32_t>head
+            if vhu_likely(head < size and nseg < max_segs):
+                d = desc + 16 * <uint32_t>head
                 addr = vhu_read_once_u64(d)
                 dlen = vhu_read_once_u32(d + 8)
                 flags = vhu_read_once_u16(d + 12)
                 if vhu_likely((flags & (DESC_F_NEXT | DESC_F_INDIRECT)) == 0 and dlen != 0
-                              and gpa_clip(self.mem.table, addr, dlen, &p) == dlen):
+                              and gpa_clip(table, addr, dlen, &p) == dlen):
                     c.head = head
                     c.seg_start = nseg
-                    self.segs[nseg].ptr = p
-                    self.segs[nseg].len = dlen
+                    segs[nseg].ptr = p
+                    segs[nseg].len = dlen
                     nseg += 1
                     if flags & DESC_F_WRITE:
                         c.nread = 0
@@ -448,7 +457,7 @@ cdef class DeviceRing:
                 n = i                 # out of segment space: the rest next time
                 break
             nseg = c.seg_start + c.nread + c.nwrite
-        self.last_avail = <uint16_t>(self.last_avail + n)
+        self.last_avail = <uint16_t>(last_avail + n)
         self.counters[C_POPPED] += n
         return n
 
@@ -460,8 +469,7 @@ cdef class DeviceRing:
         cdef char *e = used_entry(self.used, self.shadow_used & self.mask)
         vhu_write_once_u32(e, head)
         vhu_write_once_u32(e + 4, written)
-        self.shadow_used += 1
-        self.counters[C_PUSHED] += 1
+        self.shadow_used += 1       # counted in C_PUSHED when published
 
     cdef bint publish_used(self) noexcept nogil:
         """Store used->idx once for the whole batch; True if the driver wants
@@ -473,6 +481,7 @@ cdef class DeviceRing:
         # Release: every used element written above is visible before the index.
         vhu_store_release_u16(self.used + RING_IDX, new)
         self.published_used = new
+        self.counters[C_PUSHED] += <uint16_t>(new - old)
         self.counters[C_PUBLISHED] += 1
         # Store (used->idx) then load (used_event / flags): needs a full fence,
         # or we may read a stale event index and miss a wanted interrupt.
@@ -528,7 +537,7 @@ cdef class DeviceRing:
         cdef uint32_t hdr_len = self.hdr_len
         cdef uint64_t need = hdr_len + frame_len, done = 0, room, off, n
         cdef uint16_t start_avail = self.last_avail, start_used = self.shadow_used
-        cdef uint64_t start_popped = self.counters[C_POPPED], start_pushed = self.counters[C_PUSHED]
+        cdef uint64_t start_popped = self.counters[C_POPPED]
         cdef uint16_t nbufs = 0
         cdef ChainInfo *c
         cdef Seg *w
@@ -543,7 +552,6 @@ cdef class DeviceRing:
                 self.last_avail = start_avail
                 self.shadow_used = start_used
                 self.counters[C_POPPED] = start_popped
-                self.counters[C_PUSHED] = start_pushed
                 if self.broken:
                     return -1
                 self.counters[C_RX_NO_ROOM] += 1
