@@ -63,74 +63,89 @@ cdef class Chain:
     cdef readonly object read_len
     cdef readonly object write_len
 
+cdef struct DevRing:
+    # Device side of one split ring. Pointers into guest memory are valid
+    # while mem_generation equals *generation_ref (checked before each batch).
+    MemTable **table_ref                 # &GuestMemory.table of the owner
+    unsigned long long *generation_ref   # &GuestMemory.generation
+    unsigned long long mem_generation
+    uint32_t size
+    uint16_t mask
+    bint event_idx
+    bint indirect
+    bint mergeable
+    bint addr_uva
+    uint32_t hdr_len
+    uint64_t desc_addr, avail_addr, used_addr
+    char *desc
+    char *avail
+    char *used
+    uint16_t last_avail            # next avail entry to pop
+    uint16_t shadow_used           # next used entry to write
+    uint16_t published_used        # used->idx as last published
+    bint notify_valid              # published_used is meaningful for EVENT_IDX
+    int broken
+    uint64_t *counters             # C_COUNT u64s: the owner's, or shared memory
+    ChainInfo *chains              # batch scratch, filled by dev_pop_batch
+    uint32_t max_chains
+    Seg *segs
+    uint32_t max_segs
+
+cdef struct DrvRing:
+    uint32_t size
+    uint16_t mask
+    bint event_idx
+    uint64_t desc_gpa, avail_gpa, used_gpa
+    char *desc
+    char *avail
+    char *used
+    uint16_t shadow_avail          # next avail entry to write
+    uint16_t published_avail
+    uint16_t last_used             # next used entry to read
+    uint16_t *free_next            # free list kept outside guest memory
+    uint16_t *chain_len            # descriptors each in-flight head holds
+    uint8_t *in_flight
+    uint32_t free_head
+    uint32_t num_free
+
 @cython.final
 cdef class DeviceRing:
+    cdef DevRing r
     cdef GuestMemory mem
-    cdef readonly uint32_t size
-    cdef uint16_t mask
-    cdef readonly bint event_idx
-    cdef readonly bint indirect
-    cdef readonly bint mergeable
-    cdef readonly uint32_t hdr_len
-    cdef bint addr_uva
-    cdef uint64_t desc_addr, avail_addr, used_addr
-    cdef unsigned long long mem_generation
-    cdef char *desc
-    cdef char *avail
-    cdef char *used
-    cdef uint16_t last_avail            # next avail entry to pop
-    cdef uint16_t shadow_used           # next used entry to write
-    cdef uint16_t published_used        # used->idx as last published
-    cdef bint notify_valid              # published_used is meaningful for EVENT_IDX
-    cdef int broken
     cdef uint64_t own_counters[C_COUNT]
-    cdef uint64_t *counters             # own_counters, or shared memory
-    # batch scratch: filled by pop_batch
-    cdef ChainInfo *chains
-    cdef uint32_t max_chains
-    cdef Seg *segs
-    cdef uint32_t max_segs
-
-    cdef int _translate(self) except -1
-    cdef bint mem_ok(self) noexcept nogil
-    cdef int mark_broken(self, int reason) noexcept nogil
-    cdef int avail_pending(self) noexcept nogil
-    cdef int walk_chain(self, uint16_t head, ChainInfo *c, uint32_t seg_base) noexcept nogil
-    cdef int pop_batch(self, uint32_t max_chains) noexcept nogil
-    cdef void push_used(self, uint16_t head, uint32_t written) noexcept nogil
-    cdef bint publish_used(self) noexcept nogil
-    cdef void notifications_off(self) noexcept nogil
-    cdef bint notifications_on(self) noexcept nogil
+    cdef object counters_owner
+    cdef DevRing *ring(self)
     cdef Chain _chain_object(self, ChainInfo *c)
-    cdef int rx_enqueue(self, const Seg *src, uint32_t nsrc, uint64_t skip, uint64_t frame_len) noexcept nogil
 
 @cython.final
 cdef class DriverRing:
+    cdef DrvRing r
     cdef GuestMemory mem
-    cdef readonly uint32_t size
-    cdef uint16_t mask
-    cdef readonly bint event_idx
-    cdef uint64_t desc_gpa, avail_gpa, used_gpa
-    cdef unsigned long long mem_generation
-    cdef char *desc
-    cdef char *avail
-    cdef char *used
-    cdef uint16_t shadow_avail          # next avail entry to write
-    cdef uint16_t published_avail
-    cdef uint16_t last_used             # next used entry to read
-    cdef uint16_t *free_next            # free list kept outside guest memory
-    cdef uint16_t *chain_len            # descriptors each in-flight head holds
-    cdef uint8_t *in_flight
-    cdef uint32_t free_head
-    cdef uint32_t num_free
+    cdef DrvRing *ring(self)
 
-    cdef int _translate(self) except -1
-    cdef void _write_desc(self, char *d, uint64_t gpa, uint32_t length, uint16_t flags,
-                          uint16_t nxt) noexcept nogil
-    cdef void _make_available(self, uint16_t head, uint16_t ndesc) noexcept nogil
-    cdef int add_one(self, uint64_t gpa, uint32_t length, uint16_t flags) noexcept nogil
-    cdef bint publish_avail(self) noexcept nogil
-    cdef int reclaim(self, uint16_t *heads, uint32_t *lens, int max_items) noexcept nogil
+# Device side, for compiled loops (no GIL).
+cdef int translate_ring(MemTable *t, bint uva, uint32_t size, uint64_t desc_addr,
+                        uint64_t avail_addr, uint64_t used_addr,
+                        char **d, char **a, char **u) noexcept nogil
+cdef bint dev_mem_ok(DevRing *r) noexcept nogil
+cdef int dev_mark_broken(DevRing *r, int reason) noexcept nogil
+cdef int dev_avail_pending(DevRing *r) noexcept nogil
+cdef int dev_walk_chain(DevRing *r, uint16_t head, ChainInfo *c, uint32_t seg_base) noexcept nogil
+cdef int dev_pop_batch(DevRing *r, uint32_t max_chains) noexcept nogil
+cdef void dev_push_used(DevRing *r, uint16_t head, uint32_t written) noexcept nogil
+cdef bint dev_publish_used(DevRing *r) noexcept nogil
+cdef void dev_notifications_off(DevRing *r) noexcept nogil
+cdef bint dev_notifications_on(DevRing *r) noexcept nogil
+cdef int dev_rx_enqueue(DevRing *r, const Seg *src, uint32_t nsrc, uint64_t skip,
+                        uint64_t frame_len) noexcept nogil
+
+# Driver side.
+cdef void drv_make_available(DrvRing *r, uint16_t head, uint16_t ndesc) noexcept nogil
+cdef int drv_add_one(DrvRing *r, uint64_t gpa, uint32_t length, uint16_t flags) noexcept nogil
+cdef bint drv_publish_avail(DrvRing *r) noexcept nogil
+cdef int drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items) noexcept nogil
+cdef void drv_interrupts_off(DrvRing *r) noexcept nogil
+cdef bint drv_interrupts_on(DrvRing *r) noexcept nogil
 
 cdef int copy_segs(const Seg *dst, uint32_t ndst, uint64_t dst_off,
                    const Seg *src, uint32_t nsrc, uint64_t src_off,

@@ -145,6 +145,405 @@ cdef int copy_segs(const Seg *dst, uint32_t ndst, uint64_t dst_off,
     return 0
 
 
+# -- device side: nogil functions over a DevRing -------------------------
+
+cdef bint dev_mem_ok(DevRing *r) noexcept nogil:
+    # The table changed under us (SET_MEM_TABLE/ADD/REM): our ring pointers
+    # may point into unmapped memory. Re-translate before touching the ring.
+    if vhu_likely(r.mem_generation == r.generation_ref[0]):
+        return r.desc != NULL
+    r.mem_generation = r.generation_ref[0]
+    if translate_ring(r.table_ref[0], r.addr_uva, r.size, r.desc_addr, r.avail_addr,
+                      r.used_addr, &r.desc, &r.avail, &r.used) < 0:
+        dev_mark_broken(r, B_RING_UNMAPPED)
+        return False
+    return True
+
+
+cdef int dev_mark_broken(DevRing *r, int reason) noexcept nogil:
+    if r.broken == B_OK:
+        r.broken = reason
+    r.counters[C_BROKEN_FIRST + reason] += 1
+    return -1
+
+
+cdef int dev_avail_pending(DevRing *r) noexcept nogil:
+    """Chains available and not yet popped; -1 when the ring is broken."""
+    cdef uint16_t avail_idx, n
+    if r.broken or not dev_mem_ok(r):
+        return -1
+    # Acquire: the avail entries and descriptors it covers are read after it.
+    avail_idx = vhu_load_acquire_u16(r.avail + RING_IDX)
+    n = <uint16_t>(avail_idx - r.last_avail)
+    if vhu_unlikely(n > r.size):
+        return dev_mark_broken(r, B_AVAIL_IDX_JUMP)
+    return n
+
+
+cdef int dev_walk_chain(DevRing *r, uint16_t head, ChainInfo *c, uint32_t seg_base) noexcept nogil:
+    """Translate the chain at head into segments from seg_base.
+    Returns 0, -1 (ring broken) or 1 (not enough segment space left)."""
+    cdef char *table = r.desc
+    cdef uint32_t table_size = r.size
+    cdef uint32_t idx = head
+    cdef int budget = r.size        # descriptors this chain may still use
+    cdef bint in_indirect = False
+    cdef bint seen_writable = False
+    cdef uint32_t nseg = seg_base
+    cdef uint64_t addr, length, n
+    cdef uint32_t dlen
+    cdef uint16_t flags, nxt
+    cdef char *d
+    cdef char *p = NULL
+    c.head = head
+    c.seg_start = seg_base
+    c.nread = 0
+    c.nwrite = 0
+    c.read_len = 0
+    c.write_len = 0
+    if vhu_unlikely(head >= r.size):
+        return dev_mark_broken(r, B_HEAD_OUT_OF_RANGE)
+    while True:
+        budget -= 1
+        if vhu_unlikely(budget < 0):
+            return dev_mark_broken(r, B_CHAIN_TOO_LONG)
+        d = table + 16 * idx
+        addr = vhu_read_once_u64(d)
+        dlen = vhu_read_once_u32(d + 8)
+        flags = vhu_read_once_u16(d + 12)
+        nxt = vhu_read_once_u16(d + 14)
+        if vhu_unlikely(flags & DESC_F_INDIRECT):
+            if not r.indirect:
+                return dev_mark_broken(r, B_INDIRECT_NOT_NEGOTIATED)
+            if in_indirect:
+                return dev_mark_broken(r, B_INDIRECT_NESTED)
+            if dlen == 0 or dlen % 16:
+                return dev_mark_broken(r, B_INDIRECT_BAD_LEN)
+            if dlen // 16 > <uint32_t>budget + 1:
+                return dev_mark_broken(r, B_CHAIN_TOO_LONG)
+            table = gpa_to_ptr(r.table_ref[0], addr, dlen)
+            if table == NULL:
+                return dev_mark_broken(r, B_INDIRECT_UNMAPPED)
+            # The chain continues inside the table only (a NEXT flag on
+            # the indirect descriptor itself is ignored, as Linux and DPDK do).
+            table_size = dlen // 16
+            idx = 0
+            in_indirect = True
+            continue
+        if flags & DESC_F_WRITE:
+            seen_writable = True
+        elif vhu_unlikely(seen_writable):
+            return dev_mark_broken(r, B_READABLE_AFTER_WRITABLE)
+        length = dlen
+        if length:
+            if vhu_unlikely(addr + length - 1 < addr):
+                return dev_mark_broken(r, B_BUFFER_UNMAPPED)
+            if flags & DESC_F_WRITE:
+                c.write_len += length
+            else:
+                c.read_len += length
+            while length:
+                n = gpa_clip(r.table_ref[0], addr, length, &p)
+                if vhu_unlikely(n == 0):
+                    return dev_mark_broken(r, B_BUFFER_UNMAPPED)
+                if vhu_unlikely(nseg >= r.max_segs):
+                    if seg_base == 0:
+                        return dev_mark_broken(r, B_TOO_MANY_SEGMENTS)
+                    return 1
+                r.segs[nseg].ptr = p
+                r.segs[nseg].len = <uint32_t>n
+                nseg += 1
+                if flags & DESC_F_WRITE:
+                    c.nwrite += 1
+                else:
+                    c.nread += 1
+                addr += n
+                length -= n
+        if not (flags & DESC_F_NEXT):
+            return 0
+        if vhu_unlikely(nxt >= table_size):
+            return dev_mark_broken(r, B_NEXT_OUT_OF_RANGE)
+        idx = nxt
+
+
+cdef int dev_pop_batch(DevRing *r, uint32_t max_chains) noexcept nogil:
+    """Pop up to max_chains chains into r.chains / r.segs.
+    Returns how many; 0 when none (or the ring is broken)."""
+    cdef int pending = dev_avail_pending(r)
+    cdef uint32_t i, n, nseg = 0
+    cdef uint16_t head
+    cdef int rc
+    cdef ChainInfo *c
+    cdef char *d
+    cdef uint64_t addr
+    cdef uint32_t dlen
+    cdef uint16_t flags
+    cdef char *p = NULL
+    # Locals: stores through guest pointers could alias self's fields,
+    # so the compiler would reload them every iteration.
+    cdef MemTable *table = r.table_ref[0]
+    cdef char *desc = r.desc
+    cdef char *avail = r.avail
+    cdef ChainInfo *chains = r.chains
+    cdef Seg *segs = r.segs
+    cdef uint32_t size = r.size, max_segs = r.max_segs
+    cdef uint16_t mask = r.mask, last_avail = r.last_avail
+    if pending <= 0:
+        return 0
+    n = <uint32_t>pending
+    if n > max_chains:
+        n = max_chains
+    if n > r.max_chains:
+        n = r.max_chains
+    for i in range(n):
+        head = vhu_read_once_u16(avail_entry(avail, <uint16_t>(last_avail + i) & mask))
+        c = &chains[i]
+        # Fast path: one descriptor, no NEXT/INDIRECT, inside one region.
+        if vhu_likely(head < size and nseg < max_segs):
+            d = desc + 16 * <uint32_t>head
+            addr = vhu_read_once_u64(d)
+            dlen = vhu_read_once_u32(d + 8)
+            flags = vhu_read_once_u16(d + 12)
+            if vhu_likely((flags & (DESC_F_NEXT | DESC_F_INDIRECT)) == 0 and dlen != 0
+                          and gpa_clip(table, addr, dlen, &p) == dlen):
+                c.head = head
+                c.seg_start = nseg
+                segs[nseg].ptr = p
+                segs[nseg].len = dlen
+                nseg += 1
+                if flags & DESC_F_WRITE:
+                    c.nread = 0
+                    c.nwrite = 1
+                    c.read_len = 0
+                    c.write_len = dlen
+                else:
+                    c.nread = 1
+                    c.nwrite = 0
+                    c.read_len = dlen
+                    c.write_len = 0
+                continue
+        rc = dev_walk_chain(r, head, c, nseg)
+        if rc != 0:
+            if rc < 0:
+                return 0          # broken: nothing of this batch is handed out
+            n = i                 # out of segment space: the rest next time
+            break
+        nseg = c.seg_start + c.nread + c.nwrite
+    r.last_avail = <uint16_t>(last_avail + n)
+    r.counters[C_POPPED] += n
+    return n
+
+
+cdef void dev_push_used(DevRing *r, uint16_t head, uint32_t written) noexcept nogil:
+    """Write one used element after the published index (invisible to the
+    driver until publish_used)."""
+    cdef char *e = used_entry(r.used, r.shadow_used & r.mask)
+    vhu_write_once_u32(e, head)
+    vhu_write_once_u32(e + 4, written)
+    r.shadow_used += 1       # counted in C_PUSHED when published
+
+
+cdef bint dev_publish_used(DevRing *r) noexcept nogil:
+    """Store used->idx once for the whole batch; True if the driver wants
+    an interrupt (the caller signals the call eventfd)."""
+    cdef uint16_t old = r.published_used, new = r.shadow_used
+    cdef bint notify
+    if new == old or r.used == NULL:
+        return False
+    # Release: every used element written above is visible before the index.
+    vhu_store_release_u16(r.used + RING_IDX, new)
+    r.published_used = new
+    r.counters[C_PUSHED] += <uint16_t>(new - old)
+    r.counters[C_PUBLISHED] += 1
+    # Store (used->idx) then load (used_event / flags): needs a full fence,
+    # or we may read a stale event index and miss a wanted interrupt.
+    vhu_fence_full()
+    if r.event_idx:
+        notify = (not r.notify_valid) or need_event(
+            vhu_read_once_u16(avail_entry(r.avail, <uint16_t>r.size)), new, old)
+        r.notify_valid = True
+    else:
+        notify = not (vhu_read_once_u16(r.avail + RING_FLAGS) & AVAIL_F_NO_INTERRUPT)
+    if notify:
+        r.counters[C_NOTIFY] += 1
+    else:
+        r.counters[C_NOTIFY_SUPPRESSED] += 1
+    return notify
+
+
+cdef void dev_notifications_off(DevRing *r) noexcept nogil:
+    if r.used == NULL:
+        return
+    if r.event_idx:
+        # avail_event stays where it was: the driver kicks at most once
+        # more (when it passes it), then not again until we move it.
+        return
+    vhu_write_once_u16(r.used + RING_FLAGS, USED_F_NO_NOTIFY)
+
+
+cdef bint dev_notifications_on(DevRing *r) noexcept nogil:
+    """Ask for kicks again. True if chains arrived meanwhile: the caller
+    must poll again instead of sleeping, or a racing kick is lost."""
+    if r.used == NULL or r.broken:
+        return False
+    if r.event_idx:
+        vhu_write_once_u16(used_entry(r.used, <uint16_t>r.size), r.last_avail)
+    else:
+        vhu_write_once_u16(r.used + RING_FLAGS, 0)
+    # Store (flags / avail_event) then load (avail->idx): full fence.
+    vhu_fence_full()
+    return dev_avail_pending(r) > 0
+
+
+cdef int dev_rx_enqueue(DevRing *r, const Seg *src, uint32_t nsrc, uint64_t skip, uint64_t frame_len) noexcept nogil:
+    """Deliver one frame (frame_len bytes of src after skip) into the
+    driver's receive buffers, with a virtio-net header in front.
+    Returns 1 delivered, 0 no room (nothing consumed), -1 dropped
+    (does not fit one chain without mergeable buffers) or ring broken.
+
+    Pushes are not visible until publish_used, so running out of buffers
+    halfway through a mergeable frame is undone by rewinding our indices."""
+    cdef uint8_t hdr[12]
+    cdef Seg hseg
+    cdef Seg first[12]        # where the header landed: num_buffers is written there last
+    cdef uint32_t nfirst = 0, j
+    cdef uint32_t hdr_len = r.hdr_len
+    cdef uint64_t need = hdr_len + frame_len, done = 0, room, off, n
+    cdef uint16_t start_avail = r.last_avail, start_used = r.shadow_used
+    cdef uint64_t start_popped = r.counters[C_POPPED]
+    cdef uint16_t nbufs = 0
+    cdef ChainInfo *c
+    cdef Seg *w
+    memset(hdr, 0, 12)
+    if hdr_len == 12:
+        hdr[10] = 1           # num_buffers: 1 unless a mergeable frame spans more
+    hseg.ptr = <char *>hdr
+    hseg.len = hdr_len
+    while done < need:
+        if dev_pop_batch(r, 1) <= 0:
+            # Out of buffers (or broken) midway: give back what we took.
+            r.last_avail = start_avail
+            r.shadow_used = start_used
+            r.counters[C_POPPED] = start_popped
+            if r.broken:
+                return -1
+            r.counters[C_RX_NO_ROOM] += 1
+            return 0
+        c = &r.chains[0]
+        w = &r.segs[c.seg_start + c.nread]
+        room = c.write_len
+        if done == 0 and room < (need if not r.mergeable else hdr_len):
+            if not r.mergeable:
+                # Leave the buffer for a frame that fits; this one is dropped.
+                r.last_avail = start_avail
+                r.counters[C_POPPED] = start_popped
+                r.counters[C_RX_TOO_BIG] += 1
+                return -1
+            # A mergeable buffer smaller than the header breaks the
+            # driver's own rule (5.1.6.3.1): return it unused.
+            dev_push_used(r, c.head, 0)
+            continue
+        off = 0
+        if done == 0:
+            copy_segs(w, c.nwrite, 0, &hseg, 1, 0, hdr_len)
+            for j in range(c.nwrite if c.nwrite < 12 else 12):
+                first[j] = w[j]
+            nfirst = j + 1 if c.nwrite else 0
+            off = hdr_len
+            done = hdr_len
+        n = need - done
+        if room - off < n:
+            n = room - off
+        if n:
+            copy_segs(w, c.nwrite, off, src, nsrc, skip + (done - hdr_len), n)
+            off += n
+            done += n
+        dev_push_used(r, c.head, <uint32_t>off)
+        nbufs += 1
+    if hdr_len == 12 and nbufs > 1:
+        hdr[10] = nbufs & 0xFF
+        hdr[11] = nbufs >> 8
+        copy_segs(first, nfirst, 10, &hseg, 1, 10, 2)
+    r.counters[C_RX_FRAMES] += 1
+    r.counters[C_RX_BYTES] += frame_len
+    return 1
+
+
+cdef inline void write_desc(char *d, uint64_t gpa, uint32_t length, uint16_t flags,
+                             uint16_t nxt) noexcept nogil:
+    vhu_write_once_u64(d, gpa)
+    vhu_write_once_u32(d + 8, length)
+    vhu_write_once_u16(d + 12, flags)
+    vhu_write_once_u16(d + 14, nxt)
+
+
+cdef void drv_make_available(DrvRing *r, uint16_t head, uint16_t ndesc) noexcept nogil:
+    r.chain_len[head] = ndesc
+    r.in_flight[head] = 1
+    vhu_write_once_u16(avail_entry(r.avail, r.shadow_avail & r.mask), head)
+    r.shadow_avail += 1
+
+
+cdef int drv_add_one(DrvRing *r, uint64_t gpa, uint32_t length, uint16_t flags) noexcept nogil:
+    """One single-descriptor chain (flags: 0 readable or DESC_F_WRITE).
+    Returns its head, or -1 when the ring is full."""
+    cdef uint16_t head
+    if r.num_free == 0:
+        return -1
+    head = <uint16_t>r.free_head
+    r.free_head = r.free_next[head]
+    r.num_free -= 1
+    write_desc(r.desc + 16 * <uint32_t>head, gpa, length, flags, 0)
+    drv_make_available(r, head, 1)
+    return head
+
+
+cdef bint drv_publish_avail(DrvRing *r) noexcept nogil:
+    """Store avail->idx (release); True if the device wants a kick."""
+    cdef uint16_t old = r.published_avail, new = r.shadow_avail
+    if new == old:
+        return False
+    # Release: descriptors and avail entries are visible before the index.
+    vhu_store_release_u16(r.avail + RING_IDX, new)
+    r.published_avail = new
+    # Store (avail->idx) then load (avail_event / used flags): full fence.
+    vhu_fence_full()
+    if r.event_idx:
+        return need_event(vhu_read_once_u16(used_entry(r.used, <uint16_t>r.size)), new, old)
+    return not (vhu_read_once_u16(r.used + RING_FLAGS) & USED_F_NO_NOTIFY)
+
+
+cdef int drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items) noexcept nogil:
+    """Take back up to max_items used chains: (head, written) into the
+    arrays, descriptors back on the free list. -1 if the device returned
+    an id that is not in flight (a broken device)."""
+    cdef uint16_t used_idx = vhu_load_acquire_u16(r.used + RING_IDX)
+    cdef int n = 0
+    cdef char *e
+    cdef uint32_t head, nd, tail
+    while r.last_used != used_idx and n < max_items:
+        e = used_entry(r.used, r.last_used & r.mask)
+        head = vhu_read_once_u32(e)
+        if head >= r.size or not r.in_flight[head]:
+            return -1
+        heads[n] = <uint16_t>head
+        lens[n] = vhu_read_once_u32(e + 4)
+        r.in_flight[head] = 0
+        # The chain's descriptors were linked head..tail through free_next
+        # when added; splice them back onto the free list.
+        nd = r.chain_len[head]
+        tail = head
+        while nd > 1:
+            tail = r.free_next[tail]
+            nd -= 1
+        r.free_next[tail] = <uint16_t>r.free_head
+        r.free_head = head
+        r.num_free += r.chain_len[head]
+        r.last_used += 1
+        n += 1
+    return n
+
+
 cdef class Chain:
     """One available descriptor chain as the device sees it (zero-copy views)."""
 
@@ -153,118 +552,129 @@ cdef class Chain:
                 f"write_len={self.write_len}, segments={len(self.readable)}+{len(self.writable)})")
 
 
+cdef int translate_ring(MemTable *t, bint uva, uint32_t size, uint64_t desc_addr,
+                        uint64_t avail_addr, uint64_t used_addr,
+                        char **d, char **a, char **u) noexcept nogil:
+    """Local addresses of the three ring parts, each whole inside one region;
+    -1 (and NULLs) if any is not."""
+    cdef uint64_t dlen = 16 * <uint64_t>size, alen = 6 + 2 * <uint64_t>size
+    cdef uint64_t ulen = 6 + 8 * <uint64_t>size
+    if uva:
+        d[0] = uva_to_ptr(t, desc_addr, dlen)
+        a[0] = uva_to_ptr(t, avail_addr, alen)
+        u[0] = uva_to_ptr(t, used_addr, ulen)
+    else:
+        d[0] = gpa_to_ptr(t, desc_addr, dlen)
+        a[0] = gpa_to_ptr(t, avail_addr, alen)
+        u[0] = gpa_to_ptr(t, used_addr, ulen)
+    if d[0] == NULL or a[0] == NULL or u[0] == NULL:
+        d[0] = a[0] = u[0] = NULL
+        return -1
+    return 0
+
+
 cdef class DeviceRing:
-    """Device side of a split virtqueue (what the back-end runs)."""
+    """Device side of a split virtqueue (what the back-end runs).
+
+    The state is a C struct (self.r) so compiled loops can drive many rings
+    without the GIL; this class owns it, its scratch arrays and the memory
+    reference that keeps the struct's table pointers valid."""
 
     def __cinit__(self):
-        self.counters = self.own_counters
+        memset(&self.r, 0, sizeof(DevRing))
         memset(self.own_counters, 0, sizeof(self.own_counters))
+        self.r.counters = self.own_counters
 
     def __init__(self, GuestMemory mem not None, size, desc_addr, avail_addr, used_addr, *,
                  addr_space="uva", event_idx=False, indirect=True, features=0):
         check_queue_size(size)
         if addr_space not in ("uva", "gpa"):
             raise RingError(f"addr_space must be 'uva' or 'gpa', not {addr_space!r}")
-        self.mem = mem
-        self.size = size
-        self.mask = <uint16_t>(size - 1)
-        self.addr_uva = addr_space == "uva"
-        self.desc_addr = desc_addr
-        self.avail_addr = avail_addr
-        self.used_addr = used_addr
-        self.event_idx = bool(event_idx)
-        self.indirect = bool(indirect)
-        self.mergeable = bool(int(features) & F_MRG_RXBUF)
-        self.hdr_len = net_header_len(features)
-        if self.desc_addr % 16 or self.avail_addr % 2 or self.used_addr % 4:
+        if desc_addr % 16 or avail_addr % 2 or used_addr % 4:
             raise RingError(f"misaligned ring: desc {desc_addr:#x} (16), avail {avail_addr:#x} (2), "
                             f"used {used_addr:#x} (4)")
+        self.mem = mem
+        self.r.table_ref = &mem.table
+        self.r.generation_ref = &mem.generation
+        self.r.size = size
+        self.r.mask = <uint16_t>(size - 1)
+        self.r.addr_uva = addr_space == "uva"
+        self.r.desc_addr = desc_addr
+        self.r.avail_addr = avail_addr
+        self.r.used_addr = used_addr
+        self.r.event_idx = bool(event_idx)
+        self.r.indirect = bool(indirect)
+        self.r.mergeable = bool(int(features) & F_MRG_RXBUF)
+        self.r.hdr_len = net_header_len(features)
         # Scratch for one batch: at most `size` chains in flight, and a chain
         # of at most `size` descriptors, each possibly split at a region edge.
-        self.max_chains = size
-        self.max_segs = 2 * size + 64
-        self.chains = <ChainInfo *>malloc(self.max_chains * sizeof(ChainInfo))
-        self.segs = <Seg *>malloc(self.max_segs * sizeof(Seg))
-        if self.chains == NULL or self.segs == NULL:
+        self.r.max_chains = size
+        self.r.max_segs = 2 * size + 64
+        self.r.chains = <ChainInfo *>malloc(self.r.max_chains * sizeof(ChainInfo))
+        self.r.segs = <Seg *>malloc(self.r.max_segs * sizeof(Seg))
+        if self.r.chains == NULL or self.r.segs == NULL:
             raise MemoryError()
-        self._translate()
+        self.remap()
 
     def __dealloc__(self):
-        free(self.chains)
-        free(self.segs)
+        free(self.r.chains)
+        free(self.r.segs)
 
-    cdef int _translate(self) except -1:
-        cdef MemTable *t = self.mem.table
-        cdef uint64_t dlen = 16 * <uint64_t>self.size
-        cdef uint64_t alen = 6 + 2 * <uint64_t>self.size
-        cdef uint64_t ulen = 6 + 8 * <uint64_t>self.size
-        if self.addr_uva:
-            d = uva_to_ptr(t, self.desc_addr, dlen)
-            a = uva_to_ptr(t, self.avail_addr, alen)
-            u = uva_to_ptr(t, self.used_addr, ulen)
-        else:
-            d = gpa_to_ptr(t, self.desc_addr, dlen)
-            a = gpa_to_ptr(t, self.avail_addr, alen)
-            u = gpa_to_ptr(t, self.used_addr, ulen)
-        self.mem_generation = self.mem.generation
-        if d == NULL or a == NULL or u == NULL:
-            self.desc = self.avail = self.used = NULL
-            what = "uva" if self.addr_uva else "gpa"
-            raise RingError(
-                f"ring not inside one memory region each: desc {what} {self.desc_addr:#x}+{dlen:#x}"
-                f"{'' if d else ' (unmapped)'}, avail {self.avail_addr:#x}+{alen:#x}"
-                f"{'' if a else ' (unmapped)'}, used {self.used_addr:#x}+{ulen:#x}"
-                f"{'' if u else ' (unmapped)'}")
-        self.desc = d
-        self.avail = a
-        self.used = u
-        return 0
+    cdef DevRing *ring(self):
+        return &self.r
 
     def remap(self):
         """Re-translate the ring addresses after the memory table changed."""
-        self._translate()
-        if self.broken == B_RING_UNMAPPED:
-            self.broken = B_OK
+        self.r.mem_generation = self.mem.generation
+        if translate_ring(self.mem.table, self.r.addr_uva, self.r.size, self.r.desc_addr,
+                          self.r.avail_addr, self.r.used_addr,
+                          &self.r.desc, &self.r.avail, &self.r.used) < 0:
+            what = "uva" if self.r.addr_uva else "gpa"
+            raise RingError(
+                f"ring not inside guest memory ({what}): desc {self.r.desc_addr:#x}+{16 * self.r.size:#x}, "
+                f"avail {self.r.avail_addr:#x}+{6 + 2 * self.r.size:#x}, "
+                f"used {self.r.used_addr:#x}+{6 + 8 * self.r.size:#x}")
+        if self.r.broken == B_RING_UNMAPPED:
+            self.r.broken = B_OK
 
-    cdef bint mem_ok(self) noexcept nogil:
-        # The table changed under us (SET_MEM_TABLE/ADD/REM): our ring
-        # pointers may point into unmapped memory. Re-translate first.
-        cdef MemTable *t
-        cdef char *d
-        cdef char *a
-        cdef char *u
-        if vhu_likely(self.mem_generation == self.mem.generation):
-            return self.desc != NULL
-        t = self.mem.table
-        if self.addr_uva:
-            d = uva_to_ptr(t, self.desc_addr, 16 * <uint64_t>self.size)
-            a = uva_to_ptr(t, self.avail_addr, 6 + 2 * <uint64_t>self.size)
-            u = uva_to_ptr(t, self.used_addr, 6 + 8 * <uint64_t>self.size)
-        else:
-            d = gpa_to_ptr(t, self.desc_addr, 16 * <uint64_t>self.size)
-            a = gpa_to_ptr(t, self.avail_addr, 6 + 2 * <uint64_t>self.size)
-            u = gpa_to_ptr(t, self.used_addr, 6 + 8 * <uint64_t>self.size)
-        self.mem_generation = self.mem.generation
-        if d == NULL or a == NULL or u == NULL:
-            self.desc = self.avail = self.used = NULL
-            self.mark_broken(B_RING_UNMAPPED)
-            return False
-        self.desc = d
-        self.avail = a
-        self.used = u
-        return True
+    def bind_counters(self, buffer, Py_ssize_t offset=0):
+        """Keep this ring's counters in `buffer` (e.g. shared memory read by
+        another process) at byte offset `offset`: len(COUNTER_NAMES) u64s.
+        The current values are carried over."""
+        cdef unsigned char[::1] mv = buffer
+        cdef Py_ssize_t need = C_COUNT * sizeof(uint64_t)
+        if offset < 0 or offset % 8 or offset + need > mv.shape[0]:
+            raise ValueError(f"counters need {need} bytes at an 8-aligned offset inside the buffer")
+        cdef uint64_t *dst = <uint64_t *>&mv[offset]
+        memcpy(dst, self.r.counters, need)
+        self.r.counters = dst
+        self.counters_owner = buffer
 
-    cdef int mark_broken(self, int reason) noexcept nogil:
-        if self.broken == B_OK:
-            self.broken = reason
-        self.counters[C_BROKEN_FIRST + reason] += 1
-        return -1
+    # -- configuration and state -------------------------------------------
 
-    # -- state -----------------------------------------------------------
+    @property
+    def size(self):
+        return self.r.size
+
+    @property
+    def event_idx(self):
+        return bool(self.r.event_idx)
+
+    @property
+    def indirect(self):
+        return bool(self.r.indirect)
+
+    @property
+    def mergeable(self):
+        return bool(self.r.mergeable)
+
+    @property
+    def hdr_len(self):
+        return self.r.hdr_len
 
     @property
     def last_avail_idx(self):
-        return self.last_avail
+        return self.r.last_avail
 
     @last_avail_idx.setter
     def last_avail_idx(self, value):
@@ -272,333 +682,33 @@ cdef class DeviceRing:
         value = int(value)
         if not 0 <= value <= 0xFFFF:
             raise RingError(f"ring base {value} is not a 16-bit index")
-        self.last_avail = value
-        self.shadow_used = value
-        self.published_used = value
-        self.notify_valid = False
+        self.r.last_avail = value
+        self.r.shadow_used = value
+        self.r.published_used = value
+        self.r.notify_valid = False
 
     @property
     def used_idx(self):
-        return self.shadow_used
+        return self.r.shadow_used
 
     @property
     def broken(self):
-        return self.broken != B_OK
+        return self.r.broken != B_OK
 
     @property
     def broken_reason(self):
-        return _BROKEN[self.broken][1] if self.broken else None
+        return _BROKEN[self.r.broken][1] if self.r.broken else None
 
     @property
     def stats(self):
         cdef int i
-        return {COUNTER_NAMES[i]: self.counters[i] for i in range(C_COUNT)
+        return {COUNTER_NAMES[i]: self.r.counters[i] for i in range(C_COUNT)
                 if i != C_BROKEN_FIRST}
-
-    # -- device: pop -------------------------------------------------------
-
-    cdef int avail_pending(self) noexcept nogil:
-        """Chains available and not yet popped; -1 when the ring is broken."""
-        cdef uint16_t avail_idx, n
-        if self.broken or not self.mem_ok():
-            return -1
-        # Acquire: the avail entries and descriptors it covers are read after it.
-        avail_idx = vhu_load_acquire_u16(self.avail + RING_IDX)
-        n = <uint16_t>(avail_idx - self.last_avail)
-        if vhu_unlikely(n > self.size):
-            return self.mark_broken(B_AVAIL_IDX_JUMP)
-        return n
-
-    cdef int walk_chain(self, uint16_t head, ChainInfo *c, uint32_t seg_base) noexcept nogil:
-        """Translate the chain at head into segments from seg_base.
-        Returns 0, -1 (ring broken) or 1 (not enough segment space left)."""
-        cdef char *table = self.desc
-        cdef uint32_t table_size = self.size
-        cdef uint32_t idx = head
-        cdef int budget = self.size        # descriptors this chain may still use
-        cdef bint in_indirect = False
-        cdef bint seen_writable = False
-        cdef uint32_t nseg = seg_base
-        cdef uint64_t addr, length, n
-        cdef uint32_t dlen
-        cdef uint16_t flags, nxt
-        cdef char *d
-        cdef char *p = NULL
-        c.head = head
-        c.seg_start = seg_base
-        c.nread = 0
-        c.nwrite = 0
-        c.read_len = 0
-        c.write_len = 0
-        if vhu_unlikely(head >= self.size):
-            return self.mark_broken(B_HEAD_OUT_OF_RANGE)
-        while True:
-            budget -= 1
-            if vhu_unlikely(budget < 0):
-                return self.mark_broken(B_CHAIN_TOO_LONG)
-            d = table + 16 * idx
-            addr = vhu_read_once_u64(d)
-            dlen = vhu_read_once_u32(d + 8)
-            flags = vhu_read_once_u16(d + 12)
-            nxt = vhu_read_once_u16(d + 14)
-            if vhu_unlikely(flags & DESC_F_INDIRECT):
-                if not self.indirect:
-                    return self.mark_broken(B_INDIRECT_NOT_NEGOTIATED)
-                if in_indirect:
-                    return self.mark_broken(B_INDIRECT_NESTED)
-                if dlen == 0 or dlen % 16:
-                    return self.mark_broken(B_INDIRECT_BAD_LEN)
-                if dlen // 16 > <uint32_t>budget + 1:
-                    return self.mark_broken(B_CHAIN_TOO_LONG)
-                table = gpa_to_ptr(self.mem.table, addr, dlen)
-                if table == NULL:
-                    return self.mark_broken(B_INDIRECT_UNMAPPED)
-                # The chain continues inside the table only (a NEXT flag on
-                # the indirect descriptor itself is ignored, as Linux and DPDK do).
-                table_size = dlen // 16
-                idx = 0
-                in_indirect = True
-                continue
-            if flags & DESC_F_WRITE:
-                seen_writable = True
-            elif vhu_unlikely(seen_writable):
-                return self.mark_broken(B_READABLE_AFTER_WRITABLE)
-            length = dlen
-            if length:
-                if vhu_unlikely(addr + length - 1 < addr):
-                    return self.mark_broken(B_BUFFER_UNMAPPED)
-                if flags & DESC_F_WRITE:
-                    c.write_len += length
-                else:
-                    c.read_len += length
-                while length:
-                    n = gpa_clip(self.mem.table, addr, length, &p)
-                    if vhu_unlikely(n == 0):
-                        return self.mark_broken(B_BUFFER_UNMAPPED)
-                    if vhu_unlikely(nseg >= self.max_segs):
-                        if seg_base == 0:
-                            return self.mark_broken(B_TOO_MANY_SEGMENTS)
-                        return 1
-                    self.segs[nseg].ptr = p
-                    self.segs[nseg].len = <uint32_t>n
-                    nseg += 1
-                    if flags & DESC_F_WRITE:
-                        c.nwrite += 1
-                    else:
-                        c.nread += 1
-                    addr += n
-                    length -= n
-            if not (flags & DESC_F_NEXT):
-                return 0
-            if vhu_unlikely(nxt >= table_size):
-                return self.mark_broken(B_NEXT_OUT_OF_RANGE)
-            idx = nxt
-
-    cdef int pop_batch(self, uint32_t max_chains) noexcept nogil:
-        """Pop up to max_chains chains into self.chains / self.segs.
-        Returns how many; 0 when none (or the ring is broken)."""
-        cdef int pending = self.avail_pending()
-        cdef uint32_t i, n, nseg = 0
-        cdef uint16_t head
-        cdef int rc
-        cdef ChainInfo *c
-        cdef char *d
-        cdef uint64_t addr
-        cdef uint32_t dlen
-        cdef uint16_t flags
-        cdef char *p = NULL
-        # Locals: stores through guest pointers could alias self's fields,
-        # so the compiler would reload them every iteration.
-        cdef MemTable *table = self.mem.table
-        cdef char *desc = self.desc
-        cdef char *avail = self.avail
-        cdef ChainInfo *chains = self.chains
-        cdef Seg *segs = self.segs
-        cdef uint32_t size = self.size, max_segs = self.max_segs
-        cdef uint16_t mask = self.mask, last_avail = self.last_avail
-        if pending <= 0:
-            return 0
-        n = <uint32_t>pending
-        if n > max_chains:
-            n = max_chains
-        if n > self.max_chains:
-            n = self.max_chains
-        for i in range(n):
-            head = vhu_read_once_u16(avail_entry(avail, <uint16_t>(last_avail + i) & mask))
-            c = &chains[i]
-            # Fast path: one descriptor, no NEXT/INDIRECT, inside one region.
-            if vhu_likely(head < size and nseg < max_segs):
-                d = desc + 16 * <uint32_t>head
-                addr = vhu_read_once_u64(d)
-                dlen = vhu_read_once_u32(d + 8)
-                flags = vhu_read_once_u16(d + 12)
-                if vhu_likely((flags & (DESC_F_NEXT | DESC_F_INDIRECT)) == 0 and dlen != 0
-                              and gpa_clip(table, addr, dlen, &p) == dlen):
-                    c.head = head
-                    c.seg_start = nseg
-                    segs[nseg].ptr = p
-                    segs[nseg].len = dlen
-                    nseg += 1
-                    if flags & DESC_F_WRITE:
-                        c.nread = 0
-                        c.nwrite = 1
-                        c.read_len = 0
-                        c.write_len = dlen
-                    else:
-                        c.nread = 1
-                        c.nwrite = 0
-                        c.read_len = dlen
-                        c.write_len = 0
-                    continue
-            rc = self.walk_chain(head, c, nseg)
-            if rc != 0:
-                if rc < 0:
-                    return 0          # broken: nothing of this batch is handed out
-                n = i                 # out of segment space: the rest next time
-                break
-            nseg = c.seg_start + c.nread + c.nwrite
-        self.last_avail = <uint16_t>(last_avail + n)
-        self.counters[C_POPPED] += n
-        return n
-
-    # -- device: used ------------------------------------------------------
-
-    cdef void push_used(self, uint16_t head, uint32_t written) noexcept nogil:
-        """Write one used element after the published index (invisible to the
-        driver until publish_used)."""
-        cdef char *e = used_entry(self.used, self.shadow_used & self.mask)
-        vhu_write_once_u32(e, head)
-        vhu_write_once_u32(e + 4, written)
-        self.shadow_used += 1       # counted in C_PUSHED when published
-
-    cdef bint publish_used(self) noexcept nogil:
-        """Store used->idx once for the whole batch; True if the driver wants
-        an interrupt (the caller signals the call eventfd)."""
-        cdef uint16_t old = self.published_used, new = self.shadow_used
-        cdef bint notify
-        if new == old or self.used == NULL:
-            return False
-        # Release: every used element written above is visible before the index.
-        vhu_store_release_u16(self.used + RING_IDX, new)
-        self.published_used = new
-        self.counters[C_PUSHED] += <uint16_t>(new - old)
-        self.counters[C_PUBLISHED] += 1
-        # Store (used->idx) then load (used_event / flags): needs a full fence,
-        # or we may read a stale event index and miss a wanted interrupt.
-        vhu_fence_full()
-        if self.event_idx:
-            notify = (not self.notify_valid) or need_event(
-                vhu_read_once_u16(avail_entry(self.avail, <uint16_t>self.size)), new, old)
-            self.notify_valid = True
-        else:
-            notify = not (vhu_read_once_u16(self.avail + RING_FLAGS) & AVAIL_F_NO_INTERRUPT)
-        if notify:
-            self.counters[C_NOTIFY] += 1
-        else:
-            self.counters[C_NOTIFY_SUPPRESSED] += 1
-        return notify
-
-    cdef void notifications_off(self) noexcept nogil:
-        if self.used == NULL:
-            return
-        if self.event_idx:
-            # avail_event stays where it was: the driver kicks at most once
-            # more (when it passes it), then not again until we move it.
-            return
-        vhu_write_once_u16(self.used + RING_FLAGS, USED_F_NO_NOTIFY)
-
-    cdef bint notifications_on(self) noexcept nogil:
-        """Ask for kicks again. True if chains arrived meanwhile: the caller
-        must poll again instead of sleeping, or a racing kick is lost."""
-        if self.used == NULL or self.broken:
-            return False
-        if self.event_idx:
-            vhu_write_once_u16(used_entry(self.used, <uint16_t>self.size), self.last_avail)
-        else:
-            vhu_write_once_u16(self.used + RING_FLAGS, 0)
-        # Store (flags / avail_event) then load (avail->idx): full fence.
-        vhu_fence_full()
-        return self.avail_pending() > 0
-
-    # -- virtio-net framing ----------------------------------------------
-
-    cdef int rx_enqueue(self, const Seg *src, uint32_t nsrc, uint64_t skip, uint64_t frame_len) noexcept nogil:
-        """Deliver one frame (frame_len bytes of src after skip) into the
-        driver's receive buffers, with a virtio-net header in front.
-        Returns 1 delivered, 0 no room (nothing consumed), -1 dropped
-        (does not fit one chain without mergeable buffers) or ring broken.
-
-        Pushes are not visible until publish_used, so running out of buffers
-        halfway through a mergeable frame is undone by rewinding our indices."""
-        cdef uint8_t hdr[12]
-        cdef Seg hseg
-        cdef Seg first[12]        # where the header landed: num_buffers is written there last
-        cdef uint32_t nfirst = 0, j
-        cdef uint32_t hdr_len = self.hdr_len
-        cdef uint64_t need = hdr_len + frame_len, done = 0, room, off, n
-        cdef uint16_t start_avail = self.last_avail, start_used = self.shadow_used
-        cdef uint64_t start_popped = self.counters[C_POPPED]
-        cdef uint16_t nbufs = 0
-        cdef ChainInfo *c
-        cdef Seg *w
-        memset(hdr, 0, 12)
-        if hdr_len == 12:
-            hdr[10] = 1           # num_buffers: 1 unless a mergeable frame spans more
-        hseg.ptr = <char *>hdr
-        hseg.len = hdr_len
-        while done < need:
-            if self.pop_batch(1) <= 0:
-                # Out of buffers (or broken) midway: give back what we took.
-                self.last_avail = start_avail
-                self.shadow_used = start_used
-                self.counters[C_POPPED] = start_popped
-                if self.broken:
-                    return -1
-                self.counters[C_RX_NO_ROOM] += 1
-                return 0
-            c = &self.chains[0]
-            w = &self.segs[c.seg_start + c.nread]
-            room = c.write_len
-            if done == 0 and room < (need if not self.mergeable else hdr_len):
-                if not self.mergeable:
-                    # Leave the buffer for a frame that fits; this one is dropped.
-                    self.last_avail = start_avail
-                    self.counters[C_POPPED] = start_popped
-                    self.counters[C_RX_TOO_BIG] += 1
-                    return -1
-                # A mergeable buffer smaller than the header breaks the
-                # driver's own rule (5.1.6.3.1): return it unused.
-                self.push_used(c.head, 0)
-                continue
-            off = 0
-            if done == 0:
-                copy_segs(w, c.nwrite, 0, &hseg, 1, 0, hdr_len)
-                for j in range(c.nwrite if c.nwrite < 12 else 12):
-                    first[j] = w[j]
-                nfirst = j + 1 if c.nwrite else 0
-                off = hdr_len
-                done = hdr_len
-            n = need - done
-            if room - off < n:
-                n = room - off
-            if n:
-                copy_segs(w, c.nwrite, off, src, nsrc, skip + (done - hdr_len), n)
-                off += n
-                done += n
-            self.push_used(c.head, <uint32_t>off)
-            nbufs += 1
-        if hdr_len == 12 and nbufs > 1:
-            hdr[10] = nbufs & 0xFF
-            hdr[11] = nbufs >> 8
-            copy_segs(first, nfirst, 10, &hseg, 1, 10, 2)
-        self.counters[C_RX_FRAMES] += 1
-        self.counters[C_RX_BYTES] += frame_len
-        return 1
 
     # -- Python API (objects per chain: tests, tools, control code) ---------
 
     def avail_count(self):
-        n = self.avail_pending()
+        n = dev_avail_pending(&self.r)
         return n if n > 0 else 0
 
     cdef Chain _chain_object(self, ChainInfo *c):
@@ -611,7 +721,7 @@ cdef class DeviceRing:
         ch.readable = []
         ch.writable = []
         for j in range(c.nread + c.nwrite):
-            s = &self.segs[c.seg_start + j]
+            s = &self.r.segs[c.seg_start + j]
             v = make_view(s.ptr, s.len, self.mem._mapping_of(s.ptr))
             (ch.readable if j < c.nread else ch.writable).append(v)
         return ch
@@ -620,24 +730,24 @@ cdef class DeviceRing:
         cdef uint32_t i, n
         if max_chains <= 0:
             return []
-        n = self.pop_batch(min(int(max_chains), self.max_chains))
-        return [self._chain_object(&self.chains[i]) for i in range(n)]
+        n = dev_pop_batch(&self.r, min(int(max_chains), self.r.max_chains))
+        return [self._chain_object(&self.r.chains[i]) for i in range(n)]
 
     def push(self, head, written):
-        if not 0 <= head < self.size:
-            raise ValueError(f"head {head} out of range for queue size {self.size}")
+        if not 0 <= head < self.r.size:
+            raise ValueError(f"head {head} out of range for queue size {self.r.size}")
         if not 0 <= written <= 0xFFFFFFFF:
             raise ValueError(f"written length {written} is not a u32")
-        self.push_used(head, written)
+        dev_push_used(&self.r, head, written)
 
     def publish(self):
-        return self.publish_used()
+        return dev_publish_used(&self.r)
 
     def disable_notifications(self):
-        self.notifications_off()
+        dev_notifications_off(&self.r)
 
     def enable_notifications(self):
-        return self.notifications_on()
+        return dev_notifications_on(&self.r)
 
     def tx_frames(self, max_frames):
         """Frames the driver sent, header stripped; their chains are pushed
@@ -649,21 +759,21 @@ cdef class DeviceRing:
         out = []
         if max_frames <= 0:
             return out
-        n = self.pop_batch(min(int(max_frames), self.max_chains))
+        n = dev_pop_batch(&self.r, min(int(max_frames), self.r.max_chains))
         for i in range(n):
-            c = &self.chains[i]
-            if c.read_len < self.hdr_len:
-                self.counters[C_TX_SHORT] += 1
+            c = &self.r.chains[i]
+            if c.read_len < self.r.hdr_len:
+                self.r.counters[C_TX_SHORT] += 1
             else:
-                flen = c.read_len - self.hdr_len
+                flen = c.read_len - self.r.hdr_len
                 frame = PyBytes_FromStringAndSize(NULL, flen)
                 dst.ptr = PyBytes_AS_STRING(frame)
                 dst.len = <uint32_t>flen
-                copy_segs(&dst, 1, 0, &self.segs[c.seg_start], c.nread, self.hdr_len, flen)
+                copy_segs(&dst, 1, 0, &self.r.segs[c.seg_start], c.nread, self.r.hdr_len, flen)
                 out.append(frame)
-                self.counters[C_TX_FRAMES] += 1
-                self.counters[C_TX_BYTES] += flen
-            self.push_used(c.head, 0)
+                self.r.counters[C_TX_FRAMES] += 1
+                self.r.counters[C_TX_BYTES] += flen
+            dev_push_used(&self.r, c.head, 0)
         return out
 
     def rx_frames(self, frames):
@@ -677,146 +787,83 @@ cdef class DeviceRing:
         delivered = 0
         for f in frames:
             data = f
-            s.ptr = <char *>&data[0] if data.shape[0] else <char *>"" 
+            s.ptr = <char *>&data[0] if data.shape[0] else <char *>""
             s.len = data.shape[0]
-            rc = self.rx_enqueue(&s, 1, 0, data.shape[0])
+            rc = dev_rx_enqueue(&self.r, &s, 1, 0, data.shape[0])
             if rc == 0:
                 break
-            if rc < 0 and self.broken:
+            if rc < 0 and self.r.broken:
                 break
             delivered += rc > 0
         return delivered
 
 
 cdef class DriverRing:
-    """Driver side of a split virtqueue (what a front-end runs)."""
+    """Driver side of a split virtqueue (what a front-end runs). State in a
+    C struct (self.r) for compiled loops, as for DeviceRing."""
+
+    def __cinit__(self):
+        memset(&self.r, 0, sizeof(DrvRing))
 
     def __init__(self, GuestMemory mem not None, size, desc_gpa, avail_gpa, used_gpa, *,
                  event_idx=False, start_idx=0):
         cdef uint32_t i
         check_queue_size(size)
-        self.mem = mem
-        self.size = size
-        self.mask = <uint16_t>(size - 1)
-        self.event_idx = bool(event_idx)
-        self.desc_gpa = desc_gpa
-        self.avail_gpa = avail_gpa
-        self.used_gpa = used_gpa
         if desc_gpa % 16 or avail_gpa % 2 or used_gpa % 4:
             raise RingError("misaligned ring addresses")
-        self.free_next = <uint16_t *>malloc(size * sizeof(uint16_t))
-        self.chain_len = <uint16_t *>calloc(size, sizeof(uint16_t))
-        self.in_flight = <uint8_t *>calloc(size, 1)
-        if self.free_next == NULL or self.chain_len == NULL or self.in_flight == NULL:
+        self.mem = mem
+        self.r.size = size
+        self.r.mask = <uint16_t>(size - 1)
+        self.r.event_idx = bool(event_idx)
+        self.r.desc_gpa = desc_gpa
+        self.r.avail_gpa = avail_gpa
+        self.r.used_gpa = used_gpa
+        self.r.free_next = <uint16_t *>malloc(size * sizeof(uint16_t))
+        self.r.chain_len = <uint16_t *>calloc(size, sizeof(uint16_t))
+        self.r.in_flight = <uint8_t *>calloc(size, 1)
+        if self.r.free_next == NULL or self.r.chain_len == NULL or self.r.in_flight == NULL:
             raise MemoryError()
-        self._translate()
-        memset(self.desc, 0, 16 * <size_t>size)
-        memset(self.avail, 0, 6 + 2 * <size_t>size)
-        memset(self.used, 0, 6 + 8 * <size_t>size)
+        self.remap()
+        memset(self.r.desc, 0, 16 * <size_t>size)
+        memset(self.r.avail, 0, 6 + 2 * <size_t>size)
+        memset(self.r.used, 0, 6 + 8 * <size_t>size)
         for i in range(size):
-            self.free_next[i] = <uint16_t>(i + 1)
-        self.free_head = 0
-        self.num_free = size
+            self.r.free_next[i] = <uint16_t>(i + 1)
+        self.r.free_head = 0
+        self.r.num_free = size
         start_idx = int(start_idx) & 0xFFFF
-        self.shadow_avail = self.published_avail = self.last_used = start_idx
-        vhu_write_once_u16(self.avail + RING_IDX, start_idx)
-        vhu_write_once_u16(self.used + RING_IDX, start_idx)
+        self.r.shadow_avail = self.r.published_avail = self.r.last_used = start_idx
+        vhu_write_once_u16(self.r.avail + RING_IDX, start_idx)
+        vhu_write_once_u16(self.r.used + RING_IDX, start_idx)
 
     def __dealloc__(self):
-        free(self.free_next)
-        free(self.chain_len)
-        free(self.in_flight)
+        free(self.r.free_next)
+        free(self.r.chain_len)
+        free(self.r.in_flight)
 
-    cdef int _translate(self) except -1:
-        cdef MemTable *t = self.mem.table
-        self.desc = gpa_to_ptr(t, self.desc_gpa, 16 * <uint64_t>self.size)
-        self.avail = gpa_to_ptr(t, self.avail_gpa, 6 + 2 * <uint64_t>self.size)
-        self.used = gpa_to_ptr(t, self.used_gpa, 6 + 8 * <uint64_t>self.size)
-        self.mem_generation = self.mem.generation
-        if self.desc == NULL or self.avail == NULL or self.used == NULL:
-            raise RingError("driver ring not inside guest memory")
-        return 0
+    cdef DrvRing *ring(self):
+        return &self.r
 
     def remap(self):
-        self._translate()
+        if translate_ring(self.mem.table, False, self.r.size, self.r.desc_gpa, self.r.avail_gpa,
+                          self.r.used_gpa, &self.r.desc, &self.r.avail, &self.r.used) < 0:
+            raise RingError("driver ring not inside guest memory")
+
+    @property
+    def size(self):
+        return self.r.size
+
+    @property
+    def event_idx(self):
+        return bool(self.r.event_idx)
 
     @property
     def free_count(self):
-        return self.num_free
+        return self.r.num_free
 
     @property
     def avail_idx(self):
-        return self.shadow_avail
-
-    cdef void _write_desc(self, char *d, uint64_t gpa, uint32_t length, uint16_t flags,
-                                 uint16_t nxt) noexcept nogil:
-        vhu_write_once_u64(d, gpa)
-        vhu_write_once_u32(d + 8, length)
-        vhu_write_once_u16(d + 12, flags)
-        vhu_write_once_u16(d + 14, nxt)
-
-    cdef void _make_available(self, uint16_t head, uint16_t ndesc) noexcept nogil:
-        self.chain_len[head] = ndesc
-        self.in_flight[head] = 1
-        vhu_write_once_u16(avail_entry(self.avail, self.shadow_avail & self.mask), head)
-        self.shadow_avail += 1
-
-    cdef int add_one(self, uint64_t gpa, uint32_t length, uint16_t flags) noexcept nogil:
-        """One single-descriptor chain (flags: 0 readable or DESC_F_WRITE).
-        Returns its head, or -1 when the ring is full."""
-        cdef uint16_t head
-        if self.num_free == 0:
-            return -1
-        head = <uint16_t>self.free_head
-        self.free_head = self.free_next[head]
-        self.num_free -= 1
-        self._write_desc(self.desc + 16 * <uint32_t>head, gpa, length, flags, 0)
-        self._make_available(head, 1)
-        return head
-
-    cdef bint publish_avail(self) noexcept nogil:
-        """Store avail->idx (release); True if the device wants a kick."""
-        cdef uint16_t old = self.published_avail, new = self.shadow_avail
-        if new == old:
-            return False
-        # Release: descriptors and avail entries are visible before the index.
-        vhu_store_release_u16(self.avail + RING_IDX, new)
-        self.published_avail = new
-        # Store (avail->idx) then load (avail_event / used flags): full fence.
-        vhu_fence_full()
-        if self.event_idx:
-            return need_event(vhu_read_once_u16(used_entry(self.used, <uint16_t>self.size)), new, old)
-        return not (vhu_read_once_u16(self.used + RING_FLAGS) & USED_F_NO_NOTIFY)
-
-    cdef int reclaim(self, uint16_t *heads, uint32_t *lens, int max_items) noexcept nogil:
-        """Take back up to max_items used chains: (head, written) into the
-        arrays, descriptors back on the free list. -1 if the device returned
-        an id that is not in flight (a broken device)."""
-        cdef uint16_t used_idx = vhu_load_acquire_u16(self.used + RING_IDX)
-        cdef int n = 0
-        cdef char *e
-        cdef uint32_t head, nd, tail
-        while self.last_used != used_idx and n < max_items:
-            e = used_entry(self.used, self.last_used & self.mask)
-            head = vhu_read_once_u32(e)
-            if head >= self.size or not self.in_flight[head]:
-                return -1
-            heads[n] = <uint16_t>head
-            lens[n] = vhu_read_once_u32(e + 4)
-            self.in_flight[head] = 0
-            # The chain's descriptors were linked head..tail through free_next
-            # when added; splice them back onto the free list.
-            nd = self.chain_len[head]
-            tail = head
-            while nd > 1:
-                tail = self.free_next[tail]
-                nd -= 1
-            self.free_next[tail] = <uint16_t>self.free_head
-            self.free_head = head
-            self.num_free += self.chain_len[head]
-            self.last_used += 1
-            n += 1
-        return n
+        return self.r.shadow_avail
 
     def add(self, readable, writable=(), *, indirect_gpa=None):
         """Make one chain of (gpa, len) buffers available (until publish, invisible)."""
@@ -828,49 +875,48 @@ cdef class DriverRing:
         if n == 0:
             raise RingError("a chain needs at least one buffer")
         if indirect_gpa is not None:
-            if self.num_free < 1:
+            if self.r.num_free < 1:
                 raise RingError("ring full")
             table = gpa_to_ptr(self.mem.table, indirect_gpa, 16 * <uint64_t>n)
             if table == NULL:
                 raise RingError(f"indirect table at {indirect_gpa:#x} not in guest memory")
             for i in range(n):
                 a, l, f = bufs[i]
-                self._write_desc(table + 16 * i, a, l,
-                                 f | (DESC_F_NEXT if i + 1 < n else 0), i + 1 if i + 1 < n else 0)
-            head = <uint16_t>self.free_head
-            self.free_head = self.free_next[head]
-            self.num_free -= 1
-            self.free_next[head] = 0
-            self._write_desc(self.desc + 16 * <uint32_t>head, indirect_gpa, 16 * n, DESC_F_INDIRECT, 0)
-            self._make_available(head, 1)
+                write_desc(table + 16 * i, a, l,
+                           f | (DESC_F_NEXT if i + 1 < n else 0), i + 1 if i + 1 < n else 0)
+            head = <uint16_t>self.r.free_head
+            self.r.free_head = self.r.free_next[head]
+            self.r.num_free -= 1
+            write_desc(self.r.desc + 16 * <uint32_t>head, indirect_gpa, 16 * n, DESC_F_INDIRECT, 0)
+            drv_make_available(&self.r, head, 1)
             return head
-        if self.num_free < n:
-            raise RingError(f"ring full: {self.num_free} free descriptors, chain needs {n}")
-        head = <uint16_t>self.free_head
+        if self.r.num_free < n:
+            raise RingError(f"ring full: {self.r.num_free} free descriptors, chain needs {n}")
+        head = <uint16_t>self.r.free_head
         idx = head
         for i in range(n):
             a, l, f = bufs[i]
-            self.num_free -= 1
+            self.r.num_free -= 1
             prev = idx
             if i + 1 < n:
-                idx = self.free_next[idx]
-                self._write_desc(self.desc + 16 * <uint32_t>prev, a, l, f | DESC_F_NEXT, idx)
+                idx = self.r.free_next[idx]
+                write_desc(self.r.desc + 16 * <uint32_t>prev, a, l, f | DESC_F_NEXT, idx)
             else:
-                self.free_head = self.free_next[prev]
-                self._write_desc(self.desc + 16 * <uint32_t>prev, a, l, f, 0)
-        self._make_available(head, <uint16_t>n)
+                self.r.free_head = self.r.free_next[prev]
+                write_desc(self.r.desc + 16 * <uint32_t>prev, a, l, f, 0)
+        drv_make_available(&self.r, head, <uint16_t>n)
         return head
 
     def publish(self):
-        return self.publish_avail()
+        return drv_publish_avail(&self.r)
 
     def get_used(self, max_items=2**31):
-        cdef int cap = min(int(max_items), self.size)
+        cdef int cap = min(int(max_items), self.r.size)
         cdef uint16_t *heads = <uint16_t *>malloc(max(cap, 1) * sizeof(uint16_t))
         cdef uint32_t *lens = <uint32_t *>malloc(max(cap, 1) * sizeof(uint32_t))
         cdef int n, i
         try:
-            n = self.reclaim(heads, lens, cap)
+            n = drv_reclaim(&self.r, heads, lens, cap)
             if n < 0:
                 raise RingError("device returned a used id that is not in flight")
             return [(heads[i], lens[i]) for i in range(n)]
@@ -879,16 +925,26 @@ cdef class DriverRing:
             free(lens)
 
     def disable_interrupts(self):
-        if not self.event_idx:
-            vhu_write_once_u16(self.avail + RING_FLAGS, AVAIL_F_NO_INTERRUPT)
+        drv_interrupts_off(&self.r)
 
     def enable_interrupts(self):
-        if self.event_idx:
-            vhu_write_once_u16(avail_entry(self.avail, <uint16_t>self.size), self.last_used)
-        else:
-            vhu_write_once_u16(self.avail + RING_FLAGS, 0)
-        vhu_fence_full()
-        return vhu_load_acquire_u16(self.used + RING_IDX) != self.last_used
+        return drv_interrupts_on(&self.r)
+
+
+cdef void drv_interrupts_off(DrvRing *r) noexcept nogil:
+    if not r.event_idx:
+        vhu_write_once_u16(r.avail + RING_FLAGS, AVAIL_F_NO_INTERRUPT)
+
+
+cdef bint drv_interrupts_on(DrvRing *r) noexcept nogil:
+    """Ask for interrupts again; True if used chains arrived meanwhile."""
+    if r.event_idx:
+        vhu_write_once_u16(avail_entry(r.avail, <uint16_t>r.size), r.last_used)
+    else:
+        vhu_write_once_u16(r.avail + RING_FLAGS, 0)
+    # Store (flags / used_event) then load (used->idx): full fence.
+    vhu_fence_full()
+    return vhu_load_acquire_u16(r.used + RING_IDX) != r.last_used
 
 
 def bench_roundtrip(DriverRing drv not None, DeviceRing dev not None, uint64_t buf_gpa,
@@ -900,24 +956,26 @@ def bench_roundtrip(DriverRing drv not None, DeviceRing dev not None, uint64_t b
     cdef uint32_t lens[256]
     cdef uint64_t done = 0
     cdef int k, i, got
+    cdef DrvRing *d = &drv.r
+    cdef DevRing *v = &dev.r
     if batch == 0 or batch > 256:
         raise ValueError("batch must be 1..256")
     with nogil:
         while done < packets:
             # Driver: refill every free slot, publish once.
-            while drv.add_one(buf_gpa, pkt_len, 0) >= 0:
+            while drv_add_one(d, buf_gpa, pkt_len, 0) >= 0:
                 pass
-            drv.publish_avail()
+            drv_publish_avail(d)
             # Device: one batch.
-            got = dev.pop_batch(batch)
+            got = dev_pop_batch(v, batch)
             if got <= 0:
                 break
             for i in range(got):
-                dev.push_used(dev.chains[i].head, 0)
-            dev.publish_used()
+                dev_push_used(v, v.chains[i].head, 0)
+            dev_publish_used(v)
             done += <uint64_t>got
             # Driver: take the used chains back.
-            k = drv.reclaim(heads, lens, 256)
+            k = drv_reclaim(d, heads, lens, 256)
             while k == 256:
-                k = drv.reclaim(heads, lens, 256)
+                k = drv_reclaim(d, heads, lens, 256)
     return done
