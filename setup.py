@@ -22,12 +22,13 @@ directives = {
 }
 
 
-def ext(name):
-    return Extension(f"vhu.{name}", [f"vhu/{name}.pyx"], include_dirs=["vhu"],
+def ext(module):
+    path = module.replace(".", "/") + ".pyx"
+    return Extension(module, [path], include_dirs=["vhu"],
                      define_macros=macros, extra_compile_args=cflags)
 
 
 setup(
-    ext_modules=cythonize([ext("_mem"), ext("_ring")], compiler_directives=directives,
+    ext_modules=cythonize([ext("vhu._mem"), ext("vhu._ring"), ext("vhu.workers._engine")], compiler_directives=directives,
                           compile_time_env={"VHU_DEBUG": DEBUG}),
 )

@@ -640,14 +640,13 @@ cdef class DeviceRing:
     def bind_counters(self, buffer, Py_ssize_t offset=0):
         """Keep this ring's counters in `buffer` (e.g. shared memory read by
         another process) at byte offset `offset`: len(COUNTER_NAMES) u64s.
-        The current values are carried over."""
+        The values already there are kept and counted on from: counters of
+        a queue survive the ring being set up again (a reconnect)."""
         cdef unsigned char[::1] mv = buffer
         cdef Py_ssize_t need = C_COUNT * sizeof(uint64_t)
         if offset < 0 or offset % 8 or offset + need > mv.shape[0]:
             raise ValueError(f"counters need {need} bytes at an 8-aligned offset inside the buffer")
-        cdef uint64_t *dst = <uint64_t *>&mv[offset]
-        memcpy(dst, self.r.counters, need)
-        self.r.counters = dst
+        self.r.counters = <uint64_t *>&mv[offset]
         self.counters_owner = buffer
 
     # -- configuration and state -------------------------------------------
