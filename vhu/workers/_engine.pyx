@@ -340,4 +340,6 @@ cdef class Engine:
                 if not work and (self.poll_mode == POLL_EPOLL or
                                  (self.poll_mode == POLL_ADAPTIVE and idle >= self.idle_spins)):
                     stop = self.sleep(1 if polled_rings else 100)
+                    if now() >= deadline:
+                        break
         return total

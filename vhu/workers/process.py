@@ -273,13 +273,17 @@ class WorkerHandle:
         self.sock.settimeout(CONTROL_TIMEOUT)
 
     def call(self, name, *args, fds=()):
-        """Run a command in the worker; its reply value, or WorkerError."""
+        """Run a command in the worker; its reply value, or WorkerError.
+        The fds are handed over: this process's copies are closed once sent."""
         data = pickle.dumps((name, args))
         try:
             socket.send_fds(self.sock, [data], list(fds)) if fds else self.sock.send(data)
             reply = self.sock.recv(MAX_MSG)
         except (OSError, socket.timeout) as exc:
             raise WorkerError(f"worker {self.index}: {name}: {exc}") from exc
+        finally:
+            for fd in fds:
+                _close(fd)
         if not reply:
             raise WorkerError(f"worker {self.index} exited (code {self.process.exitcode})")
         status, value, *rest = pickle.loads(reply)

@@ -1,0 +1,281 @@
+"""The worker data path: compiled engine apps and poll modes, worker processes."""
+import mmap
+import os
+import struct
+import time
+
+import numpy as np
+import pytest
+
+from vhu._mem import GuestMemory
+from vhu._ring import COUNTER_NAMES, DeviceRing, DriverRing
+from vhu.workers._engine import Engine
+from vhu.workers.process import RingSetup, WorkerHandle, counter_offset
+
+VERSION_1, MRG_RXBUF, EVENT_IDX = 1 << 32, 1 << 15, 1 << 29
+FEATURES = VERSION_1 | MRG_RXBUF | EVENT_IDX
+UVA = 0x7F0000000000
+GUEST = 32 << 20
+HDR = 12
+
+
+class Guest:
+    """A front-end's view: its memory and the driver side of its queue pairs."""
+
+    def __init__(self, size=GUEST):
+        self.fd = os.memfd_create("guest")
+        os.ftruncate(self.fd, size)
+        self.mem = GuestMemory()
+        self.mem.set_table([(self.fd, 0, size, UVA, 0)])
+        self.next_ring = 0
+        self.rx_slots = {}
+
+    def ring_addrs(self, base):
+        return base, base + 0x2000, base + 0x4000
+
+    def rings(self, qp, size=256, event_idx=True):
+        """Driver rings (rx, tx) of queue pair qp, and the device-side setups."""
+        out = []
+        for kind in (0, 1):
+            base = 0x10000 * (2 * qp + kind)
+            d, a, u = self.ring_addrs(base)
+            drv = DriverRing(self.mem, size, d, a, u, event_idx=event_idx)
+            setup = RingSetup(size, UVA + d, UVA + a, UVA + u, 0, FEATURES, event_idx, True, True)
+            out.append((drv, setup))
+        return out
+
+    def device_ring(self, mem, setup):
+        ring = DeviceRing(mem, setup.size, setup.desc, setup.avail, setup.used,
+                          event_idx=setup.event_idx, features=setup.features)
+        return ring
+
+    def post_rx(self, rx, qp, n, slot=2048):
+        base = 0x1000000 + qp * 0x200000
+        for i in range(n):
+            gpa = base + (i % 512) * slot
+            self.rx_slots[(qp, rx.add([], [(gpa, slot)]))] = gpa
+        return rx.publish()
+
+    def send(self, tx, qp, frames):
+        base = 0x800000 + qp * 0x80000
+        for i, f in enumerate(frames):
+            gpa = base + i * 2048
+            self.mem.write(gpa, bytes(HDR) + f)
+            tx.add([(gpa, HDR + len(f))])
+        return tx.publish()
+
+    def received(self, rx, qp):
+        """Frames in used RX buffers (one buffer each here), header stripped."""
+        out = []
+        for head, length in rx.get_used():
+            data = self.mem.read(self.rx_slots.pop((qp, head)), length)
+            assert struct.unpack_from("<H", data, 10)[0] == 1     # num_buffers
+            out.append(data[HDR:])
+        return out
+
+    def close(self):
+        os.close(self.fd)
+
+
+def frames(n, size=64, seed=0):
+    return [bytes([(seed + i + j) & 0xFF for j in range(size)]) for i in range(n)]
+
+
+@pytest.fixture
+def guest():
+    g = Guest()
+    yield g
+    g.close()
+
+
+def bind(engine, g, qps, peers):
+    """Device rings for each (rx, tx) driver pair; returns the driver rings."""
+    pairs, drivers = [], []
+    mem = GuestMemory()
+    mem.set_table([(g.fd, 0, GUEST, UVA, 0)])
+    for qp in range(qps):
+        (rx, rxs), (tx, txs) = g.rings(qp)
+        pairs.append(dict(rx=g.device_ring(mem, rxs), tx=g.device_ring(mem, txs),
+                          peer=peers[qp]))
+        drivers.append((rx, tx))
+    engine.set_bindings(pairs)
+    return drivers, pairs
+
+
+def test_engine_echo_returns_every_frame_unchanged(guest):
+    engine = Engine(app="echo", poll="busy")
+    drivers, _ = bind(engine, guest, 2, [0, 1])
+    sent = {}
+    for qp, (rx, tx) in enumerate(drivers):
+        guest.post_rx(rx, qp, 200)
+        sent[qp] = frames(100, 60 + 37 * qp, seed=qp)
+        guest.send(tx, qp, sent[qp])
+    assert engine.run(0.05) == 200
+    for qp, (rx, tx) in enumerate(drivers):
+        assert guest.received(rx, qp) == sent[qp]
+        assert len(tx.get_used()) == 100
+
+
+def test_engine_patch_crosses_queue_pairs_and_sink_counts(guest):
+    engine = Engine(app="patch", poll="busy")
+    drivers, pairs = bind(engine, guest, 2, [1, 0])     # two "ports" on one memory
+    (rx0, tx0), (rx1, tx1) = drivers
+    guest.post_rx(rx1, 1, 64)
+    guest.send(tx0, 0, frames(50, 1500))
+    engine.run(0.05)
+    assert guest.received(rx1, 1) == frames(50, 1500)
+    assert guest.received(rx0, 0) == []
+    tx_stats = pairs[0]["tx"].stats
+    assert (tx_stats["tx_frames"], tx_stats["tx_bytes"]) == (50, 50 * 1500)
+
+
+def test_engine_drops_when_receiver_has_no_room(guest):
+    engine = Engine(app="echo", poll="busy")
+    drivers, pairs = bind(engine, guest, 1, [0])
+    rx, tx = drivers[0]
+    guest.post_rx(rx, 0, 10)
+    guest.send(tx, 0, frames(30))
+    engine.run(0.05)
+    assert len(guest.received(rx, 0)) == 10
+    assert len(tx.get_used()) == 30                     # the guest gets all its TX buffers back
+    assert pairs[0]["rx"].stats["rx_no_room"] == 20
+
+
+def test_engine_source_fills_rx(guest):
+    frame = frames(1, 64)[0]
+    engine = Engine(app="source", poll="busy", frame=frame)
+    drivers, _ = bind(engine, guest, 1, [-1])
+    rx, _ = drivers[0]
+    guest.post_rx(rx, 0, 128)
+    engine.run(0.02)
+    assert guest.received(rx, 0) == [frame] * 128
+
+
+@pytest.mark.parametrize("mode", ["epoll", "adaptive"])
+def test_sleeping_engine_wakes_on_kick_and_costs_no_cpu_idle(guest, mode):
+    engine = Engine(app="sink", poll=mode, idle_spins=1000)
+    mem = GuestMemory()
+    mem.set_table([(guest.fd, 0, GUEST, UVA, 0)])
+    (rx, rxs), (tx, txs) = guest.rings(0)
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        ring = guest.device_ring(mem, txs)
+        engine.set_bindings([dict(rx=None, tx=ring, tx_kick=kick)])
+        t0, c0 = time.monotonic(), time.process_time()
+        assert engine.run(0.3) == 0
+        assert time.process_time() - c0 < 0.03, "an idle worker must sleep"
+        assert engine.sleeps >= 1
+        # The engine enabled notifications before sleeping: the driver must kick.
+        assert guest.send(tx, 0, frames(5)) is True
+        os.eventfd_write(kick, 1)
+        assert engine.run(0.1) == 5
+        assert ring.stats["tx_frames"] == 5
+    finally:
+        os.close(kick)
+
+
+def test_racing_buffers_are_seen_before_sleeping(guest):
+    """Buffers made available while notifications were off (no kick will
+    come) are found by the re-check after enabling them."""
+    engine = Engine(app="sink", poll="epoll")
+    mem = GuestMemory()
+    mem.set_table([(guest.fd, 0, GUEST, UVA, 0)])
+    (_, _), (tx, txs) = guest.rings(0, event_idx=False)
+    ring = guest.device_ring(mem, txs)
+    ring.disable_notifications()
+    assert guest.send(tx, 0, frames(3)) is False        # suppressed: no kick
+    engine.set_bindings([dict(rx=None, tx=ring, tx_kick=-1)])
+    assert engine.run(0.05) == 3
+
+
+# -- worker processes -------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def warm_multiprocessing():
+    """multiprocessing keeps a helper fd or two for the life of the process
+    after the first spawn; start one worker first so fd counts compare like
+    with like."""
+    fd = os.memfd_create("stats")
+    os.ftruncate(fd, 1 << 16)
+    WorkerHandle(99, dict(app="sink", poll="epoll", batch=32, rings_per_port=16), fd).stop()
+    os.close(fd)
+
+
+@pytest.fixture
+def stats():
+    fd = os.memfd_create("stats")
+    os.ftruncate(fd, 1 << 16)
+    m = mmap.mmap(fd, 1 << 16)
+    yield fd, np.frombuffer(m, dtype=np.uint64)
+    os.close(fd)
+
+
+def ring_counters(arr, port, ring):
+    o = counter_offset(port, ring, 16) // 8
+    return dict(zip(COUNTER_NAMES, (int(x) for x in arr[o:o + len(COUNTER_NAMES)])))
+
+
+def wait_for(cond, timeout=5.0):
+    t = time.monotonic() + timeout
+    while time.monotonic() < t:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_worker_process_echo_survives_memory_table_change(guest, stats):
+    """DPDK virtio-user sends SET_MEM_TABLE again while rings run: the worker
+    remaps between batches and no frame is lost or duplicated."""
+    stats_fd, arr = stats
+    fds_before = len(os.listdir("/proc/self/fd"))
+    w = WorkerHandle(0, dict(app="echo", poll="adaptive", batch=32, rings_per_port=16), stats_fd)
+    try:
+        w.call("mem", 0, [(0, GUEST * 3 // 4, UVA, 0)], fds=[os.dup(guest.fd)])
+        (rx, rxs), (tx, txs) = guest.rings(0)
+        kicks = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(2)]
+        for idx, setup in ((0, rxs), (1, txs)):
+            w.call("ring_start", 0, idx, setup, fds=[os.dup(kicks[idx]), os.eventfd(0)])
+        got, sent = [], []
+        for rnd in range(20):
+            batch = frames(16, 64 + rnd, seed=rnd)
+            sent += batch
+            guest.post_rx(rx, 0, 16)
+            os.eventfd_write(kicks[0], 1)
+            guest.send(tx, 0, batch)
+            os.eventfd_write(kicks[1], 1)
+            if rnd % 4 == 1:
+                # grow the table (new mapping, same memory), as DPDK does
+                w.call("mem", 0, [(0, GUEST, UVA, 0)], fds=[os.dup(guest.fd)])
+            tx_done = []
+            assert wait_for(lambda: tx_done.extend(tx.get_used()) or len(tx_done) == 16)
+            assert wait_for(lambda: got.extend(guest.received(rx, 0)) or len(got) == len(sent))
+        assert got == sent
+        assert w.call("ring_stop", 0, 1) == 320
+        assert ring_counters(arr, 0, 1)["tx_frames"] == 320
+        assert ring_counters(arr, 0, 0)["rx_frames"] == 320
+        assert w.call("port_reset", 0) is True
+        for k in kicks:
+            os.close(k)
+    finally:
+        w.stop()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_worker_reports_bad_ring_setup_and_keeps_serving(guest, stats):
+    stats_fd, arr = stats
+    w = WorkerHandle(0, dict(app="sink", poll="epoll", batch=32, rings_per_port=16), stats_fd)
+    try:
+        w.call("mem", 0, [(0, GUEST, UVA, 0)], fds=[os.dup(guest.fd)])
+        bad = RingSetup(256, UVA + GUEST, UVA, UVA, 0, FEATURES, True, True, True)
+        with pytest.raises(Exception, match="not inside guest memory"):
+            w.call("ring_start", 0, 1, bad, fds=[os.eventfd(0), os.eventfd(0)])
+        (_, _), (tx, txs) = guest.rings(0)
+        kick = os.eventfd(0, os.EFD_NONBLOCK)
+        w.call("ring_start", 0, 1, txs, fds=[os.dup(kick), os.eventfd(0)])
+        guest.send(tx, 0, frames(7))
+        os.eventfd_write(kick, 1)
+        assert wait_for(lambda: ring_counters(arr, 0, 1)["tx_frames"] == 7)
+        os.close(kick)
+    finally:
+        w.stop()
