@@ -18,7 +18,7 @@ set -euo pipefail
 die() { echo "setup-peers: $*" >&2; exit 1; }
 log() { echo "setup-peers: $*"; }
 
-[ "$(id -u)" -eq 0 ] || die "must run as root (needs apt-get, hugepages, mounts)"
+[ "${EUID:-$(id -u)}" -eq 0 ] || die "must run as root (needs apt-get, hugepages, mounts)"
 command -v apt-get >/dev/null 2>&1 || die "apt-get not found: only Debian/Ubuntu hosts are supported"
 command -v dpkg-query >/dev/null 2>&1 || die "dpkg-query not found"
 

@@ -19,3 +19,5 @@ def no_fd_leak():
     after = set(os.listdir("/proc/self/fd"))
     leaked = after - before
     assert not leaked, f"fds leaked: {sorted(leaked)}"
+
+pytest_plugins = ["tests._peers_plugin"]

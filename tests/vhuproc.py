@@ -1,0 +1,103 @@
+"""Run `python -m vhu.master` as users do, for end-to-end tests."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class VhuMaster:
+    """python -m vhu.master in a subprocess; stats through --stats-file."""
+
+    def __init__(self, tmp_path, *args, sockets=("vhost.sock",), stats_interval=0.2,
+                 cpus=None, env=None):
+        self.tmp = tmp_path
+        self.sockets = [str(tmp_path / s) for s in sockets]
+        self.stats_file = str(tmp_path / "vhu-stats.json")
+        self.log_path = str(tmp_path / "vhu-master.log")
+        argv = [sys.executable, "-m", "vhu.master"]
+        for s in self.sockets:
+            argv += ["--socket", s]
+        argv += ["--stats-interval", str(stats_interval), "--stats-file", self.stats_file]
+        argv += [str(a) for a in args]
+        cmd = argv if cpus is None else ["taskset", "-c", str(cpus)] + argv
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env=dict(os.environ, **(env or {})))
+        self.client = "--client" in args
+
+    def __enter__(self):
+        if not self.client:
+            self.wait_sockets()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop(check=False)
+
+    def output(self):
+        with open(self.log_path) as f:
+            return f.read()
+
+    def wait_sockets(self, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vhu.master exited {self.proc.returncode}:\n{self.output()}")
+            if all(os.path.exists(s) for s in self.sockets):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"vhu.master did not create its sockets:\n{self.output()}")
+
+    def wait_log(self, text, timeout=30, count=1):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.output().count(text) >= count:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"{text!r} not in vhu.master's log:\n{self.output()[-4000:]}")
+
+    def stats(self):
+        for _ in range(50):
+            try:
+                with open(self.stats_file) as f:
+                    return json.load(f)
+            except (FileNotFoundError, json.JSONDecodeError):
+                time.sleep(0.05)
+        raise RuntimeError("no stats file")
+
+    def port(self, i=0):
+        return self.stats()["ports"][i]
+
+    def wait_stable(self, key, port=0, timeout=10, settle=0.6):
+        """Wait until a port counter stops moving; return it."""
+        last, since = None, time.monotonic()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            v = self.port(port)[key]
+            if v != last:
+                last, since = v, time.monotonic()
+            elif time.monotonic() - since >= settle:
+                return v
+            time.sleep(0.1)
+        return last
+
+    def stop(self, check=True, timeout=20):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        if check:
+            assert self.proc.returncode == 0, f"exit {self.proc.returncode}:\n{self.output()[-4000:]}"
+            for s in self.sockets:
+                if not self.client:
+                    assert not os.path.exists(s), f"{s} left behind"
+        return self.proc.returncode

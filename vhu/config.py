@@ -1,0 +1,128 @@
+"""The master's command line: parse, validate into a frozen config, nothing else.
+
+Kept free of sockets and processes so it is unit-tested on its own.
+"""
+import argparse
+import os
+from dataclasses import dataclass
+
+APPS = ("sink", "echo", "source", "patch")
+POLL_MODES = ("busy", "epoll", "adaptive")
+MAX_QUEUE_PAIRS = 64
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class UsageError(Exception):
+    """A bad command line; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    sockets: tuple
+    client: bool = False
+    workers: int = 1
+    queues: int = 1
+    app: str = "sink"
+    poll: str = "adaptive"
+    cpus: tuple = ()
+    stats_interval: float = 1.0
+    stats_file: str | None = None
+    log_level: str = "INFO"
+    pkt_size: int = 64
+    socket_mode: int = 0o600
+    batch: int = 32
+
+    @property
+    def rings_per_port(self):
+        return 2 * self.queues
+
+    def worker_of(self, queue_pair):
+        """Queue pair i of every port belongs to worker i mod N, so one worker
+        holds a pair's RX and TX of all ports (patch needs no hand-off)."""
+        return queue_pair % self.worker_count
+
+    @property
+    def worker_count(self):
+        return min(self.workers, self.queues)
+
+
+def parse_cpus(text):
+    """'0,2-3' -> (0, 2, 3)."""
+    cpus = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise UsageError(f"--cpus: {text!r} is not a CPU list like 0,2-3")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    if not cpus:
+        raise UsageError("--cpus: empty CPU list")
+    available = os.sched_getaffinity(0)
+    missing = sorted(set(cpus) - available)
+    if missing:
+        raise UsageError(f"--cpus: CPU {missing[0]} is not available (have {sorted(available)})")
+    return tuple(cpus)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser():
+    p = _Parser(prog="python -m vhu.master",
+                description="vhost-user back-end: serve virtio-net devices to QEMU and DPDK front-ends")
+    p.add_argument("--socket", action="append", required=True, metavar="PATH",
+                   help="vhost-user socket path; repeat for several ports")
+    p.add_argument("--client", action="store_true",
+                   help="connect to listening front-ends (QEMU server=on, virtio-user server=1)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (cap)")
+    p.add_argument("--queues", type=int, default=1, metavar="Q", help="queue pairs per port")
+    p.add_argument("--app", default="sink", help=f"one of {', '.join(APPS)}")
+    p.add_argument("--poll", default="adaptive", help=f"one of {', '.join(POLL_MODES)}")
+    p.add_argument("--cpus", default=None, metavar="LIST", help="pin worker i to the i-th CPU of LIST")
+    p.add_argument("--stats-interval", type=float, default=1.0, metavar="SECONDS")
+    p.add_argument("--stats-file", default=None, metavar="PATH", help="JSON stats, rewritten each interval")
+    p.add_argument("--log-level", default="INFO", metavar="LEVEL")
+    p.add_argument("--pkt-size", type=int, default=64, metavar="N", help="frame size for --app source")
+    p.add_argument("--socket-mode", default="0600", metavar="OCTAL", help="mode of created socket files")
+    p.add_argument("--batch", type=int, default=32, metavar="N", help="chains per ring per round")
+    return p
+
+
+def parse_args(argv):
+    a = build_parser().parse_args(argv)
+    if a.app not in APPS:
+        raise UsageError(f"--app: {a.app!r} is not one of {', '.join(APPS)}")
+    if a.poll not in POLL_MODES:
+        raise UsageError(f"--poll: {a.poll!r} is not one of {', '.join(POLL_MODES)}")
+    if a.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if not 1 <= a.queues <= MAX_QUEUE_PAIRS:
+        raise UsageError(f"--queues must be 1..{MAX_QUEUE_PAIRS}")
+    if a.app == "patch" and len(a.socket) != 2:
+        raise UsageError("--app patch needs exactly two --socket")
+    if len(set(os.path.abspath(s) for s in a.socket)) != len(a.socket):
+        raise UsageError("--socket: the same path twice")
+    if a.stats_interval <= 0:
+        raise UsageError("--stats-interval must be positive")
+    if not 60 <= a.pkt_size <= 9000:
+        raise UsageError("--pkt-size must be 60..9000")
+    if not 1 <= a.batch <= 256:
+        raise UsageError("--batch must be 1..256")
+    level = a.log_level.upper()
+    if level not in LOG_LEVELS:
+        raise UsageError(f"--log-level: {a.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    try:
+        mode = int(a.socket_mode, 8)
+    except ValueError:
+        raise UsageError(f"--socket-mode: {a.socket_mode!r} is not an octal mode") from None
+    if not 0 <= mode <= 0o777:
+        raise UsageError("--socket-mode must be 000..777")
+    cpus = parse_cpus(a.cpus) if a.cpus is not None else ()
+    return MasterConfig(sockets=tuple(a.socket), client=a.client, workers=a.workers,
+                        queues=a.queues, app=a.app, poll=a.poll, cpus=cpus,
+                        stats_interval=a.stats_interval, stats_file=a.stats_file,
+                        log_level=level, pkt_size=a.pkt_size, socket_mode=mode, batch=a.batch)

@@ -1,0 +1,103 @@
+"""Per-port and per-queue statistics, read from the counters workers keep in
+shared memory (one u64 array; each ring's counters written only by the
+worker that owns the ring). One table, vhu._ring.COUNTER_NAMES, names them.
+
+Direction is vhu's, as testpmd reports a port: rx = frames vhu received from
+the front-end (the guest's TX ring), tx = frames vhu put into the front-end
+(the guest's RX ring).
+"""
+import json
+import mmap
+import os
+import time
+
+import numpy as np
+
+from vhu._ring import COUNTER_NAMES
+
+_INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
+BROKEN_NAMES = [n for n in COUNTER_NAMES if n.startswith("broken_") and n != "broken_ok_unused"]
+
+
+class StatsMemory:
+    """The shared counter array: created by the master, handed to workers as an fd."""
+
+    def __init__(self, ports, rings_per_port):
+        self.ports = ports
+        self.rings_per_port = rings_per_port
+        self.size = max(ports * rings_per_port * len(COUNTER_NAMES) * 8, mmap.PAGESIZE)
+        self.fd = os.memfd_create("vhu-stats", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self._map = mmap.mmap(self.fd, self.size)
+        self.array = np.frombuffer(self._map, dtype=np.uint64).reshape(-1)[
+            : ports * rings_per_port * len(COUNTER_NAMES)].reshape(
+            ports, rings_per_port, len(COUNTER_NAMES))
+
+    def dup_fd(self):
+        return os.dup(self.fd)
+
+    def snapshot(self):
+        return self.array.copy()
+
+    def close(self):
+        self.array = None
+        self._map.close()
+        os.close(self.fd)
+
+
+def queue_stats(snap, port, qp):
+    rx_ring, tx_ring = snap[port, 2 * qp], snap[port, 2 * qp + 1]
+    out = {
+        "queue": qp,
+        "rx_packets": int(tx_ring[_INDEX["tx_frames"]]),
+        "rx_bytes": int(tx_ring[_INDEX["tx_bytes"]]),
+        "tx_packets": int(rx_ring[_INDEX["rx_frames"]]),
+        "tx_bytes": int(rx_ring[_INDEX["rx_bytes"]]),
+        "drops": {
+            "rx_no_room": int(rx_ring[_INDEX["rx_no_room"]] + tx_ring[_INDEX["rx_no_room"]]),
+            "rx_too_big": int(rx_ring[_INDEX["rx_too_big"]]),
+            "tx_short": int(tx_ring[_INDEX["tx_short"]]),
+        },
+        "kicks_suppressed_calls": int(rx_ring[_INDEX["notify_suppressed"]] + tx_ring[_INDEX["notify_suppressed"]]),
+        "calls": int(rx_ring[_INDEX["notify"]] + tx_ring[_INDEX["notify"]]),
+        "broken": {n[len("broken_"):]: int(rx_ring[_INDEX[n]] + tx_ring[_INDEX[n]])
+                   for n in BROKEN_NAMES if rx_ring[_INDEX[n]] + tx_ring[_INDEX[n]]},
+    }
+    return out
+
+
+def port_stats(snap, port, queues, name, connected):
+    qs = [queue_stats(snap, port, q) for q in range(queues)]
+    total = {k: sum(q[k] for q in qs) for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")}
+    drops = {}
+    broken = {}
+    for q in qs:
+        for k, v in q["drops"].items():
+            drops[k] = drops.get(k, 0) + v
+        for k, v in q["broken"].items():
+            broken[k] = broken.get(k, 0) + v
+    return {"port": port, "socket": name, "connected": connected, **total,
+            "drops": sum(drops.values()), "drops_by_reason": drops, "broken": broken,
+            "queues": qs}
+
+
+def rate_line(now, before, dt):
+    """One testpmd-like line for a port: totals and per-second rates."""
+    def rate(key):
+        return (now[key] - before[key]) / dt if before and dt > 0 else 0.0
+    rx_pps, tx_pps = rate("rx_packets"), rate("tx_packets")
+    rx_bps, tx_bps = rate("rx_bytes") * 8, rate("tx_bytes") * 8
+    broken = ",".join(f"{k}={v}" for k, v in now["broken"].items()) or "-"
+    return (f"port {now['port']} {now['socket']} {'up' if now['connected'] else 'down'}: "
+            f"rx {now['rx_packets']} pkts {rx_pps / 1e6:.3f} Mpps {rx_bps / 1e9:.3f} Gbps | "
+            f"tx {now['tx_packets']} pkts {tx_pps / 1e6:.3f} Mpps {tx_bps / 1e9:.3f} Gbps | "
+            f"drops {now['drops']} | broken {broken}")
+
+
+def write_json(path, ports):
+    """Atomically replace path with the stats document."""
+    doc = {"time": time.time(), "ports": ports}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
