@@ -51,6 +51,7 @@ class RingSetup:
     event_idx: bool
     indirect: bool
     enabled: bool
+    polled: bool = False        # no kick fd: the ring is polled, never slept on
 
 
 @dataclass
@@ -59,6 +60,7 @@ class _Ring:
     kick: int = -1
     call: int = -1
     enabled: bool = True
+    polled: bool = False
 
 
 @dataclass
@@ -117,7 +119,7 @@ class WorkerState:
         if self.stats_map is not None:
             ring.bind_counters(self.stats_map,
                                counter_offset(port, index, self.config["rings_per_port"]))
-        p.rings[index] = _Ring(ring, kick, call, setup.enabled)
+        p.rings[index] = _Ring(ring, kick, call, setup.enabled, setup.polled)
         self._rebind()
         return True
 
@@ -126,6 +128,17 @@ class WorkerState:
         if r is not None:
             r.enabled = bool(enabled)
             self._rebind()
+        return True
+
+    def cmd_ring_kick(self, port, index, fds):
+        r = self.ports.get(port, _Port()).rings.get(index)
+        new = fds[0] if fds else -1
+        if r is None:
+            _close(new)
+            return False
+        _close(r.kick)
+        r.kick = new
+        self._rebind()
         return True
 
     def cmd_ring_call(self, port, index, fds):
@@ -181,7 +194,8 @@ class WorkerState:
                     rx=rx.ring if rx else None, tx=tx.ring if tx else None,
                     rx_enabled=bool(rx and rx.enabled), tx_enabled=bool(tx and tx.enabled),
                     rx_call=rx.call if rx else -1, tx_call=tx.call if tx else -1,
-                    rx_kick=rx.kick if rx else -1, tx_kick=tx.kick if tx else -1,
+                    rx_kick=-1 if not rx or rx.polled else rx.kick,
+                    tx_kick=-1 if not tx or tx.polled else tx.kick,
                     port=port, qp=qp))
         app = self.config["app"]
         for pair in pairs:
@@ -205,7 +219,10 @@ def worker_main(index, sock, config, stats_sock):
     """Entry point of a worker process (spawned: inherits nothing implicit)."""
     logging.basicConfig(level=config.get("log_level", "INFO"),
                         format=f"%(asctime)s vhu.worker{index} %(levelname)s %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)      # the master decides when we stop
+    # The master decides when we stop (a signal to our process group must not
+    # kill a worker mid-command); we exit when its control socket closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if config.get("cpu") is not None:
         os.sched_setaffinity(0, {config["cpu"]})
     _, stats_fds, _, _ = socket.recv_fds(stats_sock, 16, 1)
@@ -232,7 +249,7 @@ def worker_main(index, sock, config, stats_sock):
                     return
                 try:
                     handler = getattr(state, "cmd_" + name)
-                    if fds or name in ("mem", "ring_start", "ring_call"):
+                    if fds or name in ("mem", "ring_start", "ring_call", "ring_kick"):
                         result = ("ok", handler(*args, fds=list(fds)))
                     else:
                         result = ("ok", handler(*args))

@@ -1,0 +1,111 @@
+"""vhu.master against DPDK 22.11 testpmd as the front-end (virtio-user).
+
+Needs dpdk-testpmd (scripts/setup-peers.sh). Missing: skipped with the reason,
+or failed under CI=true. testpmd runs on CPU 1, vhu's workers on CPU 0.
+"""
+import os
+import time
+
+import pytest
+
+from tests.vhuproc import VhuMaster
+from vhu.testbed import missing_reason
+from vhu.testbed.dpdk import Testpmd, virtio_user_vdev
+
+REASON = missing_reason(("testpmd",))
+IN_CI = os.environ.get("CI", "").lower() == "true"
+if REASON and not IN_CI:
+    pytest.skip(f"dpdk-testpmd unavailable: {REASON}", allow_module_level=True)
+
+pytestmark = pytest.mark.peers
+VHU_CPU, PEER_CPU = "0", 1
+
+
+@pytest.fixture(autouse=True)
+def _peers():
+    if REASON:
+        pytest.fail(f"CI=true but dpdk-testpmd is unavailable: {REASON}", pytrace=False)
+
+
+def frontend(sock, mode, queues=1, **kw):
+    return Testpmd([virtio_user_vdev(sock, queues=queues, server=kw.pop("server", False))],
+                   forward_mode=mode, cpus=PEER_CPU, huge=False, rxq=queues, txq=queues,
+                   nb_cores=1, **kw)
+
+
+@pytest.mark.parametrize("queues,workers", [(1, 1), (4, 4)])
+def test_txonly_into_sink_counts_exactly(tmp_path, queues, workers):
+    with VhuMaster(tmp_path, "--app", "sink", "--queues", queues, "--workers", workers,
+                   "--cpus", VHU_CPU) as vhu:
+        with frontend(vhu.sockets[0], "txonly", queues) as tp:
+            tp.wait_link_up(0)
+            sent = tp.run_for(2.0)[0]["tx_packets"]
+            assert sent > 10_000
+            got = vhu.wait_stable("rx_packets")
+        assert got == sent, f"vhu counted {got}, testpmd sent {sent}"
+        assert vhu.port()["rx_bytes"] == 64 * sent
+        if queues > 1:
+            busy = [q for q in vhu.port()["queues"] if q["rx_packets"]]
+            assert len(busy) == queues, "every queue pair carried traffic"
+        vhu.stop()
+
+
+def test_echo_returns_frames_unchanged(tmp_path):
+    with VhuMaster(tmp_path, "--app", "echo", "--cpus", VHU_CPU) as vhu:
+        with frontend(vhu.sockets[0], "io") as tp:
+            tp.wait_link_up(0)
+            stats = tp.run_for(2.0, tx_first=True)[0]
+            # io + tx_first: one burst of 64-byte frames circulates through vhu and back.
+            assert stats["rx_packets"] > 10_000
+            assert stats["rx_packets"] - stats["tx_packets"] in range(-64, 65)
+            # Look at frames coming back: same headers and length as testpmd sent.
+            tp.set_mode("rxonly")
+            tp.cmd("set verbose 1")
+            out = tp.cmd("start tx_first")
+            time.sleep(0.5)
+            out = tp.cmd("stop") + tp.output[-20000:]
+        received = [ln for ln in out.splitlines() if "length=64" in ln and "type=0x0800" in ln]
+        assert received, out[-3000:]
+        assert all("L3_IPV4" in ln and "L4_UDP" in ln for ln in received)
+        vhu.stop()
+
+
+def test_source_reaches_rxonly(tmp_path):
+    with VhuMaster(tmp_path, "--app", "source", "--pkt-size", "128", "--cpus", VHU_CPU) as vhu:
+        with frontend(vhu.sockets[0], "rxonly") as tp:
+            tp.wait_link_up(0)
+            got = tp.run_for(1.5)[0]
+        assert got["rx_packets"] > 10_000
+        assert got["rx_bytes"] == 128 * got["rx_packets"]
+        assert vhu.port()["tx_packets"] >= got["rx_packets"]
+        vhu.stop()
+
+
+def test_frontend_killed_and_restarted(tmp_path):
+    with VhuMaster(tmp_path, "--app", "sink", "--cpus", VHU_CPU) as vhu:
+        with frontend(vhu.sockets[0], "txonly") as tp:
+            tp.wait_link_up(0)
+            tp.start()
+            time.sleep(1.0)
+            tp.kill()
+        vhu.wait_log("disconnected")
+        first = vhu.wait_stable("rx_packets")
+        assert first > 0
+        with frontend(vhu.sockets[0], "txonly") as tp:
+            tp.wait_link_up(0)
+            sent = tp.run_for(1.5)[0]["tx_packets"]
+        assert vhu.wait_stable("rx_packets") == first + sent
+        assert "Traceback" not in vhu.output()
+        vhu.stop()
+
+
+def test_client_mode_against_virtio_user_server(tmp_path):
+    sock = str(tmp_path / "vhost.sock")
+    with frontend(sock, "txonly", server=True) as tp:
+        with VhuMaster(tmp_path, "--client", "--app", "sink", "--cpus", VHU_CPU) as vhu:
+            vhu.wait_log("front-end connected")
+            tp.wait_link_up(0)
+            sent = tp.run_for(1.5)[0]["tx_packets"]
+            assert sent > 10_000
+            assert vhu.wait_stable("rx_packets") == sent
+            vhu.stop()

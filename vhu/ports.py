@@ -1,0 +1,293 @@
+"""One vhost-user port: its socket (server or client mode), the connection to
+the current front-end, and the glue from protocol state transitions to worker
+commands. Everything here runs in the master's event loop.
+"""
+import errno
+import logging
+import os
+import selectors
+import socket
+import stat
+import time
+
+from vhu._mem import GuestMemory
+from vhu.protocol.backend import BackendConfig, NetBackend
+from vhu.protocol.dispatch import Dispatcher
+from vhu.protocol.messages import MAX_PAYLOAD_SIZE
+from vhu.protocol.wire import close_fds
+from vhu.workers.process import RingSetup, WorkerError
+
+log = logging.getLogger("vhu.master.port")
+
+HEADER_SIZE = 12
+RECV_FDS = 16
+MESSAGE_TIMEOUT = 2.0
+RECONNECT_MIN, RECONNECT_MAX = 0.05, 2.0
+# What a running ring is started with; any change of these restarts it
+# (stopped first, so it restarts from the worker's real last_avail_idx).
+_RESTART_FIELDS = ("num", "desc_addr", "avail_addr", "used_addr", "features")
+
+
+class WorkerHooks:
+    """The protocol layer's state transitions (vhu.protocol.backend.DeviceHooks),
+    turned into commands for the workers that own the rings."""
+
+    def __init__(self, port):
+        self.port = port
+        self.master = port.master
+        self.running = {}          # ring index -> RingConfig the worker runs it with
+
+    def _worker(self, index):
+        return self.master.worker_for_ring(index)
+
+    def memory_table_changed(self, regions):
+        # Map it here first: an fd that cannot be mapped refuses the message
+        # before any worker has switched tables.
+        probe = GuestMemory()
+        probe.set_table([tuple(r) for r in regions])
+        probe.clear()
+        specs = [tuple(r)[1:] for r in regions]
+        for w in self.master.workers:
+            w.call("mem", self.port.index, specs, fds=[os.dup(r.fd) for r in regions])
+
+    def ring_changed(self, index, cfg):
+        was = self.running.get(index)
+        if not cfg.ready:
+            if was is not None:
+                self.ring_stop(index)
+            return
+        if was is not None and any(getattr(cfg, f) != getattr(was, f) for f in _RESTART_FIELDS):
+            base = self.ring_stop(index)
+            self._start(index, cfg, base)
+            return
+        if was is None:
+            self._start(index, cfg, cfg.base)
+            return
+        w, port = self._worker(index), self.port.index
+        if cfg.enabled != was.enabled:
+            w.call("ring_enable", port, index, cfg.enabled)
+        if cfg.kick_fd != was.kick_fd or cfg.polling != was.polling:
+            w.call("ring_kick", port, index, fds=self._fd_or_private(cfg.kick_fd))
+        if cfg.call_fd != was.call_fd:
+            w.call("ring_call", port, index, fds=self._fd_or_private(cfg.call_fd))
+        self.running[index] = cfg
+
+    @staticmethod
+    def _fd_or_private(fd):
+        # A ring without a kick fd is polled (and one without call fd never
+        # signals): an eventfd nobody else holds keeps the worker uniform.
+        return [os.dup(fd) if fd >= 0 else os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)]
+
+    def _start(self, index, cfg, base):
+        setup = RingSetup(size=cfg.num, desc=cfg.desc_addr, avail=cfg.avail_addr,
+                          used=cfg.used_addr, base=base, features=cfg.features,
+                          event_idx=cfg.event_idx, indirect=cfg.indirect, enabled=cfg.enabled,
+                          polled=cfg.kick_fd < 0)
+        fds = self._fd_or_private(cfg.kick_fd) + self._fd_or_private(cfg.call_fd)
+        self._worker(index).call("ring_start", self.port.index, index, setup, fds=fds)
+        self.running[index] = cfg
+
+    def ring_stop(self, index):
+        """The worker's real last_avail_idx, or None if no worker ran the ring."""
+        if self.running.pop(index, None) is None:
+            return None
+        return self._worker(index).call("ring_stop", self.port.index, index)
+
+    def status_changed(self, status):
+        log.info("port %d: device status %#x", self.port.index, status)
+
+    def reset(self):
+        self.running.clear()
+        for w in self.master.workers:
+            w.call("port_reset", self.port.index)
+
+
+class Port:
+    def __init__(self, master, index, path):
+        self.master = master
+        self.config = master.config
+        self.index = index
+        self.path = path
+        self.listener = None
+        self.conn = None
+        self.session = None
+        self.created_inode = None
+        self.next_connect = None
+        self.backoff = RECONNECT_MIN
+
+    @property
+    def connected(self):
+        return self.conn is not None
+
+    # -- sockets ------------------------------------------------------------
+
+    def open(self):
+        if self.config.client:
+            self.next_connect = time.monotonic()
+        else:
+            self._listen()
+
+    def _listen(self):
+        path = self.path
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)           # stale: left by a vhu that was killed
+                log.info("%s: removed a stale socket file", path)
+            else:
+                raise OSError(errno.EADDRINUSE, f"{path}: a live back-end is listening there")
+            finally:
+                probe.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o777)             # no window where the socket is wider than asked
+        try:
+            s.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, self.config.socket_mode)
+        self.created_inode = os.lstat(path).st_ino
+        s.listen(4)
+        s.setblocking(False)
+        self.listener = s
+        self.master.selector.register(s, selectors.EVENT_READ, self._on_accept)
+        log.info("port %d: listening on %s", self.index, path)
+
+    def _on_accept(self, events):
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        if self.conn is not None:
+            log.warning("port %d: %s already has a front-end; refusing another", self.index, self.path)
+            conn.close()
+            return
+        self._attach(conn)
+
+    def timer_due(self):
+        if self.next_connect is None:
+            return 3600.0
+        return max(0.0, self.next_connect - time.monotonic())
+
+    def on_timer(self, now):
+        if self.next_connect is None or now < self.next_connect or self.conn is not None:
+            return
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(self.path)
+        except OSError as exc:
+            s.close()
+            self.next_connect = now + self.backoff
+            if self.backoff == RECONNECT_MIN:
+                log.info("port %d: waiting for a front-end at %s (%s)", self.index, self.path,
+                         exc.strerror)
+            self.backoff = min(self.backoff * 2, RECONNECT_MAX)
+            return
+        self.next_connect = None
+        self.backoff = RECONNECT_MIN
+        self._attach(s)
+
+    def _attach(self, conn):
+        conn.setblocking(False)
+        self.conn = conn
+        device = NetBackend(BackendConfig(max_queue_pairs=self.config.queues), WorkerHooks(self))
+        self.session = Dispatcher(device)
+        self.master.selector.register(conn, selectors.EVENT_READ, self._on_readable)
+        log.info("port %d: front-end connected on %s", self.index, self.path)
+
+    def _read_message(self):
+        """One whole message and its fds: the 12-byte header with recvmsg (the
+        fds ride on a message's first bytes), then exactly its payload. Reading
+        message by message, as QEMU and DPDK do, keeps fds with their message:
+        a larger read could join earlier messages to the one carrying fds."""
+        conn = self.conn
+        header, fds, flags, _ = socket.recv_fds(conn, HEADER_SIZE, RECV_FDS)
+        if flags & socket.MSG_CTRUNC:
+            close_fds(fds)
+            raise ConnectionError("too many fds in one message (control data truncated)")
+        if not header:
+            close_fds(fds)
+            return None, []
+        conn.settimeout(MESSAGE_TIMEOUT)  # the rest of a message follows at once
+        try:
+            while len(header) < HEADER_SIZE:
+                more = conn.recv(HEADER_SIZE - len(header))
+                if not more:
+                    raise ConnectionError("front-end closed the connection mid-message")
+                header += more
+            size = int.from_bytes(header[8:12], "little")
+            payload = b""
+            if size <= MAX_PAYLOAD_SIZE:          # larger: the dispatcher refuses the header
+                while len(payload) < size:
+                    more = conn.recv(size - len(payload))
+                    if not more:
+                        raise ConnectionError("front-end closed the connection mid-message")
+                    payload += more
+        except BaseException:
+            close_fds(fds)
+            raise
+        finally:
+            conn.setblocking(False)
+        return header + payload, fds
+
+    def _on_readable(self, events):
+        try:
+            data, fds = self._read_message()
+        except BlockingIOError:
+            return
+        except (OSError, ConnectionError) as exc:
+            self._detach(f"receive failed: {exc}")
+            return
+        if data is None:
+            self._detach("front-end closed the connection")
+            return
+        try:
+            outcome = self.session.receive(data, fds)
+        except WorkerError as exc:
+            self._detach(f"worker failed: {exc}")
+            return
+        if outcome.reply:
+            try:
+                self.conn.setblocking(True)
+                self.conn.sendall(outcome.reply)
+                self.conn.setblocking(False)
+            except OSError as exc:
+                self._detach(f"send failed: {exc}")
+                return
+        if outcome.close:
+            self._detach(outcome.close)
+
+    def _detach(self, reason):
+        if self.conn is None:
+            return
+        log.info("port %d: disconnected: %s", self.index, reason)
+        self.master.selector.unregister(self.conn)
+        self.conn.close()
+        self.conn = None
+        session, self.session = self.session, None
+        try:
+            session.close()               # releases every fd it kept; stops rings
+        except WorkerError as exc:
+            log.error("port %d: reset after disconnect failed: %s", self.index, exc)
+        if self.config.client and not self.master.stopping:
+            self.next_connect = time.monotonic() + RECONNECT_MIN
+
+    def close(self):
+        self._detach("shutting down")
+        self.next_connect = None
+        if self.listener is not None:
+            self.master.selector.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+            try:
+                if os.lstat(self.path).st_ino == self.created_inode:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,542 @@
+"""The back-end state of one vhost-user connection to a virtio-net front-end, sans-I/O.
+
+Spec: vhost-user.rst, "Ring states", "Multiple queue support", "Memory access"
+and "Front-end message types"
+(https://qemu-project.gitlab.io/qemu/interop/vhost-user.html#ring-states).
+
+NetBackend holds what the front-end told us (features, memory table, rings)
+and one handler per supported request, named after it; dispatch.Dispatcher
+calls them. The I/O side (the master and its workers) plugs in through
+DeviceHooks: after each message the device recomputes every ring's
+RingConfig and calls the hooks only for what actually changed.
+
+Security model. Everything in a message comes from a peer we do not trust.
+The dispatcher has checked the size, the flags, the fd count and the needed
+protocol feature; each handler here still validates every field before it
+changes anything: ring indices against the number of rings, ring sizes
+(1..32768, a power of two), ring addresses (alignment, and the whole
+descriptor table / avail ring / used ring inside one memory region), memory
+regions (count, no size 0, no 64-bit wrap of any address or offset, no
+overlap). A refused message leaves the state as it was. The device owns every
+fd it keeps (regions, kick/call/err, the back-end channel) and closes a
+replaced one once the hooks have heard of the change, and all of them on
+RESET_OWNER and close(); fds it does not keep are closed by the dispatcher.
+Nothing here maps memory: the hooks do, and may refuse a table they cannot
+map (ValueError/OSError), which refuses the message.
+"""
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Protocol, Sequence
+
+from .messages import (
+    VIRTQUEUE_MAX_SIZE, VHOST_MEMORY_BASELINE_NREGIONS, U64_MAX, MemoryTable, ProtocolError,
+    ProtocolFeature as PF, SingleMemoryRegion, U64, VirtioFeature as VF, VringAddr, VringFile,
+    VringState, mask,
+)
+from .wire import Message, close_fds
+
+log = logging.getLogger(__name__)
+
+try:                                  # the compiled core's check, when it is built
+    from vhu._mem import check_region_table as _core_check_region_table
+except ImportError:                   # pragma: no cover - depends on the build
+    _core_check_region_table = None
+
+SUPPORTED_FEATURES = mask(VF.VERSION_1, VF.MRG_RXBUF, VF.EVENT_IDX, VF.INDIRECT_DESC, VF.MQ,
+                          VF.PROTOCOL_FEATURES)
+SUPPORTED_PROTOCOL_FEATURES = mask(PF.MQ, PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIGURE_MEM_SLOTS,
+                                   PF.STATUS)
+MAX_MEM_SLOTS = 509                   # the most the spec's front-ends use (vhu._mem.MAX_REGIONS)
+MAX_QUEUE_PAIRS = 128                 # ring index is 8 bits in SET_VRING_KICK/CALL/ERR
+_F_PROTOCOL = 1 << VF.PROTOCOL_FEATURES
+
+
+def vnet_header_size(features: int) -> int:
+    """virtio_net_hdr: 12 bytes with VERSION_1 or MRG_RXBUF (num_buffers), else 10."""
+    return 12 if features & mask(VF.VERSION_1, VF.MRG_RXBUF) else 10
+
+
+class Region(NamedTuple):
+    """One memory region as the I/O side needs it; (fd, ...) order as vhu._mem.RegionSpec."""
+    fd: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    mmap_offset: int
+
+    def contains_uva(self, addr: int, length: int) -> bool:
+        return (self.userspace_addr <= addr
+                and addr + length <= self.userspace_addr + self.memory_size)
+
+
+def validate_regions(regions, max_regions: int = MAX_MEM_SLOTS) -> None:
+    """Check (guest_phys_addr, memory_size, userspace_addr, mmap_offset) tuples as one table.
+
+    Arithmetic only: the count, every field a u64, no size 0, no region
+    wrapping past 2**64 in any of its three address spaces, no two regions
+    overlapping in guest-physical or in front-end user addresses.
+    Raises ProtocolError with the first reason found.
+    """
+    rs = [tuple(int(x) for x in r) for r in regions]
+    if len(rs) > max_regions:
+        raise ProtocolError(f"{len(rs)} memory regions, at most {max_regions}")
+    for i, (gpa, size, uva, off) in enumerate(rs):
+        for name, v in (("guest_phys_addr", gpa), ("memory_size", size),
+                        ("userspace_addr", uva), ("mmap_offset", off)):
+            if not 0 <= v <= U64_MAX:
+                raise ProtocolError(f"region {i}: {name} {v:#x} is not a u64")
+        if size == 0:
+            raise ProtocolError(f"region {i}: memory_size is 0")
+        for name, v in (("guest_phys_addr", gpa), ("userspace_addr", uva), ("mmap_offset", off)):
+            if v + size - 1 > U64_MAX:
+                raise ProtocolError(f"region {i}: {name} {v:#x} + size {size:#x} wraps")
+    for key, name in ((0, "guest_phys_addr"), (2, "userspace_addr")):
+        order = sorted(range(len(rs)), key=lambda j: rs[j][key])
+        for a, b in zip(order, order[1:]):
+            if rs[a][key] + rs[a][1] > rs[b][key]:
+                raise ProtocolError(f"regions {a} and {b} overlap in {name}")
+    if _core_check_region_table is not None:
+        try:
+            _core_check_region_table(rs)
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class RingConfig:
+    """Everything the I/O side needs about one ring, as of the last message.
+
+    fds are borrowed: valid until a later ring_changed/reset replaces them
+    (dup() one to keep it). -1 means none.
+    """
+    index: int
+    num: int = 0                      # ring size; 0 until SET_VRING_NUM
+    desc_addr: int = 0                # front-end user addresses (SET_VRING_ADDR)
+    avail_addr: int = 0
+    used_addr: int = 0
+    log_addr: int = 0
+    flags: int = 0
+    base: int = 0                     # next avail index to process (SET/GET_VRING_BASE)
+    kick_fd: int = -1
+    call_fd: int = -1
+    err_fd: int = -1
+    polling: bool = False             # SET_VRING_KICK with the no-fd flag: poll the ring
+    # "Ring states": SET_VRING_KICK starts a ring (the worker may still wait for the
+    # first kick before it looks at the ring), GET_VRING_BASE stops it.
+    started: bool = False
+    enabled: bool = False             # SET_VRING_ENABLE (or all, for legacy front-ends)
+    mapped: bool = False              # addresses set and desc/avail/used lie in the memory table
+    features: int = 0                 # the negotiated virtio features
+
+    @property
+    def ready(self) -> bool:
+        """The ring may be processed (normally if enabled, discarding TX if disabled)."""
+        return self.started and self.mapped
+
+    @property
+    def event_idx(self) -> bool:
+        return bool(self.features & (1 << VF.EVENT_IDX))
+
+    @property
+    def indirect(self) -> bool:
+        return bool(self.features & (1 << VF.INDIRECT_DESC))
+
+    @property
+    def net_header_size(self) -> int:
+        return vnet_header_size(self.features)
+
+
+class DeviceHooks(Protocol):
+    """How the I/O side learns about changes. Called synchronously, only on transitions."""
+
+    def memory_table_changed(self, regions: Sequence[Region]) -> None:
+        """The whole new table (after SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG; empty when
+        REM_MEM_REG took the last region), before it is committed: raise
+        ValueError/OSError to refuse it (the message fails, nothing changes).
+        The fds are borrowed; the old table's are closed after this returns.
+        Rings whose addresses no longer map are then reported with mapped=False."""
+
+    def ring_changed(self, index: int, ring: RingConfig) -> None:
+        """Ring `index`'s config differs from the one last reported."""
+
+    def ring_stop(self, index: int) -> Optional[int]:
+        """GET_VRING_BASE on a started ring: stop processing it now and return its real
+        last_avail_idx (None: nobody processed it, the device's own base is right)."""
+
+    def status_changed(self, status: int) -> None:
+        """SET_STATUS changed the virtio device status byte."""
+
+    def reset(self) -> None:
+        """Stop every ring and drop the memory table: all fds are about to be closed."""
+
+
+class NullHooks:
+    """Hooks that do nothing: the device alone (tests, dry runs)."""
+
+    def memory_table_changed(self, regions): pass
+    def ring_changed(self, index, ring): pass
+    def ring_stop(self, index): return None
+    def status_changed(self, status): pass
+    def reset(self): pass
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    max_queue_pairs: int = 8
+    features: int = SUPPORTED_FEATURES            # offered in GET_FEATURES
+    protocol_features: int = SUPPORTED_PROTOCOL_FEATURES
+    max_mem_slots: int = VHOST_MEMORY_BASELINE_NREGIONS   # GET_MAX_MEM_SLOTS
+
+    def __post_init__(self):
+        if not 1 <= self.max_queue_pairs <= MAX_QUEUE_PAIRS:
+            raise ValueError(f"max_queue_pairs {self.max_queue_pairs} not in 1..{MAX_QUEUE_PAIRS}")
+        if self.features & ~SUPPORTED_FEATURES:
+            raise ValueError(f"features {self.features & ~SUPPORTED_FEATURES:#x} not supported")
+        if self.protocol_features & ~SUPPORTED_PROTOCOL_FEATURES:
+            raise ValueError(f"protocol features "
+                             f"{self.protocol_features & ~SUPPORTED_PROTOCOL_FEATURES:#x} "
+                             f"not supported")
+        if not 1 <= self.max_mem_slots <= MAX_MEM_SLOTS:
+            raise ValueError(f"max_mem_slots {self.max_mem_slots} not in 1..{MAX_MEM_SLOTS}")
+
+
+@dataclass
+class _Ring:
+    num: int = 0
+    desc: int = 0
+    avail: int = 0
+    used: int = 0
+    log: int = 0
+    flags: int = 0
+    addr_set: bool = False
+    base: int = 0
+    kick: int = -1
+    call: int = -1
+    err: int = -1
+    polling: bool = False
+    started: bool = False
+    enabled: bool = False
+
+    def fds(self):
+        return [fd for fd in (self.kick, self.call, self.err) if fd >= 0]
+
+
+def _pristine(cfg: RingConfig) -> bool:
+    return cfg == RingConfig(cfg.index, features=cfg.features)
+
+
+def _ring_ranges(desc: int, avail: int, used: int, num: int):
+    """(name, address, length) of the split ring's three parts (virtio 1.x, 2.7).
+    Before SET_VRING_NUM only their headers are known to be needed."""
+    n = num
+    return (("descriptor table", desc, 16 * n if n else 16),
+            ("avail ring", avail, 6 + 2 * n if n else 4),
+            ("used ring", used, 6 + 8 * n if n else 4))
+
+
+class NetBackend:
+    """One connection's virtio-net back-end state; handlers named after the requests."""
+
+    def __init__(self, config: Optional[BackendConfig] = None, hooks: Optional[DeviceHooks] = None):
+        self.config = config if config is not None else BackendConfig()
+        self.hooks = hooks if hooks is not None else NullHooks()
+        self.nrings = 2 * self.config.max_queue_pairs
+        self.acked_protocol_features = 0
+        self._closed = False
+        self._clear()
+
+    def _clear(self, keep_protocol: bool = False) -> None:
+        """Back to the initial state; the caller has dealt with the fds."""
+        self.acked_features = 0
+        if not keep_protocol:
+            self.acked_protocol_features = 0
+            self._protocol_seen = False
+        self.owner = False
+        self.status = 0
+        self.regions: list[Region] = []
+        self.backend_req_fd = -1
+        self.rings = [_Ring() for _ in range(self.nrings)]
+        self._published = [self.ring_config(i) for i in range(self.nrings)]
+        self._published_status = 0
+        self._to_close: list[int] = []
+
+    # -- state the I/O side and the tests read --------------------------------
+
+    @property
+    def legacy(self) -> bool:
+        """A front-end that never negotiated protocol features (Vapp and older)."""
+        return not self._protocol_seen and not self.acked_features & _F_PROTOCOL
+
+    def owned_fds(self) -> set:
+        """Every fd the device holds (tests check these are closed after close())."""
+        fds = {r.fd for r in self.regions} | set(self._to_close)
+        for r in self.rings:
+            fds.update(r.fds())
+        if self.backend_req_fd >= 0:
+            fds.add(self.backend_req_fd)
+        return fds
+
+    def ring_config(self, index: int) -> RingConfig:
+        r = self.rings[index]
+        mapped = r.addr_set and r.num > 0 and all(
+            self._uva_mapped(addr, length) for _, addr, length in
+            _ring_ranges(r.desc, r.avail, r.used, r.num))
+        return RingConfig(index, r.num, r.desc, r.avail, r.used, r.log, r.flags, r.base,
+                          r.kick, r.call, r.err, r.polling, r.started, r.enabled, mapped,
+                          self.acked_features)
+
+    def after_message(self) -> None:
+        """Recompute each ring's config; tell the hooks what changed; close replaced fds."""
+        try:
+            for i in range(self.nrings):
+                cfg, last = self.ring_config(i), self._published[i]
+                if cfg == last:
+                    continue
+                self._published[i] = cfg
+                if _pristine(cfg) and _pristine(last):
+                    continue          # only the features moved, on a ring nobody set up
+                log.debug("ring %d: %s", i, cfg)
+                self.hooks.ring_changed(i, cfg)
+            if self.status != self._published_status:
+                self._published_status = self.status
+                self.hooks.status_changed(self.status)
+        finally:
+            fds, self._to_close = self._to_close, []
+            close_fds(fds)
+
+    def close(self) -> None:
+        """The connection is gone: tell the hooks, close every fd. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._reset(keep_protocol=False)
+
+    def _reset(self, keep_protocol: bool) -> None:
+        fds = self.owned_fds()
+        try:
+            self.hooks.reset()
+        finally:
+            self._clear(keep_protocol)
+            close_fds(sorted(fds))
+
+    # -- helpers ------------------------------------------------------------
+
+    def _ring(self, index: int) -> _Ring:
+        if not 0 <= index < self.nrings:
+            raise ProtocolError(f"ring index {index} out of range (0..{self.nrings - 1})")
+        return self.rings[index]
+
+    def _uva_mapped(self, addr: int, length: int) -> bool:
+        return any(r.contains_uva(addr, length) for r in self.regions)
+
+    def _install_table(self, regions: list) -> None:
+        """Let the hooks map the new table (or refuse it), then commit it."""
+        try:
+            self.hooks.memory_table_changed(regions)
+        except (ValueError, OSError) as e:
+            raise ProtocolError(f"memory table refused: {e}") from None
+        old = {r.fd for r in self.regions} - {r.fd for r in regions}
+        self.regions = regions
+        self._to_close += sorted(old)
+        log.info("memory table: %s", ", ".join(
+            f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x} uva {r.userspace_addr:#x} "
+            f"off {r.mmap_offset:#x}" for r in regions) or "empty")
+
+    @staticmethod
+    def _vring_fd(msg: Message, f: VringFile) -> int:
+        """The fd of SET_VRING_KICK/CALL/ERR, taken; -1 with the no-fd flag."""
+        if f.nofd:
+            if msg.fds:
+                raise ProtocolError("no-fd flag set but an fd is attached")
+            return -1
+        if len(msg.fds) != 1:
+            raise ProtocolError("no fd attached and the no-fd flag is not set")
+        return msg.take_fds()[0]
+
+    def _replace(self, old: int, new: int) -> int:
+        if old >= 0 and old != new:
+            self._to_close.append(old)
+        return new
+
+    # -- features and ownership -----------------------------------------------
+
+    def get_features(self, msg: Message) -> bytes:
+        return U64(self.config.features).pack()
+
+    def set_features(self, msg: Message) -> None:
+        features = U64.unpack(msg.payload).value
+        extra = features & ~self.config.features
+        if extra:
+            raise ProtocolError(f"feature bits {extra:#x} were not offered")
+        if features != self.acked_features and any(r.started for r in self.rings):
+            raise ProtocolError("features changed while rings are started")
+        self.acked_features = features
+        log.info("virtio features %#x (net header %d bytes)", features, vnet_header_size(features))
+        if not features & _F_PROTOCOL:
+            # "Ring states": without PROTOCOL_FEATURES the back-end must enable all rings.
+            for r in self.rings:
+                r.enabled = True
+
+    def _check_protocol_offered(self) -> None:
+        if not self.config.features & _F_PROTOCOL:
+            raise ProtocolError("PROTOCOL_FEATURES was not offered")
+
+    def get_protocol_features(self, msg: Message) -> bytes:
+        self._check_protocol_offered()
+        self._protocol_seen = True
+        return U64(self.config.protocol_features).pack()
+
+    def set_protocol_features(self, msg: Message) -> None:
+        self._check_protocol_offered()
+        features = U64.unpack(msg.payload).value
+        extra = features & ~self.config.protocol_features
+        if extra:
+            raise ProtocolError(f"protocol feature bits {extra:#x} were not offered")
+        self._protocol_seen = True
+        self.acked_protocol_features = features
+        log.info("protocol features %#x", features)
+
+    def set_owner(self, msg: Message) -> None:
+        if self.owner:
+            log.debug("SET_OWNER again")
+        self.owner = True
+
+    def reset_owner(self, msg: Message) -> None:
+        """Deprecated by the spec; here: stop everything, close every fd, forget the
+        features and the tables (the negotiated protocol features stay)."""
+        self._reset(keep_protocol=True)
+
+    def get_queue_num(self, msg: Message) -> bytes:
+        return U64(self.config.max_queue_pairs).pack()
+
+    def set_backend_req_fd(self, msg: Message) -> None:
+        self.backend_req_fd = self._replace(self.backend_req_fd, msg.take_fds()[0])
+
+    def set_status(self, msg: Message) -> None:
+        status = U64.unpack(msg.payload).value
+        if status > 0xFF:
+            raise ProtocolError(f"device status {status:#x} is not a byte")
+        self.status = status
+
+    def get_status(self, msg: Message) -> bytes:
+        return U64(self.status).pack()
+
+    # -- memory ---------------------------------------------------------------
+
+    def set_mem_table(self, msg: Message) -> None:
+        table = MemoryTable.unpack(msg.payload)
+        if len(msg.fds) != len(table.regions):
+            raise ProtocolError(f"{len(table.regions)} regions but {len(msg.fds)} fds")
+        specs = [(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+                 for r in table.regions]
+        validate_regions(specs, VHOST_MEMORY_BASELINE_NREGIONS)
+        self._install_table([Region(fd, *s) for fd, s in zip(msg.fds, specs)])
+        msg.take_fds()
+
+    def get_max_mem_slots(self, msg: Message) -> bytes:
+        return U64(self.config.max_mem_slots).pack()
+
+    def add_mem_reg(self, msg: Message) -> None:
+        r = SingleMemoryRegion.unpack(msg.payload).region
+        spec = (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+        validate_regions([x[1:] for x in self.regions] + [spec], self.config.max_mem_slots)
+        self._install_table(self.regions + [Region(msg.fds[0], *spec)])
+        msg.take_fds()
+
+    def rem_mem_reg(self, msg: Message) -> None:
+        """The region with this gpa, size and user address goes (mmap offset ignored).
+        An fd sent along is closed unused (by the dispatcher: we never take it)."""
+        r = SingleMemoryRegion.unpack(msg.payload).region
+        key = (r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        keep = [x for x in self.regions
+                if (x.guest_phys_addr, x.memory_size, x.userspace_addr) != key]
+        if len(keep) == len(self.regions):
+            raise ProtocolError(f"no region gpa {key[0]:#x} size {key[1]:#x} uva {key[2]:#x}")
+        self._install_table(keep)
+
+    # -- rings ----------------------------------------------------------------
+
+    def set_vring_num(self, msg: Message) -> None:
+        s = VringState.unpack(msg.payload)
+        r = self._ring(s.index)
+        if r.started:
+            raise ProtocolError(f"ring {s.index} is started")
+        if not 1 <= s.num <= VIRTQUEUE_MAX_SIZE or s.num & (s.num - 1):
+            raise ProtocolError(f"ring size {s.num} is not a power of two "
+                                f"in 1..{VIRTQUEUE_MAX_SIZE}")
+        r.num = s.num
+
+    def set_vring_addr(self, msg: Message) -> None:
+        a = VringAddr.unpack(msg.payload)
+        r = self._ring(a.index)
+        if a.flags:
+            # VRING_F_LOG needs dirty logging (LOG_ALL, LOG_SHMFD), which we never offer.
+            raise ProtocolError(f"ring {a.index}: address flags {a.flags:#x} not supported")
+        for name, addr, align in (("descriptor table", a.desc_user_addr, 16),
+                                  ("avail ring", a.avail_user_addr, 2),
+                                  ("used ring", a.used_user_addr, 4)):
+            if addr % align:
+                raise ProtocolError(f"ring {a.index}: {name} at {addr:#x} is not "
+                                    f"{align}-byte aligned")
+        for name, addr, length in _ring_ranges(a.desc_user_addr, a.avail_user_addr,
+                                               a.used_user_addr, r.num):
+            if not self._uva_mapped(addr, length):
+                raise ProtocolError(f"ring {a.index}: {name} [{addr:#x}, +{length:#x}) is not "
+                                    f"inside one memory region")
+        r.desc, r.avail, r.used = a.desc_user_addr, a.avail_user_addr, a.used_user_addr
+        r.log, r.flags, r.addr_set = a.log_guest_addr, a.flags, True
+
+    def set_vring_base(self, msg: Message) -> None:
+        s = VringState.unpack(msg.payload)
+        r = self._ring(s.index)
+        if r.started:
+            raise ProtocolError(f"ring {s.index} is started")
+        if s.num > 0xFFFF:
+            # Split rings only (RING_PACKED is never offered): bits 16-31 are reserved.
+            raise ProtocolError(f"ring {s.index}: base {s.num:#x} has reserved bits set")
+        r.base = s.num
+
+    def get_vring_base(self, msg: Message) -> bytes:
+        """Stop the ring ("Ring states") and reply its next avail index."""
+        s = VringState.unpack(msg.payload)      # s.num is reserved; ignored
+        r = self._ring(s.index)
+        if r.started:
+            base = self.hooks.ring_stop(s.index)
+            if base is not None:
+                if not 0 <= base <= 0xFFFF:
+                    log.error("ring %d: ring_stop returned %r; masked to 16 bits", s.index, base)
+                r.base = int(base) & 0xFFFF
+            r.started = False
+            r.kick, r.polling = self._replace(r.kick, -1), False
+            log.info("ring %d stopped at avail index %d", s.index, r.base)
+        return VringState(s.index, r.base).pack()
+
+    def set_vring_kick(self, msg: Message) -> None:
+        """Start the ring (its kick fd, or polling with the no-fd flag)."""
+        f = VringFile.unpack(msg.payload)
+        r = self._ring(f.index)
+        fd = self._vring_fd(msg, f)
+        r.kick, r.polling = self._replace(r.kick, fd), f.nofd
+        if self.legacy:
+            r.enabled = True          # legacy front-ends never send SET_VRING_ENABLE
+        if not r.started:
+            log.info("ring %d started (%s)", f.index, "polling" if f.nofd else f"kick fd {fd}")
+        r.started = True
+
+    def set_vring_call(self, msg: Message) -> None:
+        f = VringFile.unpack(msg.payload)
+        r = self._ring(f.index)
+        r.call = self._replace(r.call, self._vring_fd(msg, f))
+
+    def set_vring_err(self, msg: Message) -> None:
+        f = VringFile.unpack(msg.payload)
+        r = self._ring(f.index)
+        r.err = self._replace(r.err, self._vring_fd(msg, f))
+
+    def set_vring_enable(self, msg: Message) -> None:
+        self._check_protocol_offered()
+        s = VringState.unpack(msg.payload)
+        r = self._ring(s.index)
+        if s.num not in (0, 1):
+            raise ProtocolError(f"ring {s.index}: enable value {s.num} is not 0 or 1")
+        r.enabled = bool(s.num)
