@@ -50,9 +50,9 @@ cdef struct Seg:
 
 cdef struct ChainInfo:
     uint32_t seg_start      # first segment in the ring's segment array
-    uint16_t head
-    uint16_t nread          # readable segments, then nwrite writable ones
+    uint32_t nread          # readable segments, then nwrite writable ones
     uint32_t nwrite
+    uint16_t head
     uint64_t read_len
     uint64_t write_len
 
@@ -90,8 +90,12 @@ cdef struct DevRing:
     uint32_t max_chains
     Seg *segs
     uint32_t max_segs
+    char *indirect_copy            # an indirect table that crosses regions, gathered
 
 cdef struct DrvRing:
+    MemTable **table_ref           # as in DevRing: re-translate after a table change
+    unsigned long long *generation_ref
+    unsigned long long mem_generation
     uint32_t size
     uint16_t mask
     bint event_idx
@@ -128,6 +132,7 @@ cdef int translate_ring(MemTable *t, bint uva, uint32_t size, uint64_t desc_addr
                         uint64_t avail_addr, uint64_t used_addr,
                         char **d, char **a, char **u) noexcept nogil
 cdef bint dev_mem_ok(DevRing *r) noexcept nogil
+cdef bint drv_mem_ok(DrvRing *r) noexcept nogil
 cdef int dev_mark_broken(DevRing *r, int reason) noexcept nogil
 cdef int dev_avail_pending(DevRing *r) noexcept nogil
 cdef int dev_walk_chain(DevRing *r, uint16_t head, ChainInfo *c, uint32_t seg_base) noexcept nogil

@@ -28,6 +28,11 @@ BROKEN_INDIRECT_NOT_NEGOTIATED: str  # "indirect descriptor without VIRTIO_F_IND
 BROKEN_BUFFER_UNMAPPED: str        # "buffer outside guest memory"
 BROKEN_AVAIL_IDX_JUMP: str         # "avail idx moved by more than the queue size"
 BROKEN_READABLE_AFTER_WRITABLE: str  # "device-readable descriptor after a device-writable one"
+BROKEN_RING_UNMAPPED: str          # "ring no longer inside guest memory after a memory table change"
+BROKEN_TOO_MANY_SEGMENTS: str      # "chain split into more segments than the device can hold"
+
+COUNTER_NAMES: list[str]   # the stats table: DeviceRing.stats keys, bind_counters layout
+DEBUG_BUILD: bool          # built with VHU_DEBUG=1
 
 def net_header_len(features: int) -> int:
     """12 when VIRTIO_F_VERSION_1 (bit 32) or VIRTIO_NET_F_MRG_RXBUF (bit 15) is set, else 10."""
@@ -67,7 +72,12 @@ class DeviceRing:
                  indirect: bool = True, features: int = 0) -> None:
         """features (virtio feature bits) sets hdr_len and mergeable; event_idx/indirect may be given directly."""
     def remap(self) -> None:
-        """Re-translate the ring addresses after the memory table changed (RingError if they no longer map)."""
+        """Re-translate the ring addresses after the memory table changed (RingError, and the
+        ring marked broken, if they no longer map). Rings also do this by themselves before
+        touching memory after a table change."""
+    def bind_counters(self, buffer: memoryview | bytearray, offset: int = 0) -> None:
+        """Keep the counters (len(COUNTER_NAMES) u64s) in buffer at offset, e.g. shared memory;
+        the values already there are counted on from."""
     @property
     def last_avail_idx(self) -> int: ...
     @last_avail_idx.setter
@@ -109,7 +119,9 @@ class DriverRing:
     size: int
     event_idx: bool
     def __init__(self, mem: GuestMemory, size: int, desc_gpa: int, avail_gpa: int,
-                 used_gpa: int, *, event_idx: bool = False) -> None: ...
+                 used_gpa: int, *, event_idx: bool = False, start_idx: int = 0) -> None:
+        """start_idx: initial avail and used index (a ring resumed from SET_VRING_BASE)."""
+    def remap(self) -> None: ...
     @property
     def free_count(self) -> int: ...
     @property
@@ -126,3 +138,8 @@ class DriverRing:
     def disable_interrupts(self) -> None: ...
     def enable_interrupts(self) -> bool:
         """True if used buffers arrived meanwhile."""
+
+
+def bench_roundtrip(drv: DriverRing, dev: DeviceRing, buf_gpa: int, pkt_len: int,
+                    packets: int, batch: int) -> int:
+    """The core ring path as a benchmark (compiled, no GIL): returns packets moved."""

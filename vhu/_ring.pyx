@@ -147,6 +147,32 @@ cdef int copy_segs(const Seg *dst, uint32_t ndst, uint64_t dst_off,
 
 # -- device side: nogil functions over a DevRing -------------------------
 
+cdef int gather(MemTable *t, uint64_t gpa, uint64_t length, char *dst) noexcept nogil:
+    """Copy [gpa, gpa+length) of guest memory, across regions, into dst; -1 if unmapped."""
+    cdef char *p = NULL
+    cdef uint64_t n
+    if gpa + length - 1 < gpa:
+        return -1
+    while length:
+        n = gpa_clip(t, gpa, length, &p)
+        if n == 0:
+            return -1
+        memcpy(dst, p, n)
+        dst += n
+        gpa += n
+        length -= n
+    return 0
+
+
+cdef bint drv_mem_ok(DrvRing *r) noexcept nogil:
+    # As dev_mem_ok, for the driver side.
+    if vhu_likely(r.mem_generation == r.generation_ref[0]):
+        return r.desc != NULL
+    r.mem_generation = r.generation_ref[0]
+    return translate_ring(r.table_ref[0], False, r.size, r.desc_gpa, r.avail_gpa,
+                          r.used_gpa, &r.desc, &r.avail, &r.used) == 0
+
+
 cdef bint dev_mem_ok(DevRing *r) noexcept nogil:
     # The table changed under us (SET_MEM_TABLE/ADD/REM): our ring pointers
     # may point into unmapped memory. Re-translate before touching the ring.
@@ -219,11 +245,18 @@ cdef int dev_walk_chain(DevRing *r, uint16_t head, ChainInfo *c, uint32_t seg_ba
                 return dev_mark_broken(r, B_INDIRECT_NESTED)
             if dlen == 0 or dlen % 16:
                 return dev_mark_broken(r, B_INDIRECT_BAD_LEN)
-            if dlen // 16 > <uint32_t>budget + 1:
+            # The indirect descriptor itself is not a buffer: only the
+            # table's entries count against the queue size (2.7.5.3.1).
+            budget += 1
+            if dlen // 16 > <uint32_t>budget:
                 return dev_mark_broken(r, B_CHAIN_TOO_LONG)
             table = gpa_to_ptr(r.table_ref[0], addr, dlen)
             if table == NULL:
-                return dev_mark_broken(r, B_INDIRECT_UNMAPPED)
+                # Legal but rare: a table crossing a region boundary. Gather
+                # it into scratch (entries are read once into locals either way).
+                if gather(r.table_ref[0], addr, dlen, r.indirect_copy) < 0:
+                    return dev_mark_broken(r, B_INDIRECT_UNMAPPED)
+                table = r.indirect_copy
             # The chain continues inside the table only (a NEXT flag on
             # the indirect descriptor itself is ignored, as Linux and DPDK do).
             table_size = dlen // 16
@@ -337,7 +370,10 @@ cdef int dev_pop_batch(DevRing *r, uint32_t max_chains) noexcept nogil:
 cdef void dev_push_used(DevRing *r, uint16_t head, uint32_t written) noexcept nogil:
     """Write one used element after the published index (invisible to the
     driver until publish_used)."""
-    cdef char *e = used_entry(r.used, r.shadow_used & r.mask)
+    cdef char *e
+    if vhu_unlikely(not dev_mem_ok(r)):
+        return              # ring unmapped (marked broken): nothing to write to
+    e = used_entry(r.used, r.shadow_used & r.mask)
     vhu_write_once_u32(e, head)
     vhu_write_once_u32(e + 4, written)
     r.shadow_used += 1       # counted in C_PUSHED when published
@@ -348,7 +384,7 @@ cdef bint dev_publish_used(DevRing *r) noexcept nogil:
     an interrupt (the caller signals the call eventfd)."""
     cdef uint16_t old = r.published_used, new = r.shadow_used
     cdef bint notify
-    if new == old or r.used == NULL:
+    if new == old or not dev_mem_ok(r):
         return False
     # Release: every used element written above is visible before the index.
     vhu_store_release_u16(r.used + RING_IDX, new)
@@ -372,7 +408,7 @@ cdef bint dev_publish_used(DevRing *r) noexcept nogil:
 
 
 cdef void dev_notifications_off(DevRing *r) noexcept nogil:
-    if r.used == NULL:
+    if not dev_mem_ok(r):
         return
     if r.event_idx:
         # avail_event stays where it was: the driver kicks at most once
@@ -384,7 +420,7 @@ cdef void dev_notifications_off(DevRing *r) noexcept nogil:
 cdef bint dev_notifications_on(DevRing *r) noexcept nogil:
     """Ask for kicks again. True if chains arrived meanwhile: the caller
     must poll again instead of sleeping, or a racing kick is lost."""
-    if r.used == NULL or r.broken:
+    if r.broken or not dev_mem_ok(r):
         return False
     if r.event_idx:
         vhu_write_once_u16(used_entry(r.used, <uint16_t>r.size), r.last_avail)
@@ -488,7 +524,7 @@ cdef int drv_add_one(DrvRing *r, uint64_t gpa, uint32_t length, uint16_t flags) 
     """One single-descriptor chain (flags: 0 readable or DESC_F_WRITE).
     Returns its head, or -1 when the ring is full."""
     cdef uint16_t head
-    if r.num_free == 0:
+    if r.num_free == 0 or not drv_mem_ok(r):
         return -1
     head = <uint16_t>r.free_head
     r.free_head = r.free_next[head]
@@ -501,7 +537,7 @@ cdef int drv_add_one(DrvRing *r, uint64_t gpa, uint32_t length, uint16_t flags) 
 cdef bint drv_publish_avail(DrvRing *r) noexcept nogil:
     """Store avail->idx (release); True if the device wants a kick."""
     cdef uint16_t old = r.published_avail, new = r.shadow_avail
-    if new == old:
+    if new == old or not drv_mem_ok(r):
         return False
     # Release: descriptors and avail entries are visible before the index.
     vhu_store_release_u16(r.avail + RING_IDX, new)
@@ -517,10 +553,13 @@ cdef int drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items)
     """Take back up to max_items used chains: (head, written) into the
     arrays, descriptors back on the free list. -1 if the device returned
     an id that is not in flight (a broken device)."""
-    cdef uint16_t used_idx = vhu_load_acquire_u16(r.used + RING_IDX)
+    cdef uint16_t used_idx
     cdef int n = 0
     cdef char *e
     cdef uint32_t head, nd, tail
+    if not drv_mem_ok(r):
+        return -1
+    used_idx = vhu_load_acquire_u16(r.used + RING_IDX)
     while r.last_used != used_idx and n < max_items:
         e = used_entry(r.used, r.last_used & r.mask)
         head = vhu_read_once_u32(e)
@@ -612,13 +651,15 @@ cdef class DeviceRing:
         self.r.max_segs = 2 * size + 64
         self.r.chains = <ChainInfo *>malloc(self.r.max_chains * sizeof(ChainInfo))
         self.r.segs = <Seg *>malloc(self.r.max_segs * sizeof(Seg))
-        if self.r.chains == NULL or self.r.segs == NULL:
+        self.r.indirect_copy = <char *>malloc(16 * <size_t>size)
+        if self.r.chains == NULL or self.r.segs == NULL or self.r.indirect_copy == NULL:
             raise MemoryError()
         self.remap()
 
     def __dealloc__(self):
         free(self.r.chains)
         free(self.r.segs)
+        free(self.r.indirect_copy)
 
     cdef DevRing *ring(self):
         return &self.r
@@ -629,6 +670,7 @@ cdef class DeviceRing:
         if translate_ring(self.mem.table, self.r.addr_uva, self.r.size, self.r.desc_addr,
                           self.r.avail_addr, self.r.used_addr,
                           &self.r.desc, &self.r.avail, &self.r.used) < 0:
+            dev_mark_broken(&self.r, B_RING_UNMAPPED)
             what = "uva" if self.r.addr_uva else "gpa"
             raise RingError(
                 f"ring not inside guest memory ({what}): desc {self.r.desc_addr:#x}+{16 * self.r.size:#x}, "
@@ -811,6 +853,8 @@ cdef class DriverRing:
         if desc_gpa % 16 or avail_gpa % 2 or used_gpa % 4:
             raise RingError("misaligned ring addresses")
         self.mem = mem
+        self.r.table_ref = &mem.table
+        self.r.generation_ref = &mem.generation
         self.r.size = size
         self.r.mask = <uint16_t>(size - 1)
         self.r.event_idx = bool(event_idx)
@@ -844,6 +888,7 @@ cdef class DriverRing:
         return &self.r
 
     def remap(self):
+        self.r.mem_generation = self.mem.generation
         if translate_ring(self.mem.table, False, self.r.size, self.r.desc_gpa, self.r.avail_gpa,
                           self.r.used_gpa, &self.r.desc, &self.r.avail, &self.r.used) < 0:
             raise RingError("driver ring not inside guest memory")
@@ -873,6 +918,8 @@ cdef class DriverRing:
         cdef char *table
         if n == 0:
             raise RingError("a chain needs at least one buffer")
+        if not drv_mem_ok(&self.r):
+            raise RingError("driver ring no longer inside guest memory")
         if indirect_gpa is not None:
             if self.r.num_free < 1:
                 raise RingError("ring full")
@@ -931,12 +978,14 @@ cdef class DriverRing:
 
 
 cdef void drv_interrupts_off(DrvRing *r) noexcept nogil:
-    if not r.event_idx:
+    if not r.event_idx and drv_mem_ok(r):
         vhu_write_once_u16(r.avail + RING_FLAGS, AVAIL_F_NO_INTERRUPT)
 
 
 cdef bint drv_interrupts_on(DrvRing *r) noexcept nogil:
     """Ask for interrupts again; True if used chains arrived meanwhile."""
+    if not drv_mem_ok(r):
+        return False
     if r.event_idx:
         vhu_write_once_u16(avail_entry(r.avail, <uint16_t>r.size), r.last_used)
     else:
