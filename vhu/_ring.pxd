@@ -144,7 +144,8 @@ cdef bint dev_notifications_on(DevRing *r) noexcept nogil
 cdef int dev_rx_enqueue(DevRing *r, const Seg *src, uint32_t nsrc, uint64_t skip,
                         uint64_t frame_len) noexcept nogil
 
-# Driver side.
+# Driver side. drv_add_one does not re-check the memory table: call
+# drv_mem_ok once per batch first (publish and reclaim check it themselves).
 cdef void drv_make_available(DrvRing *r, uint16_t head, uint16_t ndesc) noexcept nogil
 cdef int drv_add_one(DrvRing *r, uint64_t gpa, uint32_t length, uint16_t flags) noexcept nogil
 cdef bint drv_publish_avail(DrvRing *r) noexcept nogil

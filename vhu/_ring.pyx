@@ -369,11 +369,10 @@ cdef int dev_pop_batch(DevRing *r, uint32_t max_chains) noexcept nogil:
 
 cdef void dev_push_used(DevRing *r, uint16_t head, uint32_t written) noexcept nogil:
     """Write one used element after the published index (invisible to the
-    driver until publish_used)."""
-    cdef char *e
-    if vhu_unlikely(not dev_mem_ok(r)):
-        return              # ring unmapped (marked broken): nothing to write to
-    e = used_entry(r.used, r.shadow_used & r.mask)
+    driver until publish_used). Call it in the batch of the dev_pop_batch
+    that returned head: that call checked the ring is still mapped, and the
+    memory table cannot change within a batch."""
+    cdef char *e = used_entry(r.used, r.shadow_used & r.mask)
     vhu_write_once_u32(e, head)
     vhu_write_once_u32(e + 4, written)
     r.shadow_used += 1       # counted in C_PUSHED when published
@@ -524,7 +523,7 @@ cdef int drv_add_one(DrvRing *r, uint64_t gpa, uint32_t length, uint16_t flags) 
     """One single-descriptor chain (flags: 0 readable or DESC_F_WRITE).
     Returns its head, or -1 when the ring is full."""
     cdef uint16_t head
-    if r.num_free == 0 or not drv_mem_ok(r):
+    if r.num_free == 0:     # the caller checked drv_mem_ok for this batch
         return -1
     head = <uint16_t>r.free_head
     r.free_head = r.free_next[head]
@@ -779,7 +778,8 @@ cdef class DeviceRing:
             raise ValueError(f"head {head} out of range for queue size {self.r.size}")
         if not 0 <= written <= 0xFFFFFFFF:
             raise ValueError(f"written length {written} is not a u32")
-        dev_push_used(&self.r, head, written)
+        if dev_mem_ok(&self.r):       # else: the ring is unmapped and marked broken
+            dev_push_used(&self.r, head, written)
 
     def publish(self):
         return dev_publish_used(&self.r)
@@ -1009,7 +1009,7 @@ def bench_roundtrip(DriverRing drv not None, DeviceRing dev not None, uint64_t b
     if batch == 0 or batch > 256:
         raise ValueError("batch must be 1..256")
     with nogil:
-        while done < packets:
+        while done < packets and drv_mem_ok(d):
             # Driver: refill every free slot, publish once.
             while drv_add_one(d, buf_gpa, pkt_len, 0) >= 0:
                 pass
