@@ -8,6 +8,7 @@ cdef enum:
     DESC_F_NEXT = 1
     DESC_F_WRITE = 2
     DESC_F_INDIRECT = 4
+    RX_STASH = 32               # receive chains popped at a time by dev_rx_enqueue
     USED_F_NO_NOTIFY = 1        # used->flags: device asks for no kicks
     AVAIL_F_NO_INTERRUPT = 1    # avail->flags: driver asks for no interrupts
 
@@ -91,6 +92,8 @@ cdef struct DevRing:
     Seg *segs
     uint32_t max_segs
     char *indirect_copy            # an indirect table that crosses regions, gathered
+    uint32_t stash_n               # receive chains popped ahead into chains[] ...
+    uint32_t stash_i               # ... and how many of them are used
 
 cdef struct DrvRing:
     MemTable **table_ref           # as in DevRing: re-translate after a table change
@@ -137,6 +140,8 @@ cdef int dev_mark_broken(DevRing *r, int reason) noexcept nogil
 cdef int dev_avail_pending(DevRing *r) noexcept nogil
 cdef int dev_walk_chain(DevRing *r, uint16_t head, ChainInfo *c, uint32_t seg_base) noexcept nogil
 cdef int dev_pop_batch(DevRing *r, uint32_t max_chains) noexcept nogil
+cdef int pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil
+cdef void dev_unpop_stash(DevRing *r) noexcept nogil
 cdef void dev_push_used(DevRing *r, uint16_t head, uint32_t written) noexcept nogil
 cdef bint dev_publish_used(DevRing *r) noexcept nogil
 cdef void dev_notifications_off(DevRing *r) noexcept nogil

@@ -302,6 +302,12 @@ cdef int dev_walk_chain(DevRing *r, uint16_t head, ChainInfo *c, uint32_t seg_ba
 cdef int dev_pop_batch(DevRing *r, uint32_t max_chains) noexcept nogil:
     """Pop up to max_chains chains into r.chains / r.segs.
     Returns how many; 0 when none (or the ring is broken)."""
+    if r.stash_n:
+        dev_unpop_stash(r)
+    return pop_chains(r, max_chains)
+
+
+cdef int pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
     cdef int pending = dev_avail_pending(r)
     cdef uint32_t i, n, nseg = 0
     cdef uint16_t head
@@ -381,8 +387,12 @@ cdef void dev_push_used(DevRing *r, uint16_t head, uint32_t written) noexcept no
 cdef bint dev_publish_used(DevRing *r) noexcept nogil:
     """Store used->idx once for the whole batch; True if the driver wants
     an interrupt (the caller signals the call eventfd)."""
-    cdef uint16_t old = r.published_used, new = r.shadow_used
+    cdef uint16_t old, new
     cdef bint notify
+    if r.stash_n:
+        dev_unpop_stash(r)
+    old = r.published_used
+    new = r.shadow_used
     if new == old or not dev_mem_ok(r):
         return False
     # Release: every used element written above is visible before the index.
@@ -421,6 +431,8 @@ cdef bint dev_notifications_on(DevRing *r) noexcept nogil:
     must poll again instead of sleeping, or a racing kick is lost."""
     if r.broken or not dev_mem_ok(r):
         return False
+    if r.stash_n:
+        dev_unpop_stash(r)
     if r.event_idx:
         vhu_write_once_u16(used_entry(r.used, <uint16_t>r.size), r.last_avail)
     else:
@@ -428,6 +440,29 @@ cdef bint dev_notifications_on(DevRing *r) noexcept nogil:
     # Store (flags / avail_event) then load (avail->idx): full fence.
     vhu_fence_full()
     return dev_avail_pending(r) > 0
+
+
+cdef inline ChainInfo *rx_next_chain(DevRing *r) noexcept nogil:
+    """The next receive chain: from the stash, refilled a batch at a time
+    (one avail->idx load and one memory check per batch, not per frame)."""
+    cdef int n
+    if r.stash_i == r.stash_n:
+        n = pop_chains(r, RX_STASH if RX_STASH < r.max_chains else r.max_chains)
+        r.stash_n = n if n > 0 else 0
+        r.stash_i = 0
+        if n <= 0:
+            return NULL
+    r.stash_i += 1
+    return &r.chains[r.stash_i - 1]
+
+
+cdef void dev_unpop_stash(DevRing *r) noexcept nogil:
+    """Give back receive chains popped ahead but not used: they are the last
+    ones popped, so rewinding last_avail returns them to the driver's side."""
+    cdef uint32_t k = r.stash_n - r.stash_i
+    r.last_avail = <uint16_t>(r.last_avail - k)
+    r.counters[C_POPPED] -= k
+    r.stash_n = r.stash_i = 0
 
 
 cdef int dev_rx_enqueue(DevRing *r, const Seg *src, uint32_t nsrc, uint64_t skip, uint64_t frame_len) noexcept nogil:
@@ -444,8 +479,9 @@ cdef int dev_rx_enqueue(DevRing *r, const Seg *src, uint32_t nsrc, uint64_t skip
     cdef uint32_t nfirst = 0, j
     cdef uint32_t hdr_len = r.hdr_len
     cdef uint64_t need = hdr_len + frame_len, done = 0, room, off, n
-    cdef uint16_t start_avail = r.last_avail, start_used = r.shadow_used
-    cdef uint64_t start_popped = r.counters[C_POPPED]
+    # The first chain this frame would take (stashed chains are already popped).
+    cdef uint16_t start_avail = <uint16_t>(r.last_avail - (r.stash_n - r.stash_i))
+    cdef uint16_t start_used = r.shadow_used
     cdef uint16_t nbufs = 0
     cdef ChainInfo *c
     cdef Seg *w
@@ -455,29 +491,37 @@ cdef int dev_rx_enqueue(DevRing *r, const Seg *src, uint32_t nsrc, uint64_t skip
     hseg.ptr = <char *>hdr
     hseg.len = hdr_len
     while done < need:
-        if dev_pop_batch(r, 1) <= 0:
+        c = rx_next_chain(r)
+        if c == NULL:
             # Out of buffers (or broken) midway: give back what we took.
+            r.counters[C_POPPED] -= <uint16_t>(r.last_avail - start_avail)
             r.last_avail = start_avail
             r.shadow_used = start_used
-            r.counters[C_POPPED] = start_popped
+            r.stash_n = r.stash_i = 0
             if r.broken:
                 return -1
             r.counters[C_RX_NO_ROOM] += 1
             return 0
-        c = &r.chains[0]
         w = &r.segs[c.seg_start + c.nread]
         room = c.write_len
         if done == 0 and room < (need if not r.mergeable else hdr_len):
             if not r.mergeable:
                 # Leave the buffer for a frame that fits; this one is dropped.
-                r.last_avail = start_avail
-                r.counters[C_POPPED] = start_popped
+                r.stash_i -= 1
                 r.counters[C_RX_TOO_BIG] += 1
                 return -1
             # A mergeable buffer smaller than the header breaks the
             # driver's own rule (5.1.6.3.1): return it unused.
             dev_push_used(r, c.head, 0)
             continue
+        if done == 0 and c.nwrite == 1 and nsrc == 1 and room >= need:
+            # Fast path: header and frame into one buffer, one frame segment.
+            memcpy(w.ptr, hdr, hdr_len)
+            memcpy(w.ptr + hdr_len, src.ptr + skip, frame_len)
+            dev_push_used(r, c.head, <uint32_t>need)
+            r.counters[C_RX_FRAMES] += 1
+            r.counters[C_RX_BYTES] += frame_len
+            return 1
         off = 0
         if done == 0:
             copy_segs(w, c.nwrite, 0, &hseg, 1, 0, hdr_len)
@@ -714,6 +758,8 @@ cdef class DeviceRing:
 
     @property
     def last_avail_idx(self):
+        if self.r.stash_n:
+            dev_unpop_stash(&self.r)
         return self.r.last_avail
 
     @last_avail_idx.setter
@@ -722,6 +768,7 @@ cdef class DeviceRing:
         value = int(value)
         if not 0 <= value <= 0xFFFF:
             raise RingError(f"ring base {value} is not a 16-bit index")
+        self.r.stash_n = self.r.stash_i = 0
         self.r.last_avail = value
         self.r.shadow_used = value
         self.r.published_used = value

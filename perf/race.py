@@ -1,0 +1,113 @@
+"""vhu against DPDK's vhost back-end, same front-end, same pinning, one run.
+
+    python perf/race.py [--seconds 3] [--sizes 64,1500] [--rows sink,source,echo]
+                        [--queues 1] [--workers 1] [--json perf/race.json] [--results perf/RESULTS.md]
+
+For each row (sink/rxonly, source/txonly, echo/io) and frame size, runs
+DPDK testpmd `--vdev net_vhost0` and then `python -m vhu.master` as the
+back-end on CPU 0, against DPDK testpmd `--vdev net_virtio_user0` on CPU 1,
+and prints DPDK Mpps, vhu Mpps, vhu/DPDK, CPU time per packet and peak RSS
+of each back-end. Only ratios from one run are meaningful on shared machines.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from backends import DpdkBackend, VhuBackend, measure  # noqa: E402
+
+
+def machine():
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--sizes", default="64,1500")
+    ap.add_argument("--rows", default="sink,source,echo")
+    ap.add_argument("--queues", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--poll", default="busy")
+    ap.add_argument("--json", default="perf/race.json")
+    ap.add_argument("--results", default=None, help="also rewrite this markdown file")
+    a = ap.parse_args(argv)
+    results = []
+    for size in [int(s) for s in a.sizes.split(",")]:
+        for row in a.rows.split(","):
+            entry = {"row": row, "pkt_size": size, "queues": a.queues, "workers": a.workers}
+            for name in ("dpdk", "vhu"):
+                d = tempfile.mkdtemp(prefix="vhu-race-")
+                sock = os.path.join(d, "vhost.sock")
+                be = (DpdkBackend(sock, row, size, a.queues) if name == "dpdk" else
+                      VhuBackend(sock, row, size, a.queues, a.workers, a.poll))
+                try:
+                    entry[name] = measure(be, sock, row, size, a.seconds, queues=a.queues)
+                except Exception as exc:              # a failed row is reported, not hidden
+                    entry[name] = {"error": str(exc).splitlines()[0][:200]}
+                time.sleep(0.5)
+            d, v = entry["dpdk"].get("mpps"), entry["vhu"].get("mpps")
+            entry["ratio"] = v / d if d and v is not None else None
+            results.append(entry)
+            print(format_row(entry), flush=True)
+    doc = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+           "command": " ".join(["python", "perf/race.py"] + (argv or sys.argv[1:])),
+           "results": results}
+    with open(a.json, "w") as f:
+        json.dump(doc, f, indent=1)
+    table = render(doc)
+    print()
+    print(table)
+    if a.results:
+        with open(a.results, "w") as f:
+            f.write(table)
+    return 0
+
+
+def _f(x, fmt):
+    return format(x, fmt) if isinstance(x, (int, float)) else "-"
+
+
+def format_row(e):
+    d, v = e["dpdk"], e["vhu"]
+    return (f"{e['row']:6} {e['pkt_size']:5}B  dpdk {_f(d.get('mpps'), '6.2f')} Mpps  "
+            f"vhu {_f(v.get('mpps'), '6.2f')} Mpps  ratio {_f(e['ratio'], '.2f')}  "
+            f"{d.get('error', '')}{v.get('error', '')}")
+
+
+def render(doc):
+    m = doc["machine"]
+    lines = [f"# vhu vs DPDK vhost back-end ({doc['time']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}.",
+             f"Command: `{doc['command']}`. Back-end on CPU 0, DPDK virtio-user front-end "
+             f"(testpmd) on CPU 1; rates read at the front-end.", "",
+             "| row (back-end/front-end) | size | queues | DPDK Mpps | vhu Mpps | vhu/DPDK | "
+             "DPDK CPU ns/pkt | vhu CPU ns/pkt | DPDK RSS MiB | vhu RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    names = {"sink": "sink / txonly", "source": "source / rxonly", "echo": "echo / io"}
+    for e in doc["results"]:
+        d, v = e["dpdk"], e["vhu"]
+        lines.append(
+            f"| {names.get(e['row'], e['row'])} | {e['pkt_size']} | {e['queues']} | "
+            f"{_f(d.get('mpps'), '.2f')} | {_f(v.get('mpps'), '.2f')} | {_f(e['ratio'], '.2f')} | "
+            f"{_f(d.get('cpu_ns_per_pkt'), '.0f')} | {_f(v.get('cpu_ns_per_pkt'), '.0f')} | "
+            f"{_f(d.get('rss_mib'), '.0f')} | {_f(v.get('rss_mib'), '.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
