@@ -368,6 +368,7 @@ cdef int pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
             n = i                 # out of segment space: the rest next time
             break
         nseg = c.seg_start + c.nread + c.nwrite
+    VHU_ASSERT(nseg <= max_segs and n <= r.max_chains)
     r.last_avail = <uint16_t>(last_avail + n)
     r.counters[C_POPPED] += n
     return n
@@ -379,6 +380,9 @@ cdef void dev_push_used(DevRing *r, uint16_t head, uint32_t written) noexcept no
     that returned head: that call checked the ring is still mapped, and the
     memory table cannot change within a batch."""
     cdef char *e = used_entry(r.used, r.shadow_used & r.mask)
+    VHU_ASSERT(r.used != NULL and head < r.size)
+    # Never more used entries in flight than the ring holds.
+    VHU_ASSERT(<uint16_t>(r.shadow_used - r.published_used) < r.size or r.size == 1)
     vhu_write_once_u32(e, head)
     vhu_write_once_u32(e + 4, written)
     r.shadow_used += 1       # counted in C_PUSHED when published
@@ -452,6 +456,7 @@ cdef inline ChainInfo *rx_next_chain(DevRing *r) noexcept nogil:
         r.stash_i = 0
         if n <= 0:
             return NULL
+    VHU_ASSERT(r.stash_i < r.stash_n and r.stash_n <= r.max_chains)
     r.stash_i += 1
     return &r.chains[r.stash_i - 1]
 
@@ -605,6 +610,7 @@ cdef int drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items)
     used_idx = vhu_load_acquire_u16(r.used + RING_IDX)
     while r.last_used != used_idx and n < max_items:
         e = used_entry(r.used, r.last_used & r.mask)
+        VHU_ASSERT(r.num_free <= r.size)
         head = vhu_read_once_u32(e)
         if head >= r.size or not r.in_flight[head]:
             return -1
