@@ -123,3 +123,24 @@ def test_client_mode_against_virtio_user_server(tmp_path):
             if os.path.exists(sock):
                 os.unlink(sock)      # a killed virtio-user server leaves its socket file
         vhu.stop()
+
+
+@pytest.mark.parametrize("poll", ["adaptive", "epoll"])
+def test_idle_worker_sleeps(tmp_path, poll):
+    """With a front-end attached but no traffic, a worker uses < 1% of a core;
+    traffic then flows at once (the kick wakes it)."""
+    from perf.backends import cpu_seconds, process_tree
+    with VhuMaster(tmp_path, "--app", "sink", "--poll", poll, "--cpus", VHU_CPU) as vhu:
+        with frontend(vhu.sockets[0], "txonly") as tp:
+            tp.wait_link_up(0)
+            time.sleep(1.0)                          # past the adaptive spin phase
+            workers = [p for p in process_tree(vhu.proc.pid) if p != vhu.proc.pid]
+            assert workers
+            c0, t0 = cpu_seconds(workers), time.monotonic()
+            time.sleep(3.0)
+            share = (cpu_seconds(workers) - c0) / (time.monotonic() - t0)
+            assert share < 0.01, f"idle worker used {share:.1%} of a core"
+            sent = tp.run_for(1.0)[0]["tx_packets"]
+            assert sent > 10_000
+        assert vhu.wait_stable("rx_packets") == sent
+        vhu.stop()
