@@ -51,6 +51,7 @@ cdef extern from "<poll.h>" nogil:
     enum: POLLIN
 
 APPS = ("sink", "echo", "patch", "source")
+cdef double CTRL_CHECK_SECONDS = 0.001
 POLL_MODES = ("busy", "epoll", "adaptive")
 
 cdef enum:
@@ -309,6 +310,7 @@ cdef class Engine:
         max_seconds pass. Returns the number of chains handled."""
         cdef uint64_t total = 0, work, rounds = 0, idle = 0
         cdef double deadline = now() + max_seconds
+        cdef double t, next_ctrl_check = 0
         cdef pollfd pfd
         cdef int i
         cdef bint stop = False
@@ -331,11 +333,16 @@ cdef class Engine:
                     idle = 0
                 else:
                     idle += 1
-                if (rounds & 255) == 0:
-                    pfd.revents = 0
-                    if self.ctrl_fd >= 0 and poll(&pfd, 1, 0) > 0:
-                        break
-                    if now() >= deadline:
+                if (rounds & 63) == 0:
+                    # The control socket is polled (a syscall) at most once a
+                    # millisecond; the clock read is a vDSO call.
+                    t = now()
+                    if t >= next_ctrl_check:
+                        next_ctrl_check = t + CTRL_CHECK_SECONDS
+                        pfd.revents = 0
+                        if self.ctrl_fd >= 0 and poll(&pfd, 1, 0) > 0:
+                            break
+                    if t >= deadline:
                         break
                 if not work and (self.poll_mode == POLL_EPOLL or
                                  (self.poll_mode == POLL_ADAPTIVE and idle >= self.idle_spins)):
