@@ -73,6 +73,10 @@ BROKEN_READABLE_AFTER_WRITABLE = "device-readable descriptor after a device-writ
 # out of segment space, so it never reports TOO_MANY_SEGMENTS.
 BROKEN_RING_UNMAPPED = "ring no longer inside guest memory after a memory table change"
 BROKEN_TOO_MANY_SEGMENTS = "chain split into more segments than the device can hold"
+# Packed-ring reasons (the reference is split only; kept so the stats tables match).
+BROKEN_BAD_ID = "buffer id >= queue size"
+BROKEN_CHAIN_NOT_AVAILABLE = "chain continues into a descriptor that is not available"
+BROKEN_INDIRECT_IN_CHAIN = "indirect descriptor inside a chain of descriptors"
 
 # reason text -> stats key
 _BROKEN_KEYS = {text: "broken_" + name[len("BROKEN_"):].lower()
