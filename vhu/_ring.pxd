@@ -27,7 +27,7 @@ cdef enum:  # Counter
     C_TX_BYTES
     C_TX_SHORT
     C_BROKEN_FIRST          # one counter per Broken reason follows
-    C_COUNT = C_BROKEN_FIRST + 13
+    C_COUNT = C_BROKEN_FIRST + 16
 
 cdef enum:  # Broken
     B_OK = 0
@@ -43,6 +43,9 @@ cdef enum:  # Broken
     B_READABLE_AFTER_WRITABLE
     B_RING_UNMAPPED
     B_TOO_MANY_SEGMENTS
+    B_BAD_ID                # packed: buffer id >= queue size
+    B_CHAIN_NOT_AVAILABLE   # packed: a chain continues into a descriptor not made available
+    B_INDIRECT_IN_CHAIN     # packed: an indirect descriptor inside a NEXT chain
     B_COUNT
 
 cdef struct Seg:
@@ -53,7 +56,10 @@ cdef struct ChainInfo:
     uint32_t seg_start      # first segment in the ring's segment array
     uint32_t nread          # readable segments, then nwrite writable ones
     uint32_t nwrite
-    uint16_t head
+    uint16_t head           # split: head index; packed: buffer id
+    uint16_t ndesc          # ring descriptors the chain takes (packed: used-slot skip)
+    uint16_t pos            # packed: ring position of the chain's first descriptor ...
+    uint16_t wrap           # ... and the driver wrap counter there
     uint64_t read_len
     uint64_t write_len
 
@@ -94,6 +100,16 @@ cdef struct DevRing:
     char *indirect_copy            # an indirect table that crosses regions, gathered
     uint32_t stash_n               # receive chains popped ahead into chains[] ...
     uint32_t stash_i               # ... and how many of them are used
+    # Packed rings (virtio 1.1, 2.8): desc is the descriptor ring, avail the
+    # driver event suppression area, used the device event suppression area;
+    # last_avail / shadow_used are ring positions, with their wrap counters.
+    bint packed
+    uint16_t avail_wrap
+    uint16_t used_wrap
+    uint16_t *id_ndesc             # descriptors each in-flight buffer id took
+    uint16_t *pend_id              # used elements not yet written to the ring
+    uint32_t *pend_len
+    uint32_t npend
 
 cdef struct DrvRing:
     MemTable **table_ref           # as in DevRing: re-translate after a table change
@@ -114,6 +130,12 @@ cdef struct DrvRing:
     uint8_t *in_flight
     uint32_t free_head
     uint32_t num_free
+    bint packed                    # packed: shadow_avail / last_used are positions
+    uint16_t avail_wrap
+    uint16_t used_wrap
+    uint16_t *pend_pos             # descriptors written, flags not yet
+    uint16_t *pend_flags
+    uint32_t npend
 
 @cython.final
 cdef class DeviceRing:
@@ -131,7 +153,7 @@ cdef class DriverRing:
     cdef DrvRing *ring(self)
 
 # Device side, for compiled loops (no GIL).
-cdef int translate_ring(MemTable *t, bint uva, uint32_t size, uint64_t desc_addr,
+cdef int translate_ring(MemTable *t, bint uva, bint packed, uint32_t size, uint64_t desc_addr,
                         uint64_t avail_addr, uint64_t used_addr,
                         char **d, char **a, char **u) noexcept nogil
 cdef bint dev_mem_ok(DevRing *r) noexcept nogil

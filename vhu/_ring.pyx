@@ -55,6 +55,9 @@ _BROKEN = [
     ("READABLE_AFTER_WRITABLE", "device-readable descriptor after a device-writable one"),
     ("RING_UNMAPPED", "ring no longer inside guest memory after a memory table change"),
     ("TOO_MANY_SEGMENTS", "chain split into more segments than the device can hold"),
+    ("BAD_ID", "buffer id >= queue size"),
+    ("CHAIN_NOT_AVAILABLE", "chain continues into a descriptor that is not available"),
+    ("INDIRECT_IN_CHAIN", "indirect descriptor inside a chain of descriptors"),
 ]
 assert len(_BROKEN) == B_COUNT
 for _name, _text in _BROKEN[1:]:
@@ -77,10 +80,19 @@ def net_header_len(features):
     return NET_HDR_LEN_MRG if int(features) & (F_VERSION_1 | F_MRG_RXBUF) else NET_HDR_LEN_LEGACY
 
 
-def check_queue_size(size):
+def check_queue_size(size, packed=False):
+    """Split rings: a power of two from 1 to 32768. Packed rings (2.8.10.1):
+    any size from 1 to 32768."""
     size = int(size)
-    if size < 1 or size > MAX_QUEUE_SIZE or size & (size - 1):
-        raise RingError(f"queue size {size}: must be a power of two from 1 to {MAX_QUEUE_SIZE}")
+    if size < 1 or size > MAX_QUEUE_SIZE or (not packed and size & (size - 1)):
+        raise RingError(f"queue size {size}: must be "
+                        f"{'' if packed else 'a power of two '}from 1 to {MAX_QUEUE_SIZE}")
+
+
+def packed_ring_layout(size):
+    """Bytes of (descriptor ring, driver event area, device event area)."""
+    check_queue_size(size, packed=True)
+    return 16 * size, 4, 4
 
 
 def split_ring_layout(size):
@@ -169,7 +181,7 @@ cdef bint drv_mem_ok(DrvRing *r) noexcept nogil:
     if vhu_likely(r.mem_generation == r.generation_ref[0]):
         return r.desc != NULL
     r.mem_generation = r.generation_ref[0]
-    return translate_ring(r.table_ref[0], False, r.size, r.desc_gpa, r.avail_gpa,
+    return translate_ring(r.table_ref[0], False, r.packed, r.size, r.desc_gpa, r.avail_gpa,
                           r.used_gpa, &r.desc, &r.avail, &r.used) == 0
 
 
@@ -179,7 +191,7 @@ cdef bint dev_mem_ok(DevRing *r) noexcept nogil:
     if vhu_likely(r.mem_generation == r.generation_ref[0]):
         return r.desc != NULL
     r.mem_generation = r.generation_ref[0]
-    if translate_ring(r.table_ref[0], r.addr_uva, r.size, r.desc_addr, r.avail_addr,
+    if translate_ring(r.table_ref[0], r.addr_uva, r.packed, r.size, r.desc_addr, r.avail_addr,
                       r.used_addr, &r.desc, &r.avail, &r.used) < 0:
         dev_mark_broken(r, B_RING_UNMAPPED)
         return False
@@ -196,6 +208,8 @@ cdef int dev_mark_broken(DevRing *r, int reason) noexcept nogil:
 cdef int dev_avail_pending(DevRing *r) noexcept nogil:
     """Chains available and not yet popped; -1 when the ring is broken."""
     cdef uint16_t avail_idx, n
+    if r.packed:
+        return pk_avail_pending(r)
     if r.broken or not dev_mem_ok(r):
         return -1
     # Acquire: the avail entries and descriptors it covers are read after it.
@@ -204,6 +218,44 @@ cdef int dev_avail_pending(DevRing *r) noexcept nogil:
     if vhu_unlikely(n > r.size):
         return dev_mark_broken(r, B_AVAIL_IDX_JUMP)
     return n
+
+
+cdef int add_buffer(DevRing *r, ChainInfo *c, uint64_t addr, uint32_t dlen, bint writable,
+                    bint *seen_writable, uint32_t *nseg, uint32_t seg_base) noexcept nogil:
+    """One descriptor's buffer into segments (split at region edges), checked
+    whole against guest memory. 0, -1 (ring broken) or 1 (out of segment space)."""
+    cdef uint64_t length = dlen, n
+    cdef char *p = NULL
+    if writable:
+        seen_writable[0] = True
+    elif vhu_unlikely(seen_writable[0]):
+        return dev_mark_broken(r, B_READABLE_AFTER_WRITABLE)
+    if length == 0:
+        return 0
+    if vhu_unlikely(addr + length - 1 < addr):
+        return dev_mark_broken(r, B_BUFFER_UNMAPPED)
+    if writable:
+        c.write_len += length
+    else:
+        c.read_len += length
+    while length:
+        n = gpa_clip(r.table_ref[0], addr, length, &p)
+        if vhu_unlikely(n == 0):
+            return dev_mark_broken(r, B_BUFFER_UNMAPPED)
+        if vhu_unlikely(nseg[0] >= r.max_segs):
+            if seg_base == 0:
+                return dev_mark_broken(r, B_TOO_MANY_SEGMENTS)
+            return 1
+        r.segs[nseg[0]].ptr = p
+        r.segs[nseg[0]].len = <uint32_t>n
+        nseg[0] += 1
+        if writable:
+            c.nwrite += 1
+        else:
+            c.nread += 1
+        addr += n
+        length -= n
+    return 0
 
 
 cdef int dev_walk_chain(DevRing *r, uint16_t head, ChainInfo *c, uint32_t seg_base) noexcept nogil:
@@ -216,12 +268,13 @@ cdef int dev_walk_chain(DevRing *r, uint16_t head, ChainInfo *c, uint32_t seg_ba
     cdef bint in_indirect = False
     cdef bint seen_writable = False
     cdef uint32_t nseg = seg_base
-    cdef uint64_t addr, length, n
+    cdef uint64_t addr
     cdef uint32_t dlen
     cdef uint16_t flags, nxt
+    cdef int rc
     cdef char *d
-    cdef char *p = NULL
     c.head = head
+    c.ndesc = 1
     c.seg_start = seg_base
     c.nread = 0
     c.nwrite = 0
@@ -263,35 +316,9 @@ cdef int dev_walk_chain(DevRing *r, uint16_t head, ChainInfo *c, uint32_t seg_ba
             idx = 0
             in_indirect = True
             continue
-        if flags & DESC_F_WRITE:
-            seen_writable = True
-        elif vhu_unlikely(seen_writable):
-            return dev_mark_broken(r, B_READABLE_AFTER_WRITABLE)
-        length = dlen
-        if length:
-            if vhu_unlikely(addr + length - 1 < addr):
-                return dev_mark_broken(r, B_BUFFER_UNMAPPED)
-            if flags & DESC_F_WRITE:
-                c.write_len += length
-            else:
-                c.read_len += length
-            while length:
-                n = gpa_clip(r.table_ref[0], addr, length, &p)
-                if vhu_unlikely(n == 0):
-                    return dev_mark_broken(r, B_BUFFER_UNMAPPED)
-                if vhu_unlikely(nseg >= r.max_segs):
-                    if seg_base == 0:
-                        return dev_mark_broken(r, B_TOO_MANY_SEGMENTS)
-                    return 1
-                r.segs[nseg].ptr = p
-                r.segs[nseg].len = <uint32_t>n
-                nseg += 1
-                if flags & DESC_F_WRITE:
-                    c.nwrite += 1
-                else:
-                    c.nread += 1
-                addr += n
-                length -= n
+        rc = add_buffer(r, c, addr, dlen, flags & DESC_F_WRITE, &seen_writable, &nseg, seg_base)
+        if rc != 0:
+            return rc
         if not (flags & DESC_F_NEXT):
             return 0
         if vhu_unlikely(nxt >= table_size):
@@ -308,7 +335,10 @@ cdef int dev_pop_batch(DevRing *r, uint32_t max_chains) noexcept nogil:
 
 
 cdef int pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
-    cdef int pending = dev_avail_pending(r)
+    cdef int pending
+    if r.packed:
+        return pk_pop_chains(r, max_chains)
+    pending = dev_avail_pending(r)
     cdef uint32_t i, n, nseg = 0
     cdef uint16_t head
     cdef int rc
@@ -379,7 +409,11 @@ cdef void dev_push_used(DevRing *r, uint16_t head, uint32_t written) noexcept no
     driver until publish_used). Call it in the batch of the dev_pop_batch
     that returned head: that call checked the ring is still mapped, and the
     memory table cannot change within a batch."""
-    cdef char *e = used_entry(r.used, r.shadow_used & r.mask)
+    cdef char *e
+    if r.packed:
+        pk_push_used(r, head, written)
+        return
+    e = used_entry(r.used, r.shadow_used & r.mask)
     VHU_ASSERT(r.used != NULL and head < r.size)
     # Never more used entries in flight than the ring holds.
     VHU_ASSERT(<uint16_t>(r.shadow_used - r.published_used) < r.size or r.size == 1)
@@ -395,6 +429,8 @@ cdef bint dev_publish_used(DevRing *r) noexcept nogil:
     cdef bint notify
     if r.stash_n:
         dev_unpop_stash(r)
+    if r.packed:
+        return pk_publish_used(r)
     old = r.published_used
     new = r.shadow_used
     if new == old or not dev_mem_ok(r):
@@ -423,6 +459,9 @@ cdef bint dev_publish_used(DevRing *r) noexcept nogil:
 cdef void dev_notifications_off(DevRing *r) noexcept nogil:
     if not dev_mem_ok(r):
         return
+    if r.packed:
+        pk_notifications(r, False)
+        return
     if r.event_idx:
         # avail_event stays where it was: the driver kicks at most once
         # more (when it passes it), then not again until we move it.
@@ -437,7 +476,9 @@ cdef bint dev_notifications_on(DevRing *r) noexcept nogil:
         return False
     if r.stash_n:
         dev_unpop_stash(r)
-    if r.event_idx:
+    if r.packed:
+        pk_notifications(r, True)
+    elif r.event_idx:
         vhu_write_once_u16(used_entry(r.used, <uint16_t>r.size), r.last_avail)
     else:
         vhu_write_once_u16(r.used + RING_FLAGS, 0)
@@ -465,7 +506,11 @@ cdef void dev_unpop_stash(DevRing *r) noexcept nogil:
     """Give back receive chains popped ahead but not used: they are the last
     ones popped, so rewinding last_avail returns them to the driver's side."""
     cdef uint32_t k = r.stash_n - r.stash_i
-    r.last_avail = <uint16_t>(r.last_avail - k)
+    if r.packed:
+        if k:
+            pk_unpop(r, r.stash_i)
+    else:
+        r.last_avail = <uint16_t>(r.last_avail - k)
     r.counters[C_POPPED] -= k
     r.stash_n = r.stash_i = 0
 
@@ -484,12 +529,22 @@ cdef int dev_rx_enqueue(DevRing *r, const Seg *src, uint32_t nsrc, uint64_t skip
     cdef uint32_t nfirst = 0, j
     cdef uint32_t hdr_len = r.hdr_len
     cdef uint64_t need = hdr_len + frame_len, done = 0, room, off, n
-    # The first chain this frame would take (stashed chains are already popped).
+    # Where to rewind if the frame finds no room: the first chain it would
+    # take (stashed chains are already popped), and the used state now.
     cdef uint16_t start_avail = <uint16_t>(r.last_avail - (r.stash_n - r.stash_i))
+    cdef uint16_t start_wrap = r.avail_wrap
     cdef uint16_t start_used = r.shadow_used
+    cdef uint32_t start_npend = r.npend
+    cdef uint64_t popped_before = r.counters[C_POPPED] - (r.stash_n - r.stash_i)
     cdef uint16_t nbufs = 0
     cdef ChainInfo *c
     cdef Seg *w
+    if r.packed:
+        if r.stash_i < r.stash_n:
+            start_avail = r.chains[r.stash_i].pos
+            start_wrap = r.chains[r.stash_i].wrap
+        else:
+            start_avail = r.last_avail
     memset(hdr, 0, 12)
     if hdr_len == 12:
         hdr[10] = 1           # num_buffers: 1 unless a mergeable frame spans more
@@ -499,9 +554,11 @@ cdef int dev_rx_enqueue(DevRing *r, const Seg *src, uint32_t nsrc, uint64_t skip
         c = rx_next_chain(r)
         if c == NULL:
             # Out of buffers (or broken) midway: give back what we took.
-            r.counters[C_POPPED] -= <uint16_t>(r.last_avail - start_avail)
+            r.counters[C_POPPED] = popped_before
             r.last_avail = start_avail
+            r.avail_wrap = start_wrap
             r.shadow_used = start_used
+            r.npend = start_npend
             r.stash_n = r.stash_i = 0
             if r.broken:
                 return -1
@@ -572,6 +629,8 @@ cdef int drv_add_one(DrvRing *r, uint64_t gpa, uint32_t length, uint16_t flags) 
     """One single-descriptor chain (flags: 0 readable or DESC_F_WRITE).
     Returns its head, or -1 when the ring is full."""
     cdef uint16_t head
+    if r.packed:
+        return pk_drv_add_one(r, gpa, length, flags)
     if r.num_free == 0:     # the caller checked drv_mem_ok for this batch
         return -1
     head = <uint16_t>r.free_head
@@ -585,6 +644,8 @@ cdef int drv_add_one(DrvRing *r, uint64_t gpa, uint32_t length, uint16_t flags) 
 cdef bint drv_publish_avail(DrvRing *r) noexcept nogil:
     """Store avail->idx (release); True if the device wants a kick."""
     cdef uint16_t old = r.published_avail, new = r.shadow_avail
+    if r.packed:
+        return drv_mem_ok(r) and pk_drv_publish(r)
     if new == old or not drv_mem_ok(r):
         return False
     # Release: descriptors and avail entries are visible before the index.
@@ -607,6 +668,8 @@ cdef int drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items)
     cdef uint32_t head, nd, tail
     if not drv_mem_ok(r):
         return -1
+    if r.packed:
+        return pk_drv_reclaim(r, heads, lens, max_items)
     used_idx = vhu_load_acquire_u16(r.used + RING_IDX)
     while r.last_used != used_idx and n < max_items:
         e = used_entry(r.used, r.last_used & r.mask)
@@ -632,6 +695,9 @@ cdef int drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items)
     return n
 
 
+include "_ring_packed.pxi"
+
+
 cdef class Chain:
     """One available descriptor chain as the device sees it (zero-copy views)."""
 
@@ -640,13 +706,15 @@ cdef class Chain:
                 f"write_len={self.write_len}, segments={len(self.readable)}+{len(self.writable)})")
 
 
-cdef int translate_ring(MemTable *t, bint uva, uint32_t size, uint64_t desc_addr,
+cdef int translate_ring(MemTable *t, bint uva, bint packed, uint32_t size, uint64_t desc_addr,
                         uint64_t avail_addr, uint64_t used_addr,
                         char **d, char **a, char **u) noexcept nogil:
     """Local addresses of the three ring parts, each whole inside one region;
-    -1 (and NULLs) if any is not."""
-    cdef uint64_t dlen = 16 * <uint64_t>size, alen = 6 + 2 * <uint64_t>size
-    cdef uint64_t ulen = 6 + 8 * <uint64_t>size
+    -1 (and NULLs) if any is not. Packed: descriptor ring and the two 4-byte
+    event suppression areas."""
+    cdef uint64_t dlen = 16 * <uint64_t>size
+    cdef uint64_t alen = 4 if packed else 6 + 2 * <uint64_t>size
+    cdef uint64_t ulen = 4 if packed else 6 + 8 * <uint64_t>size
     if uva:
         d[0] = uva_to_ptr(t, desc_addr, dlen)
         a[0] = uva_to_ptr(t, avail_addr, alen)
@@ -674,18 +742,21 @@ cdef class DeviceRing:
         self.r.counters = self.own_counters
 
     def __init__(self, GuestMemory mem not None, size, desc_addr, avail_addr, used_addr, *,
-                 addr_space="uva", event_idx=False, indirect=True, features=0):
-        check_queue_size(size)
+                 addr_space="uva", event_idx=False, indirect=True, features=0, packed=False):
+        check_queue_size(size, packed)
         if addr_space not in ("uva", "gpa"):
             raise RingError(f"addr_space must be 'uva' or 'gpa', not {addr_space!r}")
-        if desc_addr % 16 or avail_addr % 2 or used_addr % 4:
-            raise RingError(f"misaligned ring: desc {desc_addr:#x} (16), avail {avail_addr:#x} (2), "
-                            f"used {used_addr:#x} (4)")
+        avail_align = 4 if packed else 2
+        if desc_addr % 16 or avail_addr % avail_align or used_addr % 4:
+            raise RingError(f"misaligned ring: desc {desc_addr:#x} (16), avail {avail_addr:#x} "
+                            f"({avail_align}), used {used_addr:#x} (4)")
         self.mem = mem
         self.r.table_ref = &mem.table
         self.r.generation_ref = &mem.generation
         self.r.size = size
         self.r.mask = <uint16_t>(size - 1)
+        self.r.packed = bool(packed)
+        self.r.avail_wrap = self.r.used_wrap = 1      # both wrap counters start at 1 (2.8.1)
         self.r.addr_uva = addr_space == "uva"
         self.r.desc_addr = desc_addr
         self.r.avail_addr = avail_addr
@@ -701,7 +772,11 @@ cdef class DeviceRing:
         self.r.chains = <ChainInfo *>malloc(self.r.max_chains * sizeof(ChainInfo))
         self.r.segs = <Seg *>malloc(self.r.max_segs * sizeof(Seg))
         self.r.indirect_copy = <char *>malloc(16 * <size_t>size)
-        if self.r.chains == NULL or self.r.segs == NULL or self.r.indirect_copy == NULL:
+        self.r.id_ndesc = <uint16_t *>calloc(size, sizeof(uint16_t))
+        self.r.pend_id = <uint16_t *>malloc(size * sizeof(uint16_t))
+        self.r.pend_len = <uint32_t *>malloc(size * sizeof(uint32_t))
+        if (self.r.chains == NULL or self.r.segs == NULL or self.r.indirect_copy == NULL
+                or self.r.id_ndesc == NULL or self.r.pend_id == NULL or self.r.pend_len == NULL):
             raise MemoryError()
         self.remap()
 
@@ -709,6 +784,9 @@ cdef class DeviceRing:
         free(self.r.chains)
         free(self.r.segs)
         free(self.r.indirect_copy)
+        free(self.r.id_ndesc)
+        free(self.r.pend_id)
+        free(self.r.pend_len)
 
     cdef DevRing *ring(self):
         return &self.r
@@ -716,7 +794,7 @@ cdef class DeviceRing:
     def remap(self):
         """Re-translate the ring addresses after the memory table changed."""
         self.r.mem_generation = self.mem.generation
-        if translate_ring(self.mem.table, self.r.addr_uva, self.r.size, self.r.desc_addr,
+        if translate_ring(self.mem.table, self.r.addr_uva, self.r.packed, self.r.size, self.r.desc_addr,
                           self.r.avail_addr, self.r.used_addr,
                           &self.r.desc, &self.r.avail, &self.r.used) < 0:
             dev_mark_broken(&self.r, B_RING_UNMAPPED)
@@ -763,18 +841,32 @@ cdef class DeviceRing:
         return self.r.hdr_len
 
     @property
+    def packed(self):
+        return bool(self.r.packed)
+
+    @property
     def last_avail_idx(self):
+        """GET_VRING_BASE's value. Packed: position | avail wrap counter << 15."""
         if self.r.stash_n:
             dev_unpop_stash(&self.r)
+        if self.r.packed:
+            return self.r.last_avail | (self.r.avail_wrap << 15)
         return self.r.last_avail
 
     @last_avail_idx.setter
     def last_avail_idx(self, value):
-        """SET_VRING_BASE: the next chain to pop; the used index restarts there too."""
+        """SET_VRING_BASE: the next chain to pop; the used index restarts there
+        too. Packed rings carry the wrap counter in bit 15."""
         value = int(value)
         if not 0 <= value <= 0xFFFF:
             raise RingError(f"ring base {value} is not a 16-bit index")
         self.r.stash_n = self.r.stash_i = 0
+        self.r.npend = 0
+        if self.r.packed:
+            if value & 0x7FFF >= self.r.size:
+                raise RingError(f"packed ring base {value & 0x7FFF} >= queue size {self.r.size}")
+            self.r.avail_wrap = self.r.used_wrap = value >> 15
+            value &= 0x7FFF
         self.r.last_avail = value
         self.r.shadow_used = value
         self.r.published_used = value
@@ -782,6 +874,8 @@ cdef class DeviceRing:
 
     @property
     def used_idx(self):
+        if self.r.packed:
+            return self.r.shadow_used | (self.r.used_wrap << 15)
         return self.r.shadow_used
 
     @property
@@ -900,11 +994,12 @@ cdef class DriverRing:
         memset(&self.r, 0, sizeof(DrvRing))
 
     def __init__(self, GuestMemory mem not None, size, desc_gpa, avail_gpa, used_gpa, *,
-                 event_idx=False, start_idx=0):
+                 event_idx=False, start_idx=None, packed=False):
         cdef uint32_t i
-        check_queue_size(size)
-        if desc_gpa % 16 or avail_gpa % 2 or used_gpa % 4:
+        check_queue_size(size, packed)
+        if desc_gpa % 16 or avail_gpa % (4 if packed else 2) or used_gpa % 4:
             raise RingError("misaligned ring addresses")
+        self.r.packed = bool(packed)
         self.mem = mem
         self.r.table_ref = &mem.table
         self.r.generation_ref = &mem.generation
@@ -917,17 +1012,27 @@ cdef class DriverRing:
         self.r.free_next = <uint16_t *>malloc(size * sizeof(uint16_t))
         self.r.chain_len = <uint16_t *>calloc(size, sizeof(uint16_t))
         self.r.in_flight = <uint8_t *>calloc(size, 1)
-        if self.r.free_next == NULL or self.r.chain_len == NULL or self.r.in_flight == NULL:
+        self.r.pend_pos = <uint16_t *>malloc(size * sizeof(uint16_t))
+        self.r.pend_flags = <uint16_t *>malloc(size * sizeof(uint16_t))
+        if (self.r.free_next == NULL or self.r.chain_len == NULL or self.r.in_flight == NULL
+                or self.r.pend_pos == NULL or self.r.pend_flags == NULL):
             raise MemoryError()
         self.remap()
         memset(self.r.desc, 0, 16 * <size_t>size)
-        memset(self.r.avail, 0, 6 + 2 * <size_t>size)
-        memset(self.r.used, 0, 6 + 8 * <size_t>size)
+        memset(self.r.avail, 0, 4 if packed else 6 + 2 * <size_t>size)
+        memset(self.r.used, 0, 4 if packed else 6 + 8 * <size_t>size)
         for i in range(size):
             self.r.free_next[i] = <uint16_t>(i + 1)
         self.r.free_head = 0
         self.r.num_free = size
-        start_idx = int(start_idx) & 0xFFFF
+        if packed:
+            start_idx = 0x8000 if start_idx is None else int(start_idx) & 0xFFFF
+            if start_idx & 0x7FFF >= size:
+                raise RingError(f"packed start position {start_idx & 0x7FFF} >= size {size}")
+            self.r.avail_wrap = self.r.used_wrap = start_idx >> 15
+            self.r.shadow_avail = self.r.published_avail = self.r.last_used = start_idx & 0x7FFF
+            return
+        start_idx = int(start_idx or 0) & 0xFFFF
         self.r.shadow_avail = self.r.published_avail = self.r.last_used = start_idx
         vhu_write_once_u16(self.r.avail + RING_IDX, start_idx)
         vhu_write_once_u16(self.r.used + RING_IDX, start_idx)
@@ -936,13 +1041,15 @@ cdef class DriverRing:
         free(self.r.free_next)
         free(self.r.chain_len)
         free(self.r.in_flight)
+        free(self.r.pend_pos)
+        free(self.r.pend_flags)
 
     cdef DrvRing *ring(self):
         return &self.r
 
     def remap(self):
         self.r.mem_generation = self.mem.generation
-        if translate_ring(self.mem.table, False, self.r.size, self.r.desc_gpa, self.r.avail_gpa,
+        if translate_ring(self.mem.table, False, self.r.packed, self.r.size, self.r.desc_gpa, self.r.avail_gpa,
                           self.r.used_gpa, &self.r.desc, &self.r.avail, &self.r.used) < 0:
             raise RingError("driver ring not inside guest memory")
 
@@ -973,6 +1080,8 @@ cdef class DriverRing:
             raise RingError("a chain needs at least one buffer")
         if not drv_mem_ok(&self.r):
             raise RingError("driver ring no longer inside guest memory")
+        if self.r.packed:
+            return self._add_packed(bufs, indirect_gpa)
         if indirect_gpa is not None:
             if self.r.num_free < 1:
                 raise RingError("ring full")
@@ -1006,6 +1115,41 @@ cdef class DriverRing:
         drv_make_available(&self.r, head, <uint16_t>n)
         return head
 
+    def _add_packed(self, list bufs, indirect_gpa):
+        cdef uint32_t n = len(bufs), i, ndesc = 1 if indirect_gpa is not None else n
+        cdef uint16_t buf_id, pos
+        cdef char *table
+        cdef char *d
+        if self.r.num_free < ndesc:
+            raise RingError(f"ring full: {self.r.num_free} free descriptors, chain needs {ndesc}")
+        buf_id = <uint16_t>self.r.free_head
+        self.r.free_head = self.r.free_next[buf_id]
+        self.r.num_free -= ndesc
+        self.r.chain_len[buf_id] = ndesc
+        self.r.in_flight[buf_id] = 1
+        if indirect_gpa is not None:
+            table = gpa_to_ptr(self.mem.table, indirect_gpa, 16 * <uint64_t>n)
+            if table == NULL:
+                raise RingError(f"indirect table at {indirect_gpa:#x} not in guest memory")
+            for i in range(n):        # implicitly chained; only WRITE is valid there
+                a, l, f = bufs[i]
+                d = table + 16 * i
+                vhu_write_once_u64(d, a)
+                vhu_write_once_u32(d + 8, l)
+                vhu_write_once_u16(d + 12, 0)
+                vhu_write_once_u16(d + 14, f)
+            bufs = [(indirect_gpa, 16 * n, DESC_F_INDIRECT)]
+        for i in range(ndesc):
+            a, l, f = bufs[i]
+            pos = self.r.shadow_avail
+            d = self.r.desc + 16 * <uint32_t>pos
+            vhu_write_once_u64(d, a)
+            vhu_write_once_u32(d + 8, l)
+            vhu_write_once_u16(d + 12, buf_id)
+            pk_drv_defer_flags(&self.r, pos, f | (DESC_F_NEXT if i + 1 < ndesc else 0))
+            pk_advance(&self.r.shadow_avail, &self.r.avail_wrap, 1, self.r.size)
+        return buf_id
+
     def publish(self):
         return drv_publish_avail(&self.r)
 
@@ -1031,7 +1175,10 @@ cdef class DriverRing:
 
 
 cdef void drv_interrupts_off(DrvRing *r) noexcept nogil:
-    if not r.event_idx and drv_mem_ok(r):
+    if r.packed:
+        if drv_mem_ok(r):
+            pk_drv_interrupts(r, False)
+    elif not r.event_idx and drv_mem_ok(r):
         vhu_write_once_u16(r.avail + RING_FLAGS, AVAIL_F_NO_INTERRUPT)
 
 
@@ -1039,6 +1186,8 @@ cdef bint drv_interrupts_on(DrvRing *r) noexcept nogil:
     """Ask for interrupts again; True if used chains arrived meanwhile."""
     if not drv_mem_ok(r):
         return False
+    if r.packed:
+        return pk_drv_interrupts(r, True)
     if r.event_idx:
         vhu_write_once_u16(avail_entry(r.avail, <uint16_t>r.size), r.last_used)
     else:

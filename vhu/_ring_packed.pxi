@@ -1,0 +1,327 @@
+# Packed virtqueues (virtio 1.1 section 2.8), device and driver side.
+# Included into _ring.pyx: the dev_* / drv_* entry points branch here when
+# the ring is packed, so compiled loops drive both layouts the same way.
+#
+# Layout: one descriptor ring (16 bytes each: le64 addr, le32 len, le16 id,
+# le16 flags) that both sides write, plus two 4-byte event suppression
+# areas (le16 off_wrap, le16 flags): the driver's (read by the device) and
+# the device's (read by the driver). A descriptor is available when its
+# AVAIL bit equals the driver's wrap counter and its USED bit does not;
+# used when both equal the device's wrap counter. Each side only polls the
+# next position in ring order, so flags are the synchronisation point:
+# written last with release, read first with acquire.
+#
+# Trust model as for split rings: every flag, id, address and length the
+# driver wrote is read once, checked, and a violation breaks this ring only.
+
+cdef enum:
+    PK_F_AVAIL = 1 << 7
+    PK_F_USED = 1 << 15
+    EVENT_ENABLE = 0           # event suppression flags (2.8.10)
+    EVENT_DISABLE = 1
+    EVENT_DESC = 2
+    EVENT_OFF_WRAP = 0         # offsets in an event suppression area
+    EVENT_FLAGS = 2
+
+
+cdef inline bint pk_avail(uint16_t flags, uint16_t wrap) noexcept nogil:
+    """Made available by the driver in the lap whose wrap counter is `wrap`."""
+    return ((flags & PK_F_AVAIL) != 0) == (wrap != 0) and ((flags & PK_F_USED) != 0) != (wrap != 0)
+
+
+cdef inline bint pk_used(uint16_t flags, uint16_t wrap) noexcept nogil:
+    return ((flags & PK_F_AVAIL) != 0) == (wrap != 0) and ((flags & PK_F_USED) != 0) == (wrap != 0)
+
+
+cdef inline uint16_t pk_used_flags(uint16_t wrap, bint written) noexcept nogil:
+    # 2.8.4: in a used descriptor, WRITE says whether the device wrote data.
+    return (PK_F_AVAIL | PK_F_USED if wrap else 0) | (DESC_F_WRITE if written else 0)
+
+
+cdef inline void pk_advance(uint16_t *pos, uint16_t *wrap, uint32_t n, uint32_t size) noexcept nogil:
+    cdef uint32_t p = pos[0] + n
+    if p >= size:
+        p -= size
+        wrap[0] ^= 1
+    pos[0] = <uint16_t>p
+
+
+cdef bint pk_need_event(uint16_t off_wrap, uint16_t old, uint16_t new, uint16_t wrap,
+                        uint32_t size) noexcept nogil:
+    """RING_EVENT_FLAGS_DESC: did the positions published since `old` (up to
+    `new`, in the lap of `wrap`) pass the event offset? Offsets of another
+    lap are moved back by the ring size, so the split ring's 16-bit
+    need_event inequality applies unchanged."""
+    cdef uint16_t off = off_wrap & 0x7FFF
+    if new <= old:
+        old = <uint16_t>(old - size)
+    if wrap != (off_wrap >> 15):
+        off = <uint16_t>(off - size)
+    return need_event(off, new, old)
+
+
+# -- device side --------------------------------------------------------------
+
+cdef int pk_walk(DevRing *r, uint16_t pos, uint16_t wrap, uint16_t flags, ChainInfo *c,
+                 uint32_t seg_base) noexcept nogil:
+    """Translate the chain whose first descriptor (at pos, already seen
+    available with `flags`) starts a buffer. 0, -1 (broken) or 1 (no space)."""
+    cdef uint32_t ndesc = 0, nseg = seg_base, k, ntable
+    cdef bint seen_writable = False
+    cdef uint64_t addr
+    cdef uint32_t dlen
+    cdef uint16_t buf_id = 0, tflags
+    cdef int rc
+    cdef char *d
+    cdef char *table
+    c.seg_start = seg_base
+    c.nread = c.nwrite = 0
+    c.read_len = c.write_len = 0
+    c.pos = pos
+    c.wrap = wrap
+    while True:
+        d = r.desc + 16 * <uint32_t>pos
+        if ndesc:
+            # The driver exposes a chain's first descriptor last (2.8.6):
+            # the rest must already be available in their lap.
+            flags = vhu_load_acquire_u16(d + 14)
+            if vhu_unlikely(not pk_avail(flags, wrap)):
+                return dev_mark_broken(r, B_CHAIN_NOT_AVAILABLE)
+        ndesc += 1
+        if vhu_unlikely(ndesc > r.size):
+            return dev_mark_broken(r, B_CHAIN_TOO_LONG)
+        addr = vhu_read_once_u64(d)
+        dlen = vhu_read_once_u32(d + 8)
+        buf_id = vhu_read_once_u16(d + 12)
+        if vhu_unlikely(flags & DESC_F_INDIRECT):
+            if not r.indirect:
+                return dev_mark_broken(r, B_INDIRECT_NOT_NEGOTIATED)
+            if ndesc > 1 or flags & DESC_F_NEXT:
+                return dev_mark_broken(r, B_INDIRECT_IN_CHAIN)
+            if dlen == 0 or dlen % 16:
+                return dev_mark_broken(r, B_INDIRECT_BAD_LEN)
+            ntable = dlen // 16
+            if ntable > r.size:
+                return dev_mark_broken(r, B_CHAIN_TOO_LONG)
+            table = gpa_to_ptr(r.table_ref[0], addr, dlen)
+            if table == NULL:
+                if gather(r.table_ref[0], addr, dlen, r.indirect_copy) < 0:
+                    return dev_mark_broken(r, B_INDIRECT_UNMAPPED)
+                table = r.indirect_copy
+            # Table entries are implicitly chained; only WRITE is valid in them.
+            for k in range(ntable):
+                d = table + 16 * k
+                tflags = vhu_read_once_u16(d + 14)
+                if tflags & DESC_F_INDIRECT:
+                    return dev_mark_broken(r, B_INDIRECT_NESTED)
+                rc = add_buffer(r, c, vhu_read_once_u64(d), vhu_read_once_u32(d + 8),
+                                tflags & DESC_F_WRITE, &seen_writable, &nseg, seg_base)
+                if rc != 0:
+                    return rc
+            break
+        rc = add_buffer(r, c, addr, dlen, flags & DESC_F_WRITE, &seen_writable, &nseg, seg_base)
+        if rc != 0:
+            return rc
+        if not (flags & DESC_F_NEXT):
+            break
+        pk_advance(&pos, &wrap, 1, r.size)
+    # The buffer id is the last descriptor's (2.8.6).
+    if vhu_unlikely(buf_id >= r.size):
+        return dev_mark_broken(r, B_BAD_ID)
+    c.head = buf_id
+    c.ndesc = <uint16_t>ndesc
+    return 0
+
+
+cdef int pk_pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
+    cdef uint32_t n = 0, nseg = 0
+    cdef uint16_t pos = r.last_avail, wrap = r.avail_wrap, flags
+    cdef ChainInfo *c
+    cdef int rc
+    if r.broken or not dev_mem_ok(r):
+        return 0
+    if max_chains > r.max_chains:
+        max_chains = r.max_chains
+    while n < max_chains:
+        # Acquire: the descriptor's other fields are read after its flags.
+        flags = vhu_load_acquire_u16(r.desc + 16 * <uint32_t>pos + 14)
+        if not pk_avail(flags, wrap):
+            break
+        c = &r.chains[n]
+        rc = pk_walk(r, pos, wrap, flags, c, nseg)
+        if rc != 0:
+            if rc < 0:
+                return 0          # broken: nothing of this batch is handed out
+            break                 # out of segment space: the rest next time
+        r.id_ndesc[c.head] = c.ndesc
+        pk_advance(&pos, &wrap, c.ndesc, r.size)
+        nseg = c.seg_start + c.nread + c.nwrite
+        n += 1
+    VHU_ASSERT(nseg <= r.max_segs)
+    r.last_avail = pos
+    r.avail_wrap = wrap
+    r.counters[C_POPPED] += n
+    return n
+
+
+cdef int pk_avail_pending(DevRing *r) noexcept nogil:
+    """Chains available, counted by walking them (control paths only)."""
+    cdef uint16_t pos = r.last_avail, wrap = r.avail_wrap, flags
+    cdef uint32_t seen = 0, chains = 0
+    if r.broken or not dev_mem_ok(r):
+        return -1
+    while seen < r.size:
+        flags = vhu_load_acquire_u16(r.desc + 16 * <uint32_t>pos + 14)
+        if not pk_avail(flags, wrap):
+            break
+        seen += 1
+        if not (flags & DESC_F_NEXT) or flags & DESC_F_INDIRECT:
+            chains += 1
+        pk_advance(&pos, &wrap, 1, r.size)
+    return chains
+
+
+cdef void pk_push_used(DevRing *r, uint16_t buf_id, uint32_t written) noexcept nogil:
+    # Kept aside until publish: a used descriptor overwrites a ring slot, and
+    # a half-delivered mergeable frame must be undone without a trace.
+    VHU_ASSERT(r.npend < r.size)
+    if r.npend >= r.size:
+        return
+    r.pend_id[r.npend] = buf_id
+    r.pend_len[r.npend] = written
+    r.npend += 1
+
+
+cdef bint pk_publish_used(DevRing *r) noexcept nogil:
+    cdef uint32_t i, n = r.npend
+    cdef uint16_t pos = r.shadow_used, wrap = r.used_wrap, first_flags = 0, nd, old, ev_flags
+    cdef uint16_t first_pos = r.shadow_used
+    cdef char *d
+    cdef bint notify, valid
+    if n == 0 or not dev_mem_ok(r):
+        return False
+    for i in range(n):
+        d = r.desc + 16 * <uint32_t>pos
+        vhu_write_once_u32(d + 8, r.pend_len[i])
+        vhu_write_once_u16(d + 12, r.pend_id[i])
+        if i == 0:
+            first_flags = pk_used_flags(wrap, r.pend_len[i] != 0)
+        else:
+            vhu_write_once_u16(d + 14, pk_used_flags(wrap, r.pend_len[i] != 0))
+        nd = r.id_ndesc[r.pend_id[i]]
+        pk_advance(&pos, &wrap, nd if nd else 1, r.size)
+    # Release: every used descriptor above is complete before the driver can
+    # see the first one (it polls only the next position, in order).
+    vhu_store_release_u16(r.desc + 16 * <uint32_t>first_pos + 14, first_flags)
+    old = r.shadow_used
+    r.shadow_used = pos
+    r.used_wrap = wrap
+    r.npend = 0
+    r.counters[C_PUSHED] += n
+    r.counters[C_PUBLISHED] += 1
+    # Store (used flags) then load (driver event suppression): full fence.
+    vhu_fence_full()
+    ev_flags = vhu_read_once_u16(r.avail + EVENT_FLAGS) & 3
+    if not r.event_idx or ev_flags != EVENT_DESC:
+        notify = ev_flags != EVENT_DISABLE
+    else:
+        valid = r.notify_valid
+        r.notify_valid = True
+        notify = not valid or pk_need_event(vhu_read_once_u16(r.avail + EVENT_OFF_WRAP),
+                                            old, pos, wrap, r.size)
+    if notify:
+        r.counters[C_NOTIFY] += 1
+    else:
+        r.counters[C_NOTIFY_SUPPRESSED] += 1
+    return notify
+
+
+cdef void pk_notifications(DevRing *r, bint on) noexcept nogil:
+    vhu_write_once_u16(r.used + EVENT_FLAGS, EVENT_ENABLE if on else EVENT_DISABLE)
+
+
+cdef void pk_unpop(DevRing *r, uint32_t first_unused) noexcept nogil:
+    """Rewind to the first stashed chain not used (its position and lap)."""
+    r.last_avail = r.chains[first_unused].pos
+    r.avail_wrap = r.chains[first_unused].wrap
+
+
+# -- driver side --------------------------------------------------------------
+
+cdef int pk_drv_add_one(DrvRing *r, uint64_t gpa, uint32_t length, uint16_t flags) noexcept nogil:
+    cdef uint16_t buf_id, pos = r.shadow_avail
+    cdef char *d
+    if r.num_free == 0:
+        return -1
+    buf_id = <uint16_t>r.free_head
+    r.free_head = r.free_next[buf_id]
+    r.num_free -= 1
+    d = r.desc + 16 * <uint32_t>pos
+    vhu_write_once_u64(d, gpa)
+    vhu_write_once_u32(d + 8, length)
+    vhu_write_once_u16(d + 12, buf_id)
+    pk_drv_defer_flags(r, pos, flags)
+    pk_advance(&r.shadow_avail, &r.avail_wrap, 1, r.size)
+    r.chain_len[buf_id] = 1
+    r.in_flight[buf_id] = 1
+    return buf_id
+
+
+cdef inline void pk_drv_defer_flags(DrvRing *r, uint16_t pos, uint16_t flags) noexcept nogil:
+    """Flags (which make a descriptor available) wait for publish."""
+    r.pend_pos[r.npend] = pos
+    r.pend_flags[r.npend] = flags | (PK_F_AVAIL if r.avail_wrap else PK_F_USED)
+    r.npend += 1
+
+
+cdef bint pk_drv_publish(DrvRing *r) noexcept nogil:
+    cdef uint32_t i, n = r.npend
+    cdef uint16_t ev_flags, old = r.published_avail, new = r.shadow_avail
+    if n == 0:
+        return False
+    for i in range(1, n):
+        vhu_write_once_u16(r.desc + 16 * <uint32_t>r.pend_pos[i] + 14, r.pend_flags[i])
+    # Release: all descriptors of the batch are written before the first
+    # one turns available (the device polls only the next position).
+    vhu_store_release_u16(r.desc + 16 * <uint32_t>r.pend_pos[0] + 14, r.pend_flags[0])
+    r.npend = 0
+    r.published_avail = new
+    # Store (flags) then load (device event suppression): full fence.
+    vhu_fence_full()
+    ev_flags = vhu_read_once_u16(r.used + EVENT_FLAGS) & 3
+    if not r.event_idx or ev_flags != EVENT_DESC:
+        return ev_flags != EVENT_DISABLE
+    return pk_need_event(vhu_read_once_u16(r.used + EVENT_OFF_WRAP), old, new, r.avail_wrap,
+                         r.size)
+
+
+cdef int pk_drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items) noexcept nogil:
+    cdef int n = 0
+    cdef uint16_t flags, buf_id
+    cdef char *d
+    while n < max_items:
+        d = r.desc + 16 * <uint32_t>r.last_used
+        flags = vhu_load_acquire_u16(d + 14)
+        if not pk_used(flags, r.used_wrap):
+            break
+        buf_id = vhu_read_once_u16(d + 12)
+        if buf_id >= r.size or not r.in_flight[buf_id]:
+            return -1
+        heads[n] = buf_id
+        lens[n] = vhu_read_once_u32(d + 8) if flags & DESC_F_WRITE else 0
+        r.in_flight[buf_id] = 0
+        pk_advance(&r.last_used, &r.used_wrap, r.chain_len[buf_id], r.size)
+        r.num_free += r.chain_len[buf_id]
+        r.free_next[buf_id] = <uint16_t>r.free_head
+        r.free_head = buf_id
+        n += 1
+    return n
+
+
+cdef bint pk_drv_interrupts(DrvRing *r, bint on) noexcept nogil:
+    """Driver event suppression; with on, True if used buffers arrived meanwhile."""
+    vhu_write_once_u16(r.avail + EVENT_FLAGS, EVENT_ENABLE if on else EVENT_DISABLE)
+    if not on:
+        return False
+    vhu_fence_full()
+    return pk_used(vhu_load_acquire_u16(r.desc + 16 * <uint32_t>r.last_used + 14), r.used_wrap)
