@@ -222,11 +222,11 @@ cdef bint pk_publish_used(DevRing *r) noexcept nogil:
     # Store (used flags) then load (driver event suppression): full fence.
     vhu_fence_full()
     ev_flags = vhu_read_once_u16(r.avail + EVENT_FLAGS) & 3
+    valid = r.notify_valid       # `old` is meaningful once one publish has been checked
+    r.notify_valid = True
     if not r.event_idx or ev_flags != EVENT_DESC:
         notify = ev_flags != EVENT_DISABLE
     else:
-        valid = r.notify_valid
-        r.notify_valid = True
         notify = not valid or pk_need_event(vhu_read_once_u16(r.avail + EVENT_OFF_WRAP),
                                             old, pos, wrap, r.size)
     if notify:
@@ -299,7 +299,10 @@ cdef int pk_drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_ite
     cdef int n = 0
     cdef uint16_t flags, buf_id
     cdef char *d
-    while n < max_items:
+    # Only while buffers are in flight: a slot never written in this lap (a
+    # resumed ring, or a fresh one past its first lap) reads as zero, which
+    # looks used in a lap whose wrap counter is 0.
+    while n < max_items and r.num_free < r.size:
         d = r.desc + 16 * <uint32_t>r.last_used
         flags = vhu_load_acquire_u16(d + 14)
         if not pk_used(flags, r.used_wrap):
