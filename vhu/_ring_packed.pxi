@@ -134,12 +134,17 @@ cdef int pk_walk(DevRing *r, uint16_t pos, uint16_t wrap, uint16_t flags, ChainI
 
 
 cdef int pk_pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
-    cdef uint32_t n = 0, nseg = 0
-    cdef uint16_t pos = r.last_avail, wrap = r.avail_wrap, flags
+    cdef uint32_t n = 0, nseg = 0, dlen
+    cdef uint16_t pos = r.last_avail, wrap = r.avail_wrap, flags, buf_id
+    cdef uint64_t addr
     cdef ChainInfo *c
+    cdef MemTable *table
+    cdef char *d
+    cdef char *p = NULL
     cdef int rc
     if r.broken or not dev_mem_ok(r):
         return 0
+    table = r.table_ref[0]
     if max_chains > r.max_chains:
         max_chains = r.max_chains
     while n < max_chains:
@@ -148,6 +153,36 @@ cdef int pk_pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
         if not pk_avail(flags, wrap):
             break
         c = &r.chains[n]
+        d = r.desc + 16 * <uint32_t>pos
+        # Fast path: one descriptor, no NEXT/INDIRECT, inside one region.
+        if vhu_likely((flags & (DESC_F_NEXT | DESC_F_INDIRECT)) == 0 and nseg < r.max_segs):
+            addr = vhu_read_once_u64(d)
+            dlen = vhu_read_once_u32(d + 8)
+            buf_id = vhu_read_once_u16(d + 12)
+            if vhu_likely(dlen != 0 and buf_id < r.size
+                          and gpa_clip(table, addr, dlen, &p) == dlen):
+                c.head = buf_id
+                c.ndesc = 1
+                c.pos = pos
+                c.wrap = wrap
+                c.seg_start = nseg
+                r.segs[nseg].ptr = p
+                r.segs[nseg].len = dlen
+                nseg += 1
+                if flags & DESC_F_WRITE:
+                    c.nread = 0
+                    c.nwrite = 1
+                    c.read_len = 0
+                    c.write_len = dlen
+                else:
+                    c.nread = 1
+                    c.nwrite = 0
+                    c.read_len = dlen
+                    c.write_len = 0
+                r.id_ndesc[buf_id] = 1
+                pk_advance(&pos, &wrap, 1, r.size)
+                n += 1
+                continue
         rc = pk_walk(r, pos, wrap, flags, c, nseg)
         if rc != 0:
             if rc < 0:
@@ -297,28 +332,39 @@ cdef bint pk_drv_publish(DrvRing *r) noexcept nogil:
 
 cdef int pk_drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items) noexcept nogil:
     cdef int n = 0
-    cdef uint16_t flags, buf_id
+    cdef uint16_t flags, buf_id, nd
+    # Locals: stores into the shared ring could alias the struct's fields.
+    cdef uint16_t pos = r.last_used, wrap = r.used_wrap
+    cdef uint32_t num_free = r.num_free, size = r.size, free_head = r.free_head
+    cdef char *desc = r.desc
     cdef char *d
+    cdef int rc = 0
     # Only while buffers are in flight: a slot never written in this lap (a
     # resumed ring, or a fresh one past its first lap) reads as zero, which
     # looks used in a lap whose wrap counter is 0.
-    while n < max_items and r.num_free < r.size:
-        d = r.desc + 16 * <uint32_t>r.last_used
+    while n < max_items and num_free < size:
+        d = desc + 16 * <uint32_t>pos
         flags = vhu_load_acquire_u16(d + 14)
-        if not pk_used(flags, r.used_wrap):
+        if not pk_used(flags, wrap):
             break
         buf_id = vhu_read_once_u16(d + 12)
-        if buf_id >= r.size or not r.in_flight[buf_id]:
-            return -1
+        if buf_id >= size or not r.in_flight[buf_id]:
+            rc = -1
+            break
         heads[n] = buf_id
         lens[n] = vhu_read_once_u32(d + 8) if flags & DESC_F_WRITE else 0
         r.in_flight[buf_id] = 0
-        pk_advance(&r.last_used, &r.used_wrap, r.chain_len[buf_id], r.size)
-        r.num_free += r.chain_len[buf_id]
-        r.free_next[buf_id] = <uint16_t>r.free_head
-        r.free_head = buf_id
+        nd = r.chain_len[buf_id]
+        pk_advance(&pos, &wrap, nd, size)
+        num_free += nd
+        r.free_next[buf_id] = <uint16_t>free_head
+        free_head = buf_id
         n += 1
-    return n
+    r.last_used = pos
+    r.used_wrap = wrap
+    r.num_free = num_free
+    r.free_head = free_head
+    return rc if rc < 0 else n
 
 
 cdef bint pk_drv_interrupts(DrvRing *r, bint on) noexcept nogil:
