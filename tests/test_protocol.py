@@ -159,8 +159,9 @@ def peer():
 
 @pytest.fixture
 def acked(peer):
-    """A peer that negotiated everything we offer, with one 16 MiB region at uva 0x10000000."""
-    peer.negotiate(features=SUPPORTED_FEATURES)
+    """A peer that negotiated everything we offer for split rings, with one 16 MiB
+    region at uva 0x10000000."""
+    peer.negotiate(features=SUPPORTED_FEATURES & ~(1 << VF.RING_PACKED))
     peer.send(R.SET_MEM_TABLE, table((0, 0x1000000, 0x10000000, 0)), [memfd()])
     return peer
 
@@ -286,7 +287,7 @@ QEMU_RINGS = {0: (0x7f47ee9df000, 0x7f47ee9e0000, 0x7f47ee9e0240),
 
 def test_qemu_7_2_guest_boot(peer):
     p, h = peer, peer.hooks
-    assert p.send(R.GET_FEATURES) == pack_reply(R.GET_FEATURES, u64(0x170408000))
+    assert p.send(R.GET_FEATURES) == pack_reply(R.GET_FEATURES, u64(0x570408000))  # +RING_PACKED
     assert p.send(R.GET_PROTOCOL_FEATURES) == pack_reply(R.GET_PROTOCOL_FEATURES, u64(0x18029))
     proto = 0x10cbf & SUPPORTED_PROTOCOL_FEATURES          # what QEMU acks of our offer
     assert p.send(R.SET_PROTOCOL_FEATURES, u64(proto)) == b""
@@ -665,7 +666,7 @@ def test_unknown_request_and_bad_flags(acked):
 
 def test_unoffered_feature_bits_are_refused(peer):
     peer.negotiate(protocol=mask(PF.MQ, PF.REPLY_ACK))
-    assert peer.send(R.SET_FEATURES, u64(1 << VF.RING_PACKED), need_reply=True) == \
+    assert peer.send(R.SET_FEATURES, u64(1 << VF.IN_ORDER), need_reply=True) == \
         ack(R.SET_FEATURES, 1)
     assert peer.dev.acked_features == 0
     assert peer.send(R.SET_PROTOCOL_FEATURES, u64(1 << PF.LOG_SHMFD), need_reply=True) == \
@@ -687,7 +688,7 @@ def test_features_frozen_while_rings_run(acked):
     setup_ring(acked, 0)
     assert acked.send(R.SET_FEATURES, u64(1 << VF.VERSION_1), need_reply=True) == \
         ack(R.SET_FEATURES, 1)
-    assert acked.send(R.SET_FEATURES, u64(SUPPORTED_FEATURES), need_reply=True) == \
+    assert acked.send(R.SET_FEATURES, u64(acked.dev.acked_features), need_reply=True) == \
         ack(R.SET_FEATURES)
 
 
@@ -770,3 +771,47 @@ def test_any_message_sequence_is_survived_without_leaks(messages):
             break
     p.close()
     assert fds_open() == before
+
+
+# -- packed rings (VIRTIO_F_RING_PACKED) -------------------------------------------
+
+@pytest.fixture
+def packed(peer):
+    """A peer that negotiated packed rings, with one 16 MiB region at uva 0x10000000."""
+    assert SUPPORTED_FEATURES & (1 << VF.RING_PACKED)
+    peer.negotiate(features=SUPPORTED_FEATURES)
+    peer.send(R.SET_MEM_TABLE, table((0, 0x1000000, 0x10000000, 0)), [memfd()])
+    return peer
+
+
+def test_packed_ring_any_size_and_small_event_areas(packed):
+    assert packed.send(R.SET_VRING_NUM, state(0, 255), need_reply=True) == ack(R.SET_VRING_NUM)
+    # Driver and device event areas are 4 bytes, 4-byte aligned: the last 4
+    # bytes of the region hold one; a split avail ring there would not fit.
+    end = 0x10000000 + 0x1000000
+    addr = VringAddr(0, 0, 0x10000000, end - 8, end - 4, 0).pack()
+    assert packed.send(R.SET_VRING_ADDR, addr, need_reply=True) == ack(R.SET_VRING_ADDR)
+    odd = VringAddr(0, 0, 0x10000000, end - 6, end - 4, 0).pack()
+    assert packed.send(R.SET_VRING_ADDR, odd, need_reply=True) == ack(R.SET_VRING_ADDR, 1)
+    assert packed.send(R.SET_VRING_NUM, state(1, 0), need_reply=True) == ack(R.SET_VRING_NUM, 1)
+    assert packed.send(R.SET_VRING_NUM, state(1, 32769), need_reply=True) == \
+        ack(R.SET_VRING_NUM, 1)
+
+
+def test_packed_vring_base_carries_wrap_counters(packed):
+    """Bits 0-14 avail position, 15 its wrap counter, 16-31 the used ones; the
+    reply carries both halves (QEMU restores the used index from bits 16-31)."""
+    setup_ring(packed, 0, num=255)
+    base = 200 | 1 << 15
+    packed.send(R.GET_VRING_BASE, state(0, 0))         # stop; ring is not started by a worker
+    assert packed.send(R.SET_VRING_BASE, state(0, base | base << 16), need_reply=True) == \
+        ack(R.SET_VRING_BASE)
+    assert packed.ring(0).base == base
+    reply = packed.send(R.GET_VRING_BASE, state(0, 0))
+    assert reply == pack_reply(R.GET_VRING_BASE, state(0, base | base << 16))
+    # A DPDK-style low half only is accepted too; positions past the ring are not.
+    assert packed.send(R.SET_VRING_BASE, state(0, 7), need_reply=True) == ack(R.SET_VRING_BASE)
+    assert packed.send(R.SET_VRING_BASE, state(0, 255), need_reply=True) == \
+        ack(R.SET_VRING_BASE, 1)
+    assert packed.send(R.SET_VRING_BASE, state(0, 7 | 300 << 16), need_reply=True) == \
+        ack(R.SET_VRING_BASE, 1)

@@ -82,7 +82,7 @@ class WorkerHooks:
         setup = RingSetup(size=cfg.num, desc=cfg.desc_addr, avail=cfg.avail_addr,
                           used=cfg.used_addr, base=base, features=cfg.features,
                           event_idx=cfg.event_idx, indirect=cfg.indirect, enabled=cfg.enabled,
-                          polled=cfg.kick_fd < 0)
+                          polled=cfg.kick_fd < 0, packed=cfg.packed)
         fds = self._fd_or_private(cfg.kick_fd) + self._fd_or_private(cfg.call_fd)
         self._worker(index).call("ring_start", self.port.index, index, setup, fds=fds)
         self.running[index] = cfg

@@ -43,12 +43,13 @@ except ImportError:                   # pragma: no cover - depends on the build
     _core_check_region_table = None
 
 SUPPORTED_FEATURES = mask(VF.VERSION_1, VF.MRG_RXBUF, VF.EVENT_IDX, VF.INDIRECT_DESC, VF.MQ,
-                          VF.PROTOCOL_FEATURES)
+                          VF.PROTOCOL_FEATURES, VF.RING_PACKED)
 SUPPORTED_PROTOCOL_FEATURES = mask(PF.MQ, PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIGURE_MEM_SLOTS,
                                    PF.STATUS)
 MAX_MEM_SLOTS = 509                   # the most the spec's front-ends use (vhu._mem.MAX_REGIONS)
 MAX_QUEUE_PAIRS = 128                 # ring index is 8 bits in SET_VRING_KICK/CALL/ERR
 _F_PROTOCOL = 1 << VF.PROTOCOL_FEATURES
+_F_PACKED = 1 << VF.RING_PACKED
 
 
 def vnet_header_size(features: int) -> int:
@@ -145,6 +146,10 @@ class RingConfig:
     def net_header_size(self) -> int:
         return vnet_header_size(self.features)
 
+    @property
+    def packed(self) -> bool:
+        return bool(self.features & _F_PACKED)
+
 
 class DeviceHooks(Protocol):
     """How the I/O side learns about changes. Called synchronously, only on transitions."""
@@ -225,10 +230,16 @@ def _pristine(cfg: RingConfig) -> bool:
     return cfg == RingConfig(cfg.index, features=cfg.features)
 
 
-def _ring_ranges(desc: int, avail: int, used: int, num: int):
-    """(name, address, length) of the split ring's three parts (virtio 1.x, 2.7).
+def _ring_ranges(desc: int, avail: int, used: int, num: int, packed: bool = False):
+    """(name, address, length) of the ring's three parts: split (virtio 1.x,
+    2.7) or packed (2.8: descriptor ring and two 4-byte event suppression
+    areas, sent in SET_VRING_ADDR's avail and used fields).
     Before SET_VRING_NUM only their headers are known to be needed."""
     n = num
+    if packed:
+        return (("descriptor ring", desc, 16 * n if n else 16),
+                ("driver event area", avail, 4),
+                ("device event area", used, 4))
     return (("descriptor table", desc, 16 * n if n else 16),
             ("avail ring", avail, 6 + 2 * n if n else 4),
             ("used ring", used, 6 + 8 * n if n else 4))
@@ -280,7 +291,7 @@ class NetBackend:
         r = self.rings[index]
         mapped = r.addr_set and r.num > 0 and all(
             self._uva_mapped(addr, length) for _, addr, length in
-            _ring_ranges(r.desc, r.avail, r.used, r.num))
+            _ring_ranges(r.desc, r.avail, r.used, r.num, self._packed))
         return RingConfig(index, r.num, r.desc, r.avail, r.used, r.log, r.flags, r.base,
                           r.kick, r.call, r.err, r.polling, r.started, r.enabled, mapped,
                           self.acked_features)
@@ -456,13 +467,18 @@ class NetBackend:
 
     # -- rings ----------------------------------------------------------------
 
+    @property
+    def _packed(self) -> bool:
+        return bool(self.acked_features & _F_PACKED)
+
     def set_vring_num(self, msg: Message) -> None:
         s = VringState.unpack(msg.payload)
         r = self._ring(s.index)
         if r.started:
             raise ProtocolError(f"ring {s.index} is started")
-        if not 1 <= s.num <= VIRTQUEUE_MAX_SIZE or s.num & (s.num - 1):
-            raise ProtocolError(f"ring size {s.num} is not a power of two "
+        # Split rings need a power of two (2.7); packed rings any size (2.8).
+        if not 1 <= s.num <= VIRTQUEUE_MAX_SIZE or (s.num & (s.num - 1) and not self._packed):
+            raise ProtocolError(f"ring size {s.num} is not {'' if self._packed else 'a power of two '}"
                                 f"in 1..{VIRTQUEUE_MAX_SIZE}")
         r.num = s.num
 
@@ -472,14 +488,15 @@ class NetBackend:
         if a.flags:
             # VRING_F_LOG needs dirty logging (LOG_ALL, LOG_SHMFD), which we never offer.
             raise ProtocolError(f"ring {a.index}: address flags {a.flags:#x} not supported")
+        packed = self._packed
         for name, addr, align in (("descriptor table", a.desc_user_addr, 16),
-                                  ("avail ring", a.avail_user_addr, 2),
+                                  ("avail ring", a.avail_user_addr, 4 if packed else 2),
                                   ("used ring", a.used_user_addr, 4)):
             if addr % align:
                 raise ProtocolError(f"ring {a.index}: {name} at {addr:#x} is not "
                                     f"{align}-byte aligned")
         for name, addr, length in _ring_ranges(a.desc_user_addr, a.avail_user_addr,
-                                               a.used_user_addr, r.num):
+                                               a.used_user_addr, r.num, packed):
             if not self._uva_mapped(addr, length):
                 raise ProtocolError(f"ring {a.index}: {name} [{addr:#x}, +{length:#x}) is not "
                                     f"inside one memory region")
@@ -491,10 +508,27 @@ class NetBackend:
         r = self._ring(s.index)
         if r.started:
             raise ProtocolError(f"ring {s.index} is started")
-        if s.num > 0xFFFF:
-            # Split rings only (RING_PACKED is never offered): bits 16-31 are reserved.
-            raise ProtocolError(f"ring {s.index}: base {s.num:#x} has reserved bits set")
-        r.base = s.num
+        if self._packed:
+            # "Vring descriptor indices for packed virtqueues": bits 0-14 next avail
+            # position, 15 its wrap counter; 16-30 next used position, 31 its wrap
+            # counter (QEMU sends both, DPDK only the low half).
+            avail, used = s.num & 0xFFFF, s.num >> 16
+            for what, v in (("avail", avail), ("used", used)):
+                if r.num and v & 0x7FFF >= r.num:
+                    raise ProtocolError(f"ring {s.index}: packed {what} position {v & 0x7FFF} "
+                                        f">= ring size {r.num}")
+            if used and used != avail:
+                # Buffers in flight at a restart: we complete every chain we pop
+                # before a stop, so this only comes from an earlier back-end that
+                # did not; resuming from avail is what DPDK does too.
+                log.warning("ring %d: packed used index %#x differs from avail %#x; "
+                            "resuming both at avail", s.index, used, avail)
+            r.base = avail
+        else:
+            if s.num > 0xFFFF:
+                # Split rings: bits 16-31 are reserved.
+                raise ProtocolError(f"ring {s.index}: base {s.num:#x} has reserved bits set")
+            r.base = s.num
 
     def get_vring_base(self, msg: Message) -> bytes:
         """Stop the ring ("Ring states") and reply its next avail index."""
@@ -509,6 +543,10 @@ class NetBackend:
             r.started = False
             r.kick, r.polling = self._replace(r.kick, -1), False
             log.info("ring %d stopped at avail index %d", s.index, r.base)
+        if self._packed:
+            # Every popped chain is used before a ring stops: the used position and
+            # wrap counter equal the avail ones (bits 16-31, which QEMU restores).
+            return VringState(s.index, r.base | r.base << 16).pack()
         return VringState(s.index, r.base).pack()
 
     def set_vring_kick(self, msg: Message) -> None:

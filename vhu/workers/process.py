@@ -52,6 +52,7 @@ class RingSetup:
     indirect: bool
     enabled: bool
     polled: bool = False        # no kick fd: the ring is polled, never slept on
+    packed: bool = False        # VIRTIO_F_RING_PACKED: base carries the wrap counter in bit 15
 
 
 @dataclass
@@ -110,7 +111,8 @@ class WorkerState:
         try:
             ring = DeviceRing(p.mem, setup.size, setup.desc, setup.avail, setup.used,
                               addr_space="uva", event_idx=setup.event_idx,
-                              indirect=setup.indirect, features=setup.features)
+                              indirect=setup.indirect, features=setup.features,
+                              packed=setup.packed)
         except Exception:
             _close(kick)
             _close(call)
@@ -180,6 +182,7 @@ class WorkerState:
             return None
         _close(r.kick)
         _close(r.call)
+        # GET_VRING_BASE: the next avail index (packed: position | wrap << 15).
         return r.ring.last_avail_idx
 
     def _rebind(self):
