@@ -126,11 +126,12 @@ class VhuBackend:
                 self.proc.wait()
 
 
-def measure(backend, sock, row, pkt_size, seconds=3.0, warmup=1.0, queues=1):
-    """Run one row; returns dict(mpps, cpu_ns_per_pkt, rss_mib, packets)."""
+def measure(backend, sock, row, pkt_size, seconds=3.0, warmup=1.0, queues=1, packed=False):
+    """Run one row; returns dict(mpps, cpu_ns_per_pkt, rss_mib, packets).
+    packed: the front-end asks for packed virtqueues (both back-ends offer them)."""
     spec = ROWS[row]
     with backend:
-        fe = Testpmd([virtio_user_vdev(sock, queues=queues)], forward_mode=spec["frontend"],
+        fe = Testpmd([virtio_user_vdev(sock, queues=queues, packed_vq=packed)], forward_mode=spec["frontend"],
                      cpus=PEER_CPU, huge=False, txpkts=pkt_size, rxq=queues, txq=queues,
                      nb_cores=1)
         with fe:

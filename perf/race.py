@@ -1,15 +1,19 @@
 """vhu against DPDK's vhost back-end, same front-end, same pinning, one run.
 
-    python perf/race.py [--seconds 3] [--sizes 64,1500] [--rows sink,source,echo]
-                        [--queues 1] [--workers 1] [--json perf/race.json] [--results perf/RESULTS.md]
+    python perf/race.py [--seconds 2] [--repeat 3] [--sizes 64,1500] [--rows sink,source,echo]
+                        [--rings split,packed] [--queues 1,4] [--workers N]
+                        [--json perf/race.json] [--results perf/RESULTS.md]
 
 For each row (sink/rxonly, source/txonly, echo/io) and frame size, runs
 DPDK testpmd `--vdev net_vhost0` and then `python -m vhu.master` as the
 back-end on CPU 0, against DPDK testpmd `--vdev net_virtio_user0` on CPU 1,
 and prints DPDK Mpps, vhu Mpps, vhu/DPDK, CPU time per packet and peak RSS
-of each back-end. Only ratios from one run are meaningful on shared machines.
+of each back-end. --rings packed makes the front-end use packed virtqueues
+(virtio-user packed_vq=1); --queues 4 runs 4 queue pairs with as many vhu
+workers (--workers caps it), all on the back-end's one CPU. Only ratios from one run are meaningful on shared machines.
 """
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -42,39 +46,21 @@ def main(argv=None):
                     help="measurements per back-end and row, interleaved; medians are compared")
     ap.add_argument("--sizes", default="64,1500")
     ap.add_argument("--rows", default="sink,source,echo")
-    ap.add_argument("--queues", type=int, default=1)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--rings", default="split", help="split, packed or both (comma list)")
+    ap.add_argument("--queues", default="1", help="queue pairs, comma list (e.g. 1,4)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="vhu workers (default: one per queue pair)")
     ap.add_argument("--poll", default="busy")
     ap.add_argument("--json", default="perf/race.json")
     ap.add_argument("--results", default=None, help="also rewrite this markdown file")
     a = ap.parse_args(argv)
     results = []
-    for size in [int(s) for s in a.sizes.split(",")]:
-        for row in a.rows.split(","):
-            entry = {"row": row, "pkt_size": size, "queues": a.queues, "workers": a.workers}
-            runs = {"dpdk": [], "vhu": []}
-            errors = {}
-            # Interleaved, so slow phases of a shared host hit both back-ends.
-            for _ in range(a.repeat):
-                for name in ("dpdk", "vhu"):
-                    d = tempfile.mkdtemp(prefix="vhu-race-")
-                    sock = os.path.join(d, "vhost.sock")
-                    be = (DpdkBackend(sock, row, size, a.queues) if name == "dpdk" else
-                          VhuBackend(sock, row, size, a.queues, a.workers, a.poll))
-                    try:
-                        runs[name].append(measure(be, sock, row, size, a.seconds, queues=a.queues))
-                    except Exception as exc:          # a failed run is reported, not hidden
-                        errors[name] = str(exc).splitlines()[0][:200]
-                    time.sleep(0.3)
-            for name in ("dpdk", "vhu"):
-                entry[name] = median_run(runs[name]) if runs[name] else {}
-                entry[name]["runs_mpps"] = [round(r["mpps"], 3) for r in runs[name]]
-                if name in errors:
-                    entry[name]["error"] = errors[name]
-            d, v = entry["dpdk"].get("mpps"), entry["vhu"].get("mpps")
-            entry["ratio"] = v / d if d and v is not None else None
-            results.append(entry)
-            print(format_row(entry), flush=True)
+    for ring, queues, size, row in itertools.product(
+            a.rings.split(","), [int(q) for q in a.queues.split(",")],
+            [int(x) for x in a.sizes.split(",")], a.rows.split(",")):
+        entry = race_row(row, size, ring, queues, a.workers or queues, a)
+        results.append(entry)
+        print(format_row(entry), flush=True)
     doc = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
            "command": " ".join(["python", "perf/race.py"] + (argv or sys.argv[1:])),
            "results": results}
@@ -89,6 +75,33 @@ def main(argv=None):
     return 0
 
 
+def race_row(row, size, ring, queues, workers, a):
+    """Both back-ends on one row, interleaved repeats; medians compared."""
+    entry = {"row": row, "pkt_size": size, "queues": queues, "workers": workers, "ring": ring}
+    runs = {"dpdk": [], "vhu": []}
+    errors = {}
+    # Interleaved, so slow phases of a shared host hit both back-ends.
+    for _ in range(a.repeat):
+        for name in ("dpdk", "vhu"):
+            sock = os.path.join(tempfile.mkdtemp(prefix="vhu-race-"), "vhost.sock")
+            be = (DpdkBackend(sock, row, size, queues) if name == "dpdk" else
+                  VhuBackend(sock, row, size, queues, workers, a.poll))
+            try:
+                runs[name].append(measure(be, sock, row, size, a.seconds, queues=queues,
+                                          packed=ring == "packed"))
+            except Exception as exc:          # a failed run is reported, not hidden
+                errors[name] = str(exc).splitlines()[0][:200]
+            time.sleep(0.3)
+    for name in ("dpdk", "vhu"):
+        entry[name] = median_run(runs[name]) if runs[name] else {}
+        entry[name]["runs_mpps"] = [round(r["mpps"], 3) for r in runs[name]]
+        if name in errors:
+            entry[name]["error"] = errors[name]
+    d, v = entry["dpdk"].get("mpps"), entry["vhu"].get("mpps")
+    entry["ratio"] = v / d if d and v is not None else None
+    return entry
+
+
 def median_run(runs):
     """The run with the median rate (its CPU and memory figures go with it)."""
     ordered = sorted(runs, key=lambda r: r["mpps"])
@@ -101,7 +114,7 @@ def _f(x, fmt):
 
 def format_row(e):
     d, v = e["dpdk"], e["vhu"]
-    return (f"{e['row']:6} {e['pkt_size']:5}B  dpdk {_f(d.get('mpps'), '6.2f')} Mpps  "
+    return (f"{e['row']:6} {e.get('ring', 'split'):6} {e['queues']}q {e['pkt_size']:5}B  dpdk {_f(d.get('mpps'), '6.2f')} Mpps  "
             f"vhu {_f(v.get('mpps'), '6.2f')} Mpps  ratio {_f(e['ratio'], '.2f')}  "
             f"{d.get('error', '')}{v.get('error', '')}")
 
@@ -113,14 +126,15 @@ def render(doc):
              f"Command: `{doc['command']}`. Back-end on CPU 0, DPDK virtio-user front-end "
              f"(testpmd) on CPU 1; rates read at the front-end. Each figure is the median of "
              f"interleaved runs (all runs in the JSON file).", "",
-             "| row (back-end/front-end) | size | queues | DPDK Mpps | vhu Mpps | vhu/DPDK | "
+             "| row (back-end/front-end) | ring | size | queues | DPDK Mpps | vhu Mpps | vhu/DPDK | "
              "DPDK CPU ns/pkt | vhu CPU ns/pkt | DPDK RSS MiB | vhu RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     names = {"sink": "sink / txonly", "source": "source / rxonly", "echo": "echo / io"}
     for e in doc["results"]:
         d, v = e["dpdk"], e["vhu"]
         lines.append(
-            f"| {names.get(e['row'], e['row'])} | {e['pkt_size']} | {e['queues']} | "
+            f"| {names.get(e['row'], e['row'])} | {e.get('ring', 'split')} | {e['pkt_size']} | "
+            f"{e['queues']} | "
             f"{_f(d.get('mpps'), '.2f')} | {_f(v.get('mpps'), '.2f')} | {_f(e['ratio'], '.2f')} | "
             f"{_f(d.get('cpu_ns_per_pkt'), '.0f')} | {_f(v.get('cpu_ns_per_pkt'), '.0f')} | "
             f"{_f(d.get('rss_mib'), '.0f')} | {_f(v.get('rss_mib'), '.0f')} |")
