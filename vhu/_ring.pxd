@@ -26,6 +26,11 @@ cdef enum:  # Counter
     C_TX_FRAMES
     C_TX_BYTES
     C_TX_SHORT
+    C_KICKS                 # kicks received (eventfd counts), counted by the worker engine
+    C_DROP_FILTERED         # switch: destination is behind the in-port (never sent back)
+    C_DROP_NO_PORT          # the chosen output port has no ready receive ring
+    C_DROP_STAGE            # a pipeline stage's verdict was drop
+    C_DROP_STAGE_ERROR      # a pipeline stage raised: its batch is dropped
     C_BROKEN_FIRST          # one counter per Broken reason follows
     C_COUNT = C_BROKEN_FIRST + 16
 

@@ -66,7 +66,8 @@ for _name, _text in _BROKEN[1:]:
 # The counter table (enum Counter order): the single source of stats names.
 COUNTER_NAMES = (["popped", "pushed", "published", "notify", "notify_suppressed",
                   "rx_frames", "rx_bytes", "rx_no_room", "rx_too_big",
-                  "tx_frames", "tx_bytes", "tx_short", "broken_ok_unused"]
+                  "tx_frames", "tx_bytes", "tx_short", "kicks", "drop_filtered",
+                  "drop_no_port", "drop_stage", "drop_stage_error", "broken_ok_unused"]
                  + ["broken_" + n.lower() for n, _ in _BROKEN[1:]])
 assert len(COUNTER_NAMES) == C_COUNT
 

@@ -6,7 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
-APPS = ("sink", "echo", "source", "patch")
+APPS = ("sink", "echo", "source", "patch", "switch", "pcap")
+PCAP_BESIDE = ("patch", "switch", "pcap")     # apps --pcap DIR may tap
 POLL_MODES = ("busy", "epoll", "adaptive")
 MAX_QUEUE_PAIRS = 64
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -31,6 +32,12 @@ class MasterConfig:
     pkt_size: int = 64
     socket_mode: int = 0o600
     batch: int = 32
+    pcap_dir: str | None = None   # capture every port, both directions (vhu.workers.process.pcap_path)
+    snaplen: int = 65535
+    mac_ageing: float = 300.0     # switch: seconds a learned MAC stays valid
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    stage: object = None          # a Forwarder pipeline's Python stages (vhu.workers.forwarder)
 
     @property
     def rings_per_port(self):
@@ -89,6 +96,16 @@ def build_parser():
     p.add_argument("--pkt-size", type=int, default=64, metavar="N", help="frame size for --app source")
     p.add_argument("--socket-mode", default="0600", metavar="OCTAL", help="mode of created socket files")
     p.add_argument("--batch", type=int, default=32, metavar="N", help="chains per ring per round")
+    p.add_argument("--pcap", default=None, metavar="DIR",
+                   help="capture each port and direction to DIR/<port>-<rx|tx>.pcap "
+                        "(--app pcap, or beside --app patch|switch)")
+    p.add_argument("--snaplen", type=int, default=65535, metavar="N", help="pcap: bytes kept per frame")
+    p.add_argument("--mac-ageing", type=float, default=300.0, metavar="SECONDS",
+                   help="switch: forget a MAC address not seen for this long")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on this TCP port (0: any free port)")
+    p.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
+                   help="address the metrics endpoint listens on")
     return p
 
 
@@ -104,6 +121,18 @@ def parse_args(argv):
         raise UsageError(f"--queues must be 1..{MAX_QUEUE_PAIRS}")
     if a.app == "patch" and len(a.socket) != 2:
         raise UsageError("--app patch needs exactly two --socket")
+    if a.app == "pcap" and not a.pcap:
+        raise UsageError("--app pcap needs --pcap DIR")
+    if a.pcap and a.app not in PCAP_BESIDE:
+        raise UsageError(f"--pcap works with --app {'|'.join(PCAP_BESIDE)}, not {a.app}")
+    if a.pcap and not os.path.isdir(a.pcap):
+        raise UsageError(f"--pcap: {a.pcap!r} is not a directory")
+    if not 14 <= a.snaplen <= 65535:
+        raise UsageError("--snaplen must be 14..65535")
+    if not a.mac_ageing > 0:
+        raise UsageError("--mac-ageing must be positive")
+    if a.metrics_port is not None and not 0 <= a.metrics_port <= 65535:
+        raise UsageError("--metrics-port must be 0..65535")
     if len(set(os.path.abspath(s) for s in a.socket)) != len(a.socket):
         raise UsageError("--socket: the same path twice")
     if a.stats_interval <= 0:
@@ -125,4 +154,6 @@ def parse_args(argv):
     return MasterConfig(sockets=tuple(a.socket), client=a.client, workers=a.workers,
                         queues=a.queues, app=a.app, poll=a.poll, cpus=cpus,
                         stats_interval=a.stats_interval, stats_file=a.stats_file,
-                        log_level=level, pkt_size=a.pkt_size, socket_mode=mode, batch=a.batch)
+                        log_level=level, pkt_size=a.pkt_size, socket_mode=mode, batch=a.batch,
+                        pcap_dir=a.pcap, snaplen=a.snaplen, mac_ageing=a.mac_ageing,
+                        metrics_port=a.metrics_port, metrics_addr=a.metrics_addr)

@@ -1,7 +1,7 @@
 """vhu.master: the back-end's control process.
 
     python -m vhu.master --socket ./vhost.sock [--socket PATH ...] [--client]
-        [--workers N] [--queues Q] [--app sink|echo|source|patch]
+        [--workers N] [--queues Q] [--app sink|echo|source|patch|switch|pcap]
         [--poll busy|epoll|adaptive] [--cpus LIST] [--stats-interval S]
         [--stats-file PATH] [--log-level LEVEL] [--pkt-size N] [--socket-mode 0600]
 
@@ -61,7 +61,9 @@ class Master:
         for i in range(c.worker_count):
             cpu = c.cpus[i % len(c.cpus)] if c.cpus else None
             wconf = dict(app=c.app, poll=c.poll, batch=c.batch, rings_per_port=c.rings_per_port,
-                         cpu=cpu, frame=frame, log_level=c.log_level)
+                         cpu=cpu, frame=frame, log_level=c.log_level, pcap_dir=c.pcap_dir,
+                         pcap_per_worker=c.worker_count > 1, snaplen=c.snaplen,
+                         mac_ageing=c.mac_ageing, stage=c.stage)
             self.workers.append(WorkerHandle(i, wconf, self.stats.dup_fd()))
         for index, path in enumerate(c.sockets):
             port = Port(self, index, path)

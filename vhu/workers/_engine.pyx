@@ -1,32 +1,49 @@
 # cython: language_level=3
 """The worker's data path: one compiled loop over the queue pairs a worker owns.
 
-No Python runs per packet or per batch here: Python (vhu.workers.process)
-binds rings and fds, then calls Engine.run(), which returns only when the
-control socket has something to say (or a time limit passes).
+No Python runs per packet here: Python (vhu.workers.process) binds rings and
+fds, then calls Engine.run(), which returns only when the control socket has
+something to say (or a time limit passes). The one exception is a user
+pipeline stage (vhu.workers.Forwarder): it is called once per batch, with the
+GIL, and sees the batch as numpy views of guest memory.
 
 Apps (what happens to a frame the guest sends on its TX ring):
   sink    count and drop
   echo    back into the same queue pair's RX ring
   patch   into the RX ring of the peer port's queue pair with the same index
   source  (no TX use) fill the guest's RX ring with a generated frame
+  switch  L2 learning switch over every port's queue pair with the same index
+  pcap    a sink that captures (captures also work beside any other app)
+
+A worker owns queue pair i of every port (see MasterConfig.worker_of), so
+the bindings with the same queue index form a group, and patch, switch and
+stage verdicts only ever move frames inside a group: no hand-off between
+workers, no locks.
 
 Poll modes:
   busy      spin, never sleep
   epoll     enable notifications, re-check, sleep on the kick eventfds
   adaptive  spin while traffic flows; after `idle_spins` empty rounds, sleep as epoll
 """
+import logging
+import time as _time
+import traceback
+
+import numpy as np
+
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memset, memcpy
 from libc.errno cimport errno, EINTR, EAGAIN
 from posix.unistd cimport read, write, close
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC, CLOCK_REALTIME
 from vhu._barriers cimport vhu_likely, vhu_unlikely
+from vhu._mem cimport GuestMemory, MemTable, Region, make_view
 from vhu._ring cimport (DeviceRing, DevRing, Seg, ChainInfo, dev_pop_batch, dev_push_used,
                         dev_publish_used, dev_notifications_on, dev_notifications_off,
-                        dev_rx_enqueue, dev_avail_pending,
-                        C_TX_FRAMES, C_TX_BYTES, C_TX_SHORT, C_RX_NO_ROOM)
+                        dev_rx_enqueue, dev_avail_pending, copy_segs,
+                        C_TX_FRAMES, C_TX_BYTES, C_TX_SHORT, C_RX_NO_ROOM, C_KICKS,
+                        C_DROP_FILTERED, C_DROP_NO_PORT, C_DROP_STAGE, C_DROP_STAGE_ERROR)
 
 cdef extern from "<sys/epoll.h>" nogil:
     ctypedef union epoll_data_t:
@@ -50,8 +67,11 @@ cdef extern from "<poll.h>" nogil:
     int poll(pollfd *fds, unsigned long nfds, int timeout)
     enum: POLLIN
 
-APPS = ("sink", "echo", "patch", "source")
+log = logging.getLogger("vhu.workers.engine")
+
+APPS = ("sink", "echo", "patch", "source", "switch", "pcap")
 cdef double CTRL_CHECK_SECONDS = 0.001
+cdef uint32_t CTRL_TAG = 0xFFFFFFFFU    # epoll tag of the control socket
 POLL_MODES = ("busy", "epoll", "adaptive")
 
 cdef enum:
@@ -59,17 +79,46 @@ cdef enum:
     APP_ECHO = 1
     APP_PATCH = 2
     APP_SOURCE = 3
+    APP_SWITCH = 4
+    APP_PCAP = 5
     POLL_BUSY = 0
     POLL_EPOLL = 1
     POLL_ADAPTIVE = 2
     MAX_BINDINGS = 512
     MAX_BATCH = 256
     MAX_FRAME = 65536
+    MAX_PORTS = 64
+    MAX_GROUPS = 64
+    MAC_SLOTS = 4096          # power of two; MAC table entries per worker
+    MAC_PROBES = 8            # linear-probe window: a full window evicts its oldest
+    MAX_CAPTURES = 256
+    CAP_BUF = 1 << 18         # bytes of pcap records buffered per file before write(2)
+
+# Verdicts a pipeline stage returns per frame (>= 0: output port index).
+cdef enum:
+    V_DROP = -1
+    V_APP = -2                # let the built-in app (switch, patch, ...) decide
+    V_ERROR = -3              # internal: the stage failed on this batch
+VERDICT_DROP = V_DROP
+VERDICT_APP = V_APP
+
+# A stage's view of one frame: the numpy dtype META_DTYPE mirrors it.
+cdef struct Meta:
+    uint16_t port
+    uint16_t queue
+    uint32_t length
+    uint32_t buf              # index into the batch's buffer views
+    uint32_t pad
+    uint64_t offset           # where the frame (no virtio-net header) starts in that view
+
+META_DTYPE = np.dtype({"names": ["port", "queue", "length", "buf", "offset"],
+                       "formats": [np.uint16, np.uint16, np.uint32, np.uint32, np.uint64],
+                       "offsets": [0, 2, 4, 8, 16], "itemsize": 24})
 
 cdef struct Binding:
     # One queue pair of one port: the guest's RX ring (we fill) and TX ring
-    # (we drain), each NULL unless started. *_live: the ring may be processed
-    # (started); rx_enabled: we may supply RX frames (spec "Ring states").
+    # (we drain), each NULL unless started. rx_enabled: we may supply RX
+    # frames (spec "Ring states").
     DevRing *rx
     DevRing *tx
     bint rx_enabled
@@ -79,6 +128,24 @@ cdef struct Binding:
     int rx_kick
     int tx_kick
     int peer            # binding whose RX gets our TX frames (echo: ourselves), -1: none
+    int port            # port index (verdicts and the MAC table name ports)
+    int group           # queue pair index: frames move only between bindings of a group
+    int cap_rx          # capture slot for frames from the guest (vhu's rx), -1: none
+    int cap_tx          # capture slot for frames into the guest (vhu's tx), -1: none
+    bint rx_dirty       # RX pushes (or a stash) to publish at the end of the batch
+
+cdef struct MacEntry:
+    uint64_t mac        # 48-bit address; 0: empty slot
+    int port
+    double seen         # CLOCK_MONOTONIC of the last frame from mac
+
+cdef struct Capture:
+    int fd
+    uint32_t snaplen
+    uint32_t used
+    char *buf
+    uint64_t records
+    uint64_t write_errors
 
 
 cdef inline void signal_eventfd(int fd) noexcept nogil:
@@ -87,10 +154,11 @@ cdef inline void signal_eventfd(int fd) noexcept nogil:
         write(fd, &one, 8)
 
 
-cdef inline void drain_eventfd(int fd) noexcept nogil:
-    cdef uint64_t value
-    if fd >= 0:
-        read(fd, &value, 8)
+cdef inline uint64_t drain_eventfd(int fd) noexcept nogil:
+    cdef uint64_t value = 0
+    if fd >= 0 and read(fd, &value, 8) == 8:
+        return value
+    return 0
 
 
 cdef inline double now() noexcept nogil:
@@ -99,10 +167,22 @@ cdef inline double now() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
+cdef inline uint32_t mac_hash(uint64_t mac) noexcept nogil:
+    return <uint32_t>((mac * 0x9E3779B97F4A7C15ULL) >> 52) & (MAC_SLOTS - 1)
+
+
+cdef inline uint64_t mac_of(const uint8_t *p) noexcept nogil:
+    return ((<uint64_t>p[0] << 40) | (<uint64_t>p[1] << 32) | (<uint64_t>p[2] << 24) |
+            (<uint64_t>p[3] << 16) | (<uint64_t>p[4] << 8) | <uint64_t>p[5])
+
+
 cdef class Engine:
     """The compiled loop of one worker process."""
     cdef Binding bindings[MAX_BINDINGS]
     cdef int nbind
+    cdef int members[MAX_GROUPS][MAX_PORTS]     # binding indices of each group
+    cdef int nmembers[MAX_GROUPS]
+    cdef int port_bind[MAX_GROUPS][MAX_PORTS]   # (group, port) -> binding, -1
     cdef list keep            # DeviceRing objects the bindings point into
     cdef int app
     cdef int poll_mode
@@ -114,21 +194,50 @@ cdef class Engine:
     cdef uint32_t frame_len
     cdef readonly uint64_t sleeps
     cdef readonly uint64_t wakeups
+    # switch
+    cdef MacEntry *macs
+    cdef readonly double mac_ageing
+    # captures
+    cdef Capture caps[MAX_CAPTURES]
+    cdef int ncap
+    cdef uint32_t ts_sec, ts_usec         # CLOCK_REALTIME of the current batch
+    # per-batch scratch: where each frame's bytes are, and its verdict
+    cdef Seg *fsrc[MAX_BATCH]
+    cdef uint32_t fnsrc[MAX_BATCH]
+    cdef uint64_t fskip[MAX_BATCH]
+    cdef int64_t flen[MAX_BATCH]           # -1: not a frame (short chain)
+    cdef int verdict[MAX_BATCH]
+    cdef Seg gathered[MAX_BATCH]           # frames gathered into `scratch` for a stage
+    # pipeline stage (Python, once per batch)
+    cdef object stage
+    cdef object meta_arr
+    cdef Meta *meta
+    cdef object scratch_arr
+    cdef char *scratch
+    cdef dict views                       # id(GuestMemory) -> (generation, [views])
+    cdef readonly uint64_t stage_errors
+    cdef double last_error_log
+    cdef uint64_t errors_unlogged
 
     def __cinit__(self):
         self.epfd = -1
         self.frame = <uint8_t *>calloc(MAX_FRAME, 1)
-        if self.frame == NULL:
+        self.macs = <MacEntry *>calloc(MAC_SLOTS, sizeof(MacEntry))
+        if self.frame == NULL or self.macs == NULL:
             raise MemoryError()
 
     def __init__(self, app="sink", poll="adaptive", batch=32, idle_spins=20000,
-                 int ctrl_fd=-1, frame=b""):
+                 int ctrl_fd=-1, frame=b"", stage=None, double mac_ageing=300.0):
         if app not in APPS:
             raise ValueError(f"app must be one of {APPS}, not {app!r}")
         if poll not in POLL_MODES:
             raise ValueError(f"poll must be one of {POLL_MODES}, not {poll!r}")
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be 1..{MAX_BATCH}")
+        if not mac_ageing > 0:
+            raise ValueError("mac_ageing must be positive")
+        if stage is not None and not callable(stage):
+            raise TypeError("stage must be callable")
         self.app = APPS.index(app)
         self.poll_mode = POLL_MODES.index(poll)
         self.batch = batch
@@ -136,12 +245,26 @@ cdef class Engine:
         self.ctrl_fd = ctrl_fd
         self.keep = []
         self.nbind = 0
+        self.mac_ageing = mac_ageing
+        self.views = {}
         self.set_frame(frame)
+        self.stage = stage
+        if stage is not None:
+            # Frames split over descriptors are gathered here for the stage
+            # (and forwarded from here, so its edits count).
+            self.meta_arr = np.zeros(MAX_BATCH, dtype=META_DTYPE)
+            self.meta = <Meta *><size_t>self.meta_arr.ctypes.data
+            self.scratch_arr = np.zeros(batch * MAX_FRAME, dtype=np.uint8)
+            self.scratch = <char *><size_t>self.scratch_arr.ctypes.data
 
     def __dealloc__(self):
+        cdef int i
         if self.epfd >= 0:
             close(self.epfd)
+        for i in range(self.ncap):
+            free(self.caps[i].buf)
         free(self.frame)
+        free(self.macs)
 
     def set_frame(self, const uint8_t[:] frame):
         if frame.shape[0] > MAX_FRAME:
@@ -150,19 +273,67 @@ cdef class Engine:
             memcpy(self.frame, &frame[0], frame.shape[0])
         self.frame_len = frame.shape[0]
 
+    def add_capture(self, int fd, uint32_t snaplen=65535):
+        """Append classic pcap records to fd (the caller wrote the file
+        header and keeps the fd). Returns the capture slot for bindings'
+        cap_rx / cap_tx."""
+        if self.ncap >= MAX_CAPTURES:
+            raise ValueError(f"at most {MAX_CAPTURES} captures per worker")
+        if snaplen < 14:
+            raise ValueError("snaplen must be at least 14")
+        cdef Capture *c = &self.caps[self.ncap]
+        c.buf = <char *>malloc(CAP_BUF)
+        if c.buf == NULL:
+            raise MemoryError()
+        c.fd = fd
+        c.snaplen = snaplen if snaplen < MAX_FRAME else MAX_FRAME
+        c.used = 0
+        c.records = 0
+        c.write_errors = 0
+        self.ncap += 1
+        return self.ncap - 1
+
+    def flush(self):
+        """Write out buffered capture records (before the owner closes the files)."""
+        self.flush_captures()
+
+    def capture_stats(self):
+        self.flush_captures()
+        return [dict(records=self.caps[i].records, write_errors=self.caps[i].write_errors)
+                for i in range(self.ncap)]
+
+    def mac_table(self):
+        """Live entries as {mac (int): port}, for tests and debugging."""
+        cdef double t = now()
+        return {self.macs[i].mac: self.macs[i].port for i in range(MAC_SLOTS)
+                if self.macs[i].mac and t - self.macs[i].seen < self.mac_ageing}
+
     def set_bindings(self, list pairs):
         """pairs: dicts with rx, tx (DeviceRing or None), rx_enabled,
-        tx_enabled, rx_call, tx_call, rx_kick, tx_kick (fd or -1) and peer
-        (index into pairs, or -1). Replaces the whole set; the epoll set is
-        rebuilt from the kick fds (and the control fd)."""
-        cdef int i
+        tx_enabled, rx_call, tx_call, rx_kick, tx_kick (fd or -1), peer
+        (index into pairs, or -1), port and queue (default: the pair's index
+        and 0), cap_rx / cap_tx (capture slots or -1). Replaces the whole
+        set; the epoll set is rebuilt from the kick fds (and the control fd)."""
+        cdef int i, g, port
         cdef DeviceRing ring
         cdef Binding *b
         cdef epoll_event ev
         if len(pairs) > MAX_BINDINGS:
             raise ValueError(f"at most {MAX_BINDINGS} queue pairs per worker")
+        for i, p in enumerate(pairs):
+            if not -1 <= p.get("peer", -1) < len(pairs):
+                raise ValueError(f"peer {p.get('peer')} out of range")
+            if not 0 <= p.get("port", i) < MAX_PORTS:
+                raise ValueError(f"port must be 0..{MAX_PORTS - 1}")
+            if not 0 <= p.get("queue", 0) < MAX_GROUPS:
+                raise ValueError(f"queue must be 0..{MAX_GROUPS - 1}")
+            for k in ("cap_rx", "cap_tx"):
+                if not -1 <= p.get(k, -1) < self.ncap:
+                    raise ValueError(f"{k} {p.get(k)} is not a capture slot")
         keep = []
         memset(self.bindings, 0, sizeof(self.bindings))
+        memset(self.nmembers, 0, sizeof(self.nmembers))
+        memset(self.port_bind, 0xFF, sizeof(self.port_bind))     # all -1
         for i, p in enumerate(pairs):
             b = &self.bindings[i]
             b.rx = NULL
@@ -182,63 +353,359 @@ cdef class Engine:
             b.rx_kick = p.get("rx_kick", -1)
             b.tx_kick = p.get("tx_kick", -1)
             b.peer = p.get("peer", -1)
-            if not -1 <= b.peer < len(pairs):
-                raise ValueError(f"peer {b.peer} out of range")
+            b.port = p.get("port", i)
+            b.group = p.get("queue", 0)
+            b.cap_rx = p.get("cap_rx", -1)
+            b.cap_tx = p.get("cap_tx", -1)
+            g, port = b.group, b.port
+            if self.port_bind[g][port] >= 0:
+                raise ValueError(f"port {port} queue {g} bound twice")
+            self.port_bind[g][port] = i
+            self.members[g][self.nmembers[g]] = i
+            self.nmembers[g] += 1
         self.keep = keep
+        self.views = {}           # no region view outlives its bindings
         self.nbind = len(pairs)
         if self.epfd >= 0:
             close(self.epfd)
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1")
-        fds = {p.get("rx_kick", -1) for p in pairs} | {p.get("tx_kick", -1) for p in pairs}
-        fds.add(self.ctrl_fd)
-        for fd in fds:
-            if fd >= 0:
-                ev.events = EPOLLIN
-                ev.data.fd = fd
-                if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
-                    raise OSError(errno, f"epoll_ctl ADD {fd}")
+        # epoll data: fd in the low half, binding << 1 | (1 for TX) in the high
+        # half, so a wake-up is charged as a kick to the right ring.
+        tags = {}
+        for i, p in enumerate(pairs):
+            for kind, key in ((0, "rx_kick"), (1, "tx_kick")):
+                if p.get(key, -1) >= 0:
+                    tags[p[key]] = (i << 1) | kind
+        if self.ctrl_fd >= 0:
+            tags[self.ctrl_fd] = CTRL_TAG
+        for fd, tag in tags.items():
+            ev.events = EPOLLIN
+            ev.data.u64 = (<uint64_t>tag << 32) | <uint32_t>fd
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
+                raise OSError(errno, f"epoll_ctl ADD {fd}")
 
-    cdef uint32_t forward(self, Binding *b, Binding *dst) noexcept nogil:
-        """Drain up to a batch from b's TX ring into dst's RX ring (or drop
-        when dst is NULL or its RX is not ready). Returns chains handled."""
-        cdef DevRing *tx = b.tx
-        cdef DevRing *rx = NULL
-        cdef int n = dev_pop_batch(tx, self.batch)
+    # -- captures -----------------------------------------------------------
+
+    cdef void flush_captures(self) noexcept nogil:
         cdef int i
+        for i in range(self.ncap):
+            self.flush_capture(&self.caps[i])
+
+    cdef void flush_capture(self, Capture *c) noexcept nogil:
+        cdef uint32_t off = 0
+        cdef long n
+        while off < c.used:
+            n = write(c.fd, c.buf + off, c.used - off)
+            if n < 0 and errno == EINTR:
+                continue
+            if n <= 0:
+                c.write_errors += 1       # the rest of the buffer is lost, not retried forever
+                break
+            off += n
+        c.used = 0
+
+    cdef void capture(self, int slot, const Seg *src, uint32_t nsrc, uint64_t skip,
+                      uint64_t length) noexcept nogil:
+        """One pcap record: header (ts, incl_len, orig_len) then the frame."""
+        cdef Capture *c = &self.caps[slot]
+        cdef uint32_t incl = length if length < c.snaplen else c.snaplen
+        cdef uint32_t hdr[4]
+        cdef Seg dst
+        if c.used + 16 + incl > CAP_BUF:
+            self.flush_capture(c)
+        hdr[0] = self.ts_sec
+        hdr[1] = self.ts_usec
+        hdr[2] = incl
+        hdr[3] = <uint32_t>length
+        memcpy(c.buf + c.used, hdr, 16)
+        dst.ptr = c.buf + c.used + 16
+        dst.len = incl
+        copy_segs(&dst, 1, 0, src, nsrc, skip, incl)
+        c.used += 16 + incl
+        c.records += 1
+
+    # -- switch -------------------------------------------------------------
+
+    cdef int mac_lookup(self, uint64_t mac, double t) noexcept nogil:
+        cdef uint32_t h = mac_hash(mac), k
+        cdef MacEntry *e
+        for k in range(MAC_PROBES):
+            e = &self.macs[(h + k) & (MAC_SLOTS - 1)]
+            if e.mac == mac:
+                return e.port if t - e.seen < self.mac_ageing else -1
+        return -1
+
+    cdef void mac_learn(self, uint64_t mac, int port, double t) noexcept nogil:
+        cdef uint32_t h = mac_hash(mac), k
+        cdef MacEntry *e
+        cdef MacEntry *victim = NULL
+        for k in range(MAC_PROBES):
+            e = &self.macs[(h + k) & (MAC_SLOTS - 1)]
+            if e.mac == mac:
+                e.port = port                 # a station that moved is followed at once
+                e.seen = t
+                return
+            if e.mac == 0:
+                if victim == NULL or victim.mac != 0:
+                    victim = e                # the first empty slot
+            elif victim == NULL or (victim.mac != 0 and e.seen < victim.seen):
+                victim = e                    # else the least recently seen
+        # New station: an empty slot, else the least recently seen (aged
+        # entries are the oldest) of the probe window.
+        victim.mac = mac
+        victim.port = port
+        victim.seen = t
+
+    cdef int switch_out(self, Binding *b, int i, double t) noexcept nogil:
+        """Learn the source; the destination's binding, -1 to drop, -2 to flood."""
+        cdef uint8_t eth[12]
+        cdef Seg d
+        cdef uint64_t dst, src
+        cdef int port
+        if self.flen[i] < 14:
+            b.tx.counters[C_DROP_FILTERED] += 1   # not an Ethernet frame
+            return -1
+        d.ptr = <char *>eth
+        d.len = 12
+        copy_segs(&d, 1, 0, self.fsrc[i], self.fnsrc[i], self.fskip[i], 12)
+        src = mac_of(eth + 6)
+        if not (eth[6] & 1) and src != 0:           # never learn group addresses
+            self.mac_learn(src, b.port, t)
+        if eth[0] & 1:
+            return -2                               # broadcast / multicast
+        dst = mac_of(eth)
+        port = self.mac_lookup(dst, t)
+        if port < 0:
+            return -2                               # unknown unicast
+        if port == b.port:
+            b.tx.counters[C_DROP_FILTERED] += 1     # never back to the in-port
+            return -1
+        if self.port_bind[b.group][port] < 0:
+            return -2                               # that port's queue is not bound here
+        return self.port_bind[b.group][port]
+
+    # -- moving frames ------------------------------------------------------
+
+    cdef bint deliver(self, int i, int to) noexcept nogil:
+        """Frame i of the current batch into binding `to`'s RX ring."""
+        cdef Binding *dst = &self.bindings[to]
+        if dst.rx == NULL or not dst.rx_enabled:
+            return False
+        dst.rx_dirty = True
+        if dev_rx_enqueue(dst.rx, self.fsrc[i], self.fnsrc[i], self.fskip[i], self.flen[i]) <= 0:
+            return False       # counted on dst.rx as rx_no_room / rx_too_big
+        if dst.cap_tx >= 0:
+            self.capture(dst.cap_tx, self.fsrc[i], self.fnsrc[i], self.fskip[i], self.flen[i])
+        return True
+
+    cdef uint32_t forward(self, int bi) noexcept nogil:
+        """Drain up to a batch from binding bi's TX ring and send each frame
+        where its verdict says. Returns chains handled."""
+        cdef Binding *b = &self.bindings[bi]
+        cdef DevRing *tx = b.tx
+        cdef int n = dev_pop_batch(tx, self.batch)
+        cdef int i, k, v, m, nframes = 0
         cdef ChainInfo *c
-        cdef uint64_t frames = 0, nbytes = 0, dropped = 0, flen
+        cdef uint64_t frames = 0, nbytes = 0
         cdef uint32_t hdr = tx.hdr_len
+        cdef double t = 0
+        cdef timespec ts
+        cdef int *members
         if n <= 0:
             return 0
-        if dst != NULL and dst.rx != NULL and dst.rx_enabled and b.tx_enabled:
-            rx = dst.rx
+        if self.ncap:
+            clock_gettime(CLOCK_REALTIME, &ts)
+            self.ts_sec = <uint32_t>ts.tv_sec
+            self.ts_usec = <uint32_t>(ts.tv_nsec // 1000)
+        if self.app == APP_SWITCH:
+            t = now()
         for i in range(n):
             c = &tx.chains[i]
+            self.fsrc[i] = &tx.segs[c.seg_start]
+            self.fnsrc[i] = c.nread
+            self.fskip[i] = hdr
+            self.verdict[i] = V_APP
             if vhu_unlikely(c.read_len < hdr):
                 tx.counters[C_TX_SHORT] += 1
-            else:
-                flen = c.read_len - hdr
-                frames += 1
-                nbytes += flen
-                if rx != NULL:
-                    if dev_rx_enqueue(rx, &tx.segs[c.seg_start], c.nread, hdr, flen) <= 0:
-                        dropped += 1
-                elif dst != NULL:
-                    dropped += 1
-            dev_push_used(tx, c.head, 0)
+                self.flen[i] = -1
+                continue
+            self.flen[i] = c.read_len - hdr
+            frames += 1
+            nbytes += c.read_len - hdr
+            if b.cap_rx >= 0:
+                self.capture(b.cap_rx, self.fsrc[i], c.nread, hdr, c.read_len - hdr)
         tx.counters[C_TX_FRAMES] += frames
         tx.counters[C_TX_BYTES] += nbytes
-        if dropped and rx != NULL:
-            pass   # counted by dev_rx_enqueue as rx_no_room / rx_too_big on rx
-        elif dropped:
-            tx.counters[C_RX_NO_ROOM] += dropped   # no receiving ring at all
+        if self.stage is not None and frames:
+            with gil:
+                self.call_stage(bi, n, <int>frames)
+        members = self.members[b.group]
+        for i in range(n):
+            if self.flen[i] < 0:
+                continue
+            v = self.verdict[i]
+            if v == V_APP:
+                if (not b.tx_enabled or self.app == APP_SINK or self.app == APP_PCAP
+                        or self.app == APP_SOURCE):
+                    continue
+                if self.app == APP_SWITCH:
+                    v = self.switch_out(b, i, t)
+                    if v == -2:
+                        for k in range(self.nmembers[b.group]):
+                            m = members[k]
+                            if m != bi:
+                                self.deliver(i, m)
+                    elif v >= 0:
+                        self.deliver(i, v)
+                    continue
+                v = b.peer              # echo, patch
+                if v < 0:
+                    continue
+            elif v < 0:
+                tx.counters[C_DROP_STAGE if v == V_DROP else C_DROP_STAGE_ERROR] += 1
+                continue
+            else:
+                v = self.port_bind[b.group][v] if v < MAX_PORTS else -1
+                if v < 0:
+                    tx.counters[C_DROP_NO_PORT] += 1
+                    continue
+            if not self.deliver(i, v) and (self.bindings[v].rx == NULL or
+                                           not self.bindings[v].rx_enabled):
+                tx.counters[C_RX_NO_ROOM] += 1      # no receiving ring at all
+        for i in range(n):
+            dev_push_used(tx, tx.chains[i].head, 0)
         if dev_publish_used(tx):
             signal_eventfd(b.tx_call)
-        if rx != NULL and dev_publish_used(rx):
-            signal_eventfd(dst.rx_call)
+        for k in range(self.nmembers[b.group]):
+            m = members[k]
+            if self.bindings[m].rx_dirty:
+                self.bindings[m].rx_dirty = False
+                if dev_publish_used(self.bindings[m].rx):
+                    signal_eventfd(self.bindings[m].rx_call)
         return <uint32_t>n
+
+    cdef list region_views(self, int bi):
+        """uint8 views of every region of the memory bi's TX ring reads,
+        rebuilt only when the memory table changes."""
+        cdef DeviceRing ring
+        cdef GuestMemory mem
+        cdef MemTable *t
+        cdef int k
+        for ring in self.keep:
+            if ring.ring() == self.bindings[bi].tx:
+                break
+        mem = ring.mem
+        cached = self.views.get(id(mem))
+        if cached is not None and cached[0] == mem.generation and cached[1] is mem:
+            return cached[2]
+        t = mem.table
+        views = []
+        for k in range(t.n):
+            owner = mem._mapping_of(t.regions[k].host)
+            views.append(np.frombuffer(make_view(t.regions[k].host, t.regions[k].size, owner),
+                                       dtype=np.uint8))
+        self.views[id(mem)] = (mem.generation, mem, views)
+        return views
+
+    cdef void call_stage(self, int bi, int n, int nframes) noexcept:
+        """Run the Python stage on the batch (GIL held). A raising or
+        misbehaving stage drops the batch, is logged (rate-limited) and never
+        stops the worker."""
+        cdef int i
+        try:
+            self.run_stage(bi, n)
+        except BaseException:
+            self.stage_errors += 1
+            for i in range(n):
+                self.verdict[i] = V_ERROR      # counted as drop_stage_error
+            tnow = _time.monotonic()
+            if tnow - self.last_error_log >= 1.0:
+                extra = (f" ({self.errors_unlogged} more failed batches since the last report)"
+                         if self.errors_unlogged else "")
+                log.error("pipeline stage failed on a batch of %d frames from port %d "
+                          "queue %d; the batch is dropped%s\n%s", nframes,
+                          self.bindings[bi].port, self.bindings[bi].group, extra,
+                          traceback.format_exc())
+                self.last_error_log = tnow
+                self.errors_unlogged = 0
+            else:
+                self.errors_unlogged += 1
+
+    cdef int run_stage(self, int bi, int n) except -1:
+        """Fill the metadata, call the stage once, read its verdicts."""
+        cdef Binding *b = &self.bindings[bi]
+        cdef DevRing *tx = b.tx
+        cdef MemTable *t = tx.table_ref[0]
+        cdef int i, j = 0, k, r
+        cdef uint32_t s
+        cdef uint64_t skip, soff = 0
+        cdef Seg *segs
+        cdef char *p
+        cdef Meta *m
+        cdef long long[:] verdicts
+        cdef int index[MAX_BATCH]
+        views = self.region_views(bi)
+        nregions = len(views)
+        for i in range(n):
+            if self.flen[i] < 0:
+                continue
+            m = &self.meta[j]
+            index[j] = i
+            j += 1
+            m.port = b.port
+            m.queue = b.group
+            m.length = <uint32_t>self.flen[i]
+            # Find where the frame starts, past the header.
+            segs = self.fsrc[i]
+            skip = self.fskip[i]
+            s = 0
+            while s < self.fnsrc[i] and skip >= segs[s].len:
+                skip -= segs[s].len
+                s += 1
+            if self.flen[i] == 0 or (s < self.fnsrc[i] and segs[s].len - skip >= <uint64_t>self.flen[i]):
+                p = segs[s].ptr + skip if s < self.fnsrc[i] else NULL
+                m.buf = nregions
+                m.offset = 0
+                for k in range(t.n):
+                    if p != NULL and t.regions[k].host <= p < t.regions[k].host + t.regions[k].size:
+                        m.buf = k
+                        m.offset = <uint64_t>(p - t.regions[k].host)
+                        break
+                if m.buf != nregions or p == NULL:
+                    continue
+            # Split over descriptors (or not found): gather into scratch and
+            # forward from there, so the stage's edits are what is sent.
+            if self.flen[i] > MAX_FRAME:
+                self.flen[i] = -1
+                tx.counters[C_DROP_STAGE] += 1
+                j -= 1
+                continue
+            self.gathered[i].ptr = self.scratch + soff
+            self.gathered[i].len = <uint32_t>self.flen[i]
+            copy_segs(&self.gathered[i], 1, 0, self.fsrc[i], self.fnsrc[i], self.fskip[i],
+                      self.flen[i])
+            self.fsrc[i] = &self.gathered[i]
+            self.fnsrc[i] = 1
+            self.fskip[i] = 0
+            m.buf = nregions
+            m.offset = soff
+            soff += MAX_FRAME
+        if j == 0:
+            return 0
+        out = self.stage(self.meta_arr[:j], views + [self.scratch_arr])
+        if out is None:
+            return 0
+        verdicts = np.ascontiguousarray(out, dtype=np.longlong).reshape(-1)
+        if verdicts.shape[0] != j:
+            raise ValueError(f"stage returned {verdicts.shape[0]} verdicts for {j} frames")
+        for k in range(j):
+            if verdicts[k] < -2 or verdicts[k] >= MAX_PORTS:
+                raise ValueError(f"verdict {verdicts[k]} (frame {k}) is not -2, -1 or a port")
+        for k in range(j):
+            self.verdict[index[k]] = <int>verdicts[k]
+        return 0
 
     cdef uint32_t generate(self, Binding *b) noexcept nogil:
         """The source app: fill b's RX ring with copies of self.frame."""
@@ -252,6 +719,8 @@ cdef class Engine:
             if dev_rx_enqueue(b.rx, &s, 1, 0, self.frame_len) <= 0:
                 break
             done += 1
+            if b.cap_tx >= 0:
+                self.capture(b.cap_tx, &s, 1, 0, self.frame_len)
         if done and dev_publish_used(b.rx):
             signal_eventfd(b.rx_call)
         return done
@@ -260,17 +729,17 @@ cdef class Engine:
         cdef int i
         cdef uint64_t work = 0
         cdef Binding *b
+        cdef timespec ts
         for i in range(self.nbind):
             b = &self.bindings[i]
             if self.app == APP_SOURCE:
+                if self.ncap:
+                    clock_gettime(CLOCK_REALTIME, &ts)
+                    self.ts_sec = <uint32_t>ts.tv_sec
+                    self.ts_usec = <uint32_t>(ts.tv_nsec // 1000)
                 work += self.generate(b)
-                if b.tx != NULL:                 # drain (and drop) what the guest sends
-                    work += self.forward(b, NULL)
-            elif b.tx != NULL:
-                if self.app == APP_SINK or b.peer < 0:
-                    work += self.forward(b, NULL)
-                else:
-                    work += self.forward(b, &self.bindings[b.peer])
+            if b.tx != NULL:
+                work += self.forward(i)
         return work
 
     cdef bint sleep(self, int timeout_ms) noexcept nogil:
@@ -280,6 +749,8 @@ cdef class Engine:
         cdef bint raced = False, ctrl = False
         cdef Binding *b
         cdef epoll_event events[64]
+        cdef uint32_t tag
+        cdef uint64_t kicks
         for i in range(self.nbind):
             b = &self.bindings[i]
             # After enabling, re-check: a chain made available before the
@@ -289,13 +760,23 @@ cdef class Engine:
             if b.rx != NULL and (self.app == APP_SOURCE) and dev_notifications_on(b.rx):
                 raced = True
         if not raced:
+            self.flush_captures()        # an idle worker leaves complete files behind
             self.sleeps += 1
             n = epoll_wait(self.epfd, events, 64, timeout_ms)
             for i in range(n if n > 0 else 0):
-                if events[i].data.fd == self.ctrl_fd:
+                tag = <uint32_t>(events[i].data.u64 >> 32)
+                if tag == CTRL_TAG:
                     ctrl = True
-                else:
-                    drain_eventfd(events[i].data.fd)
+                    continue
+                kicks = drain_eventfd(<int><uint32_t>events[i].data.u64)
+                b = NULL
+                if (tag >> 1) < <uint32_t>self.nbind:
+                    b = &self.bindings[tag >> 1]
+                if b != NULL:
+                    if (tag & 1) and b.tx != NULL:
+                        b.tx.counters[C_KICKS] += kicks
+                    elif not (tag & 1) and b.rx != NULL:
+                        b.rx.counters[C_KICKS] += kicks
             self.wakeups += 1
         for i in range(self.nbind):
             b = &self.bindings[i]
@@ -349,4 +830,5 @@ cdef class Engine:
                     stop = self.sleep(1 if polled_rings else 100)
                     if now() >= deadline:
                         break
+            self.flush_captures()
         return total

@@ -19,6 +19,7 @@ import os
 import pickle
 import signal
 import socket
+import struct
 import traceback
 from dataclasses import dataclass, field
 
@@ -88,6 +89,7 @@ class WorkerState:
         self.stats_map = mmap.mmap(stats_fd, 0) if stats_fd >= 0 else None
         _close(stats_fd)
         self.engine = None
+        self.captures = {}          # port -> (rx slot, tx slot, [fds])
 
     # Each command is a method named after it; returns the reply value.
 
@@ -199,9 +201,11 @@ class WorkerState:
                     rx_call=rx.call if rx else -1, tx_call=tx.call if tx else -1,
                     rx_kick=-1 if not rx or rx.polled else rx.kick,
                     tx_kick=-1 if not tx or tx.polled else tx.kick,
-                    port=port, qp=qp))
+                    port=port, qp=qp, queue=qp))
         app = self.config["app"]
         for pair in pairs:
+            if self.config.get("pcap_dir"):
+                pair["cap_rx"], pair["cap_tx"], _ = self._capture(pair["port"])
             if app == "echo":
                 pair["peer"] = where[(pair["port"], pair["qp"])]
             elif app == "patch":
@@ -211,11 +215,45 @@ class WorkerState:
                 pair["peer"] = -1
         self.engine.set_bindings(pairs)
 
+    def _capture(self, port):
+        """The port's pcap files (vhu's rx and tx), opened on first use: see
+        pcap_path. The engine appends records with write(2); we write the
+        classic libpcap header (microsecond timestamps, DLT_EN10MB)."""
+        if port not in self.captures:
+            slots, fds = [], []
+            snaplen = self.config.get("snaplen", 65535)
+            for direction in ("rx", "tx"):
+                path = pcap_path(self.config["pcap_dir"], port, direction, self.index,
+                                 self.config.get("pcap_per_worker", False))
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                fds.append(fd)
+                os.write(fd, PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, snaplen, 1))
+                slots.append(self.engine.add_capture(fd, snaplen))
+            self.captures[port] = (slots[0], slots[1], fds)
+        return self.captures[port]
+
     def close(self):
         for port in list(self.ports):
             self.cmd_port_reset(port)
+        if self.engine is not None:
+            self.engine.flush()
+        for _, _, fds in self.captures.values():
+            for fd in fds:
+                _close(fd)
+        self.captures = {}
         if self.stats_map is not None:
             self.stats_map.close()
+
+
+PCAP_HEADER = struct.Struct("<IHHiIII")
+
+
+def pcap_path(directory, port, direction, worker=0, per_worker=False):
+    """DIR/<port>-<rx|tx>.pcap; with several workers each writes its own
+    files, DIR/<port>-<rx|tx>-w<worker>.pcap (one writer per file, no locks).
+    rx: frames vhu received from the port's front-end; tx: frames vhu sent it."""
+    suffix = f"-w{worker}" if per_worker else ""
+    return os.path.join(directory, f"{port}-{direction}{suffix}.pcap")
 
 
 def worker_main(index, sock, config, stats_sock):
@@ -232,7 +270,8 @@ def worker_main(index, sock, config, stats_sock):
     stats_sock.close()
     state = WorkerState(index, config, stats_fds[0] if stats_fds else -1)
     state.engine = Engine(app=config["app"], poll=config["poll"], batch=config["batch"],
-                          ctrl_fd=sock.fileno(), frame=config.get("frame", b""))
+                          ctrl_fd=sock.fileno(), frame=config.get("frame", b""),
+                          stage=config.get("stage"), mac_ageing=config.get("mac_ageing", 300.0))
     state._rebind()
     sock.setblocking(False)
     try:
