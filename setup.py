@@ -29,6 +29,7 @@ def ext(module):
 
 
 setup(
-    ext_modules=cythonize([ext("vhu._mem"), ext("vhu._ring"), ext("vhu.workers._engine")], compiler_directives=directives,
+    ext_modules=cythonize([ext("vhu._mem"), ext("vhu._ring"), ext("vhu.workers._engine"),
+                           ext("vhu.frontend._traffic")], compiler_directives=directives,
                           compile_time_env={"VHU_DEBUG": DEBUG}),
 )
