@@ -1,94 +1,116 @@
-"""Self-demonstration of the compiled core (until the back-end's main job exists).
+"""The main job on an embedded default: vhu's back-end moving frames for a built-in front-end.
 
-A driver and a device share a memfd-backed "guest" the way a front-end and
-vhu do: the driver side maps the memory for itself, the device side gets the
-fd and maps it again. Frames go through a TX ring and back through an RX ring
-(virtio-net header, mergeable buffers), are checked byte for byte, then the
-raw ring path is timed.
+Starts ``python -m vhu.master --app echo`` on a temporary socket, connects
+vhu.frontend to it as QEMU or DPDK virtio-user would (memfd memory, split
+rings, eventfds), and for a few seconds sends numbered frames that vhu
+echoes back; each one is checked byte for byte. Live rates every second,
+then the front-end's summary and vhu's own counters, which must agree.
+Nothing else needs to be installed.
 
-    python -m vhu.demo [--seconds 2]
+    python -m vhu.demo [--seconds 5] [--app echo|sink] [--pkt-size 64] [--queues 1]
 """
 import argparse
-import hashlib
+import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 
-from vhu._mem import GuestMemory
-from vhu._ring import DeviceRing, DriverRing, bench_roundtrip
-
-GUEST_BYTES = 16 << 20
-VERSION_1, MRG_RXBUF = 1 << 32, 1 << 15
+from vhu.frontend import Frontend, FrontendError
 
 
-def shared_guest():
-    fd = os.memfd_create("vhu-demo-guest")
-    os.ftruncate(fd, GUEST_BYTES)
-    driver_mem, device_mem = GuestMemory(), GuestMemory()
-    region = (fd, 0, GUEST_BYTES, 0x7F0000000000, 0)
-    driver_mem.set_table([region])
-    device_mem.set_table([region])
-    os.close(fd)
-    return driver_mem, device_mem
+def start_backend(sock, stats_file, app, queues, log):
+    argv = [sys.executable, "-m", "vhu.master", "--socket", sock, "--app", app,
+            "--queues", str(queues), "--workers", str(queues),
+            "--stats-interval", "0.2", "--stats-file", stats_file, "--log-level", "WARNING"]
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_backend(proc)
+            raise RuntimeError("vhu.master did not start")
+        time.sleep(0.05)
+    return proc
 
 
-def frames_roundtrip(driver_mem, device_mem, count=2000):
-    """TX ring guest -> device, RX ring device -> guest; returns (frames, ok)."""
-    features = VERSION_1 | MRG_RXBUF
-    size = 256
-    tx_drv = DriverRing(driver_mem, size, 0x0000, 0x1000, 0x2000, event_idx=True)
-    tx_dev = DeviceRing(device_mem, size, 0x0000, 0x1000, 0x2000, addr_space="gpa",
-                        event_idx=True, features=features)
-    rx_drv = DriverRing(driver_mem, size, 0x4000, 0x5000, 0x6000, event_idx=True)
-    rx_dev = DeviceRing(device_mem, size, 0x4000, 0x5000, 0x6000, addr_space="gpa",
-                        event_idx=True, features=features)
-    tx_buf, rx_buf, slot = 0x100000, 0x800000, 2048
-    buffer_of = {}                    # rx head -> the buffer it carries
-    for i in range(size):
-        buffer_of[rx_drv.add([], [(rx_buf + i * slot, slot)])] = rx_buf + i * slot
-    rx_drv.publish()
-    sent = hashlib.sha256()
-    received = hashlib.sha256()
-    moved = 0
-    for n in range(count):
-        frame = os.urandom(60 + (n * 97) % 4000)
-        sent.update(frame)
-        gpa = tx_buf + (n % size) * 8192
-        driver_mem.write(gpa, bytes(12) + frame)
-        tx_drv.add([(gpa, 12 + len(frame))])
-        tx_drv.publish()
-        for f in tx_dev.tx_frames(32):
-            assert rx_dev.rx_frames([f]) == 1, "no receive buffers"
-        tx_dev.publish()
-        rx_dev.publish()
-        tx_drv.get_used()
-        used = rx_drv.get_used()
-        data = b"".join(driver_mem.read(buffer_of[h], ln) for h, ln in used)
-        received.update(data[12:])
-        for gpa in [buffer_of.pop(h) for h, _ in used]:
-            buffer_of[rx_drv.add([], [(gpa, slot)])] = gpa
-        rx_drv.publish()
-        moved += 1
-    return moved, sent.digest() == received.digest()
+def stop_backend(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def backend_counts(stats_file, settle=0.6, timeout=5.0):
+    """vhu's port counters once they stop moving (the worker writes them live)."""
+    last, since, deadline = None, time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(stats_file) as f:
+                port = json.load(f)["ports"][0]
+            now = (port["rx_packets"], port["rx_bytes"], port["tx_packets"], port["tx_bytes"])
+        except (OSError, ValueError, KeyError, IndexError):
+            now = None
+        if now != last:
+            last, since = now, time.monotonic()
+        elif now is not None and time.monotonic() - since >= settle:
+            break
+        time.sleep(0.1)
+    return last
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m vhu.demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=2.0, help="how long to time the ring path")
+    ap.add_argument("--seconds", type=float, default=5.0, help="how long frames move (default 5)")
+    ap.add_argument("--app", choices=("echo", "sink"), default="echo",
+                    help="echo: frames come back and are checked (default); sink: vhu drops them")
+    ap.add_argument("--pkt-size", type=int, default=64, help="frame bytes (default 64)")
+    ap.add_argument("--queues", type=int, default=1, help="queue pairs (default 1)")
     args = ap.parse_args(argv)
-    driver_mem, device_mem = shared_guest()
-    moved, ok = frames_roundtrip(driver_mem, device_mem)
-    print(f"virtio-net frames through TX and RX rings: {moved}, sha256 equal: {ok}")
-    size = 256
-    drv = DriverRing(driver_mem, size, 0x10000, 0x11000, 0x12000)
-    dev = DeviceRing(device_mem, size, 0x10000, 0x11000, 0x12000, addr_space="gpa")
-    packets, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < args.seconds:
-        packets += bench_roundtrip(drv, dev, 0x200000, 64, 5_000_000, 32)
-    dt = time.perf_counter() - t0
-    print(f"ring path, 64-byte buffers, batch 32: {packets / dt / 1e6:.1f} Mpps "
-          f"({dt / packets * 1e9:.1f} ns per packet, pop + used push + driver refill)")
-    return 0 if ok else 1
+    if not args.seconds > 0:
+        ap.error("--seconds must be positive")
+    mode = "loop" if args.app == "echo" else "tx"
+    tmp = tempfile.mkdtemp(prefix="vhu-demo-")
+    sock, stats = os.path.join(tmp, "vhost.sock"), os.path.join(tmp, "stats.json")
+    log = open(os.path.join(tmp, "vhu-master.log"), "w+")
+    proc = None
+    try:
+        proc = start_backend(sock, stats, args.app, args.queues, log)
+        print(f"vhu.master --app {args.app} serving {sock}; vhu.frontend connects "
+              f"({args.queues} queue pair(s), {args.pkt_size}-byte frames, {mode} mode)")
+        with Frontend(sock, queues=args.queues, pkt_size=args.pkt_size) as fe:
+            print(f"negotiated features {fe.features:#x}, {fe.hdr_len}-byte virtio-net header, "
+                  f"rings of {fe.ring_size}")
+            result = fe.run(mode, duration=args.seconds, on_second=print)
+        print(result.summary())
+        counts = backend_counts(stats)
+        ok = result.errors == 0 and result.tx_packets > 0
+        if counts is None:
+            print("vhu's stats file did not appear")
+            ok = False
+        else:
+            rx, rx_bytes, tx, tx_bytes = counts
+            print(f"vhu counted: received {rx} frames ({rx_bytes} bytes), sent {tx} frames "
+                  f"({tx_bytes} bytes)")
+            ok = ok and rx == result.tx_packets and tx == result.rx_packets
+            print("counts agree" if ok else "counts DISAGREE")
+        return 0 if ok else 1
+    except (FrontendError, RuntimeError, OSError) as e:
+        print(f"python -m vhu.demo: {e}", file=sys.stderr)
+        log.seek(0)
+        sys.stderr.write(log.read()[-2000:])
+        return 1
+    finally:
+        if proc is not None:
+            stop_backend(proc)
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
