@@ -141,6 +141,15 @@ cdef struct DrvRing:
     uint16_t *pend_pos             # descriptors written, flags not yet
     uint16_t *pend_flags
     uint32_t npend
+    # VIRTIO_F_IN_ORDER: chains in the order they were made available, so a
+    # used entry naming a later chain returns every chain before it too.
+    bint in_order
+    uint16_t *order                # FIFO of in-flight heads / buffer ids
+    uint32_t order_head
+    uint32_t order_count
+    bint draining                  # returning chains up to drain_id
+    uint16_t drain_id
+    uint32_t drain_len
 
 @cython.final
 cdef class DeviceRing:

@@ -619,9 +619,17 @@ cdef inline void write_desc(char *d, uint64_t gpa, uint32_t length, uint16_t fla
     vhu_write_once_u16(d + 14, nxt)
 
 
-cdef void drv_make_available(DrvRing *r, uint16_t head, uint16_t ndesc) noexcept nogil:
+cdef inline void drv_track(DrvRing *r, uint16_t head, uint16_t ndesc) noexcept nogil:
+    """A chain goes in flight (and, in order, to the back of the FIFO)."""
     r.chain_len[head] = ndesc
     r.in_flight[head] = 1
+    if r.in_order:
+        r.order[(r.order_head + r.order_count) % r.size] = head
+        r.order_count += 1
+
+
+cdef void drv_make_available(DrvRing *r, uint16_t head, uint16_t ndesc) noexcept nogil:
+    drv_track(r, head, ndesc)
     vhu_write_once_u16(avail_entry(r.avail, r.shadow_avail & r.mask), head)
     r.shadow_avail += 1
 
@@ -669,6 +677,8 @@ cdef int drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items)
     cdef uint32_t head, nd, tail
     if not drv_mem_ok(r):
         return -1
+    if r.in_order:
+        return drv_reclaim_in_order(r, heads, lens, max_items)
     if r.packed:
         return pk_drv_reclaim(r, heads, lens, max_items)
     used_idx = vhu_load_acquire_u16(r.used + RING_IDX)
@@ -680,19 +690,77 @@ cdef int drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items)
             return -1
         heads[n] = <uint16_t>head
         lens[n] = vhu_read_once_u32(e + 4)
-        r.in_flight[head] = 0
-        # The chain's descriptors were linked head..tail through free_next
-        # when added; splice them back onto the free list.
-        nd = r.chain_len[head]
-        tail = head
+        drv_free_chain(r, <uint16_t>head)
+        r.last_used += 1
+        n += 1
+    return n
+
+
+cdef inline void drv_free_chain(DrvRing *r, uint16_t head) noexcept nogil:
+    cdef uint32_t nd = r.chain_len[head], tail = head
+    r.in_flight[head] = 0
+    if r.packed:
+        # Packed: descriptors belong to ring positions; the id alone is freed.
+        r.free_next[head] = <uint16_t>r.free_head
+    else:
+        # Split: the chain's descriptors were linked head..tail through
+        # free_next when added; splice them back onto the free list.
         while nd > 1:
             tail = r.free_next[tail]
             nd -= 1
         r.free_next[tail] = <uint16_t>r.free_head
-        r.free_head = head
-        r.num_free += r.chain_len[head]
-        r.last_used += 1
+    r.free_head = head
+    r.num_free += r.chain_len[head]
+
+
+cdef int drv_reclaim_in_order(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items) noexcept nogil:
+    """VIRTIO_F_IN_ORDER (virtio 1.x 2.7.9, 2.8.20): the device may write
+    one used entry for a batch, naming the batch's last chain, and skip the
+    ring forward over the rest. Chains come back in the order they were made
+    available, up to and including the named one; the others report 0
+    bytes written (a device only batches chains it wrote nothing into)."""
+    cdef int n = 0
+    cdef uint16_t used_idx = 0, flags, head
+    cdef char *e
+    if not r.packed:
+        used_idx = vhu_load_acquire_u16(r.used + RING_IDX)
+    while n < max_items:
+        if r.packed:
+            if r.num_free >= r.size:
+                break
+        elif r.last_used == used_idx:
+            break
+        if not r.draining:
+            if r.packed:
+                e = r.desc + 16 * <uint32_t>r.last_used
+                flags = vhu_load_acquire_u16(e + 14)
+                if not pk_used(flags, r.used_wrap):
+                    break
+                r.drain_id = vhu_read_once_u16(e + 12)
+                r.drain_len = vhu_read_once_u32(e + 8) if flags & DESC_F_WRITE else 0
+            else:
+                e = used_entry(r.used, r.last_used & r.mask)
+                if vhu_read_once_u32(e) >= r.size:
+                    return -1
+                r.drain_id = <uint16_t>vhu_read_once_u32(e)
+                r.drain_len = vhu_read_once_u32(e + 4)
+            if r.drain_id >= r.size or not r.in_flight[r.drain_id]:
+                return -1
+            r.draining = True
+        head = r.order[r.order_head]
+        VHU_ASSERT(r.order_count > 0 and r.in_flight[head])
+        r.order_head = (r.order_head + 1) % r.size
+        r.order_count -= 1
+        heads[n] = head
+        lens[n] = r.drain_len if head == r.drain_id else 0
+        if r.packed:
+            pk_advance(&r.last_used, &r.used_wrap, r.chain_len[head], r.size)
+        else:
+            r.last_used += 1
+        drv_free_chain(r, head)
         n += 1
+        if head == r.drain_id:
+            r.draining = False
     return n
 
 
@@ -995,7 +1063,7 @@ cdef class DriverRing:
         memset(&self.r, 0, sizeof(DrvRing))
 
     def __init__(self, GuestMemory mem not None, size, desc_gpa, avail_gpa, used_gpa, *,
-                 event_idx=False, start_idx=None, packed=False):
+                 event_idx=False, start_idx=None, packed=False, in_order=False):
         cdef uint32_t i
         check_queue_size(size, packed)
         if desc_gpa % 16 or avail_gpa % (4 if packed else 2) or used_gpa % 4:
@@ -1015,7 +1083,9 @@ cdef class DriverRing:
         self.r.in_flight = <uint8_t *>calloc(size, 1)
         self.r.pend_pos = <uint16_t *>malloc(size * sizeof(uint16_t))
         self.r.pend_flags = <uint16_t *>malloc(size * sizeof(uint16_t))
-        if (self.r.free_next == NULL or self.r.chain_len == NULL or self.r.in_flight == NULL
+        self.r.order = <uint16_t *>malloc(size * sizeof(uint16_t))
+        self.r.in_order = bool(in_order)
+        if (self.r.order == NULL or self.r.free_next == NULL or self.r.chain_len == NULL or self.r.in_flight == NULL
                 or self.r.pend_pos == NULL or self.r.pend_flags == NULL):
             raise MemoryError()
         self.remap()
@@ -1044,6 +1114,7 @@ cdef class DriverRing:
         free(self.r.in_flight)
         free(self.r.pend_pos)
         free(self.r.pend_flags)
+        free(self.r.order)
 
     cdef DrvRing *ring(self):
         return &self.r
@@ -1061,6 +1132,10 @@ cdef class DriverRing:
     @property
     def event_idx(self):
         return bool(self.r.event_idx)
+
+    @property
+    def in_order(self):
+        return bool(self.r.in_order)
 
     @property
     def free_count(self):
@@ -1126,8 +1201,7 @@ cdef class DriverRing:
         buf_id = <uint16_t>self.r.free_head
         self.r.free_head = self.r.free_next[buf_id]
         self.r.num_free -= ndesc
-        self.r.chain_len[buf_id] = ndesc
-        self.r.in_flight[buf_id] = 1
+        drv_track(&self.r, buf_id, <uint16_t>ndesc)
         if indirect_gpa is not None:
             table = gpa_to_ptr(self.mem.table, indirect_gpa, 16 * <uint64_t>n)
             if table == NULL:

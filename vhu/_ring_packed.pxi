@@ -297,8 +297,7 @@ cdef int pk_drv_add_one(DrvRing *r, uint64_t gpa, uint32_t length, uint16_t flag
     vhu_write_once_u16(d + 12, buf_id)
     pk_drv_defer_flags(r, pos, flags)
     pk_advance(&r.shadow_avail, &r.avail_wrap, 1, r.size)
-    r.chain_len[buf_id] = 1
-    r.in_flight[buf_id] = 1
+    drv_track(r, buf_id, 1)
     return buf_id
 
 

@@ -43,7 +43,9 @@ except ImportError:                   # pragma: no cover - depends on the build
     _core_check_region_table = None
 
 SUPPORTED_FEATURES = mask(VF.VERSION_1, VF.MRG_RXBUF, VF.EVENT_IDX, VF.INDIRECT_DESC, VF.MQ,
-                          VF.PROTOCOL_FEATURES, VF.RING_PACKED)
+                          VF.PROTOCOL_FEATURES, VF.RING_PACKED, VF.IN_ORDER)
+# IN_ORDER costs the device nothing: every app returns the chains it pops in
+# the order it popped them (RX chains given back unused are popped again first).
 SUPPORTED_PROTOCOL_FEATURES = mask(PF.MQ, PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIGURE_MEM_SLOTS,
                                    PF.STATUS)
 MAX_MEM_SLOTS = 509                   # the most the spec's front-ends use (vhu._mem.MAX_REGIONS)
