@@ -54,10 +54,16 @@ class Master:
         self.stopping = False
         self._last_snapshot = None
         self._last_time = None
+        self.started = False
 
     def start(self):
         c = self.config
         frame = source_frame(c.pkt_size) if c.app == "source" else b""
+        # Sockets first: a path that cannot be served fails before any worker is spawned.
+        for index, path in enumerate(c.sockets):
+            port = Port(self, index, path)
+            self.ports.append(port)
+            port.open()
         for i in range(c.worker_count):
             cpu = c.cpus[i % len(c.cpus)] if c.cpus else None
             wconf = dict(app=c.app, poll=c.poll, batch=c.batch, rings_per_port=c.rings_per_port,
@@ -65,10 +71,7 @@ class Master:
                          pcap_per_worker=c.worker_count > 1, snaplen=c.snaplen,
                          mac_ageing=c.mac_ageing, stage=c.stage)
             self.workers.append(WorkerHandle(i, wconf, self.stats.dup_fd()))
-        for index, path in enumerate(c.sockets):
-            port = Port(self, index, path)
-            self.ports.append(port)
-            port.open()
+        self.started = True
 
     def worker_for_ring(self, ring_index):
         return self.workers[self.config.worker_of(ring_index // 2)]
@@ -114,7 +117,8 @@ class Master:
     def close(self):
         for p in self.ports:
             p.close()
-        self.report(final=True)
+        if self.started:                  # a failed start has nothing to report
+            self.report(final=True)
         for w in self.workers:
             w.stop()
         self.stats.close()

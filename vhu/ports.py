@@ -5,6 +5,7 @@ commands. Everything here runs in the master's event loop.
 import errno
 import logging
 import os
+import select
 import selectors
 import socket
 import stat
@@ -114,6 +115,9 @@ class Port:
         self.created_inode = None
         self.next_connect = None
         self.backoff = RECONNECT_MIN
+        self._rx = bytearray()            # the message being read, and its fds
+        self._rx_fds = []
+        self._rx_deadline = None
 
     @property
     def connected(self):
@@ -161,6 +165,10 @@ class Port:
         log.info("port %d: listening on %s", self.index, path)
 
     def _on_accept(self, events):
+        if self.conn is not None and self._drain():
+            # The current front-end still has messages (and maybe its EOF) to
+            # handle: leave the newcomer in the backlog until they are done.
+            return
         try:
             conn, _ = self.listener.accept()
         except BlockingIOError:
@@ -171,12 +179,26 @@ class Port:
             return
         self._attach(conn)
 
+    def _drain(self, limit=64):
+        """Handle what the current front-end has already sent (at most `limit`
+        messages); True if it still has more. A restarted front-end may connect
+        before the event loop has seen its predecessor's EOF: that EOF is read
+        here first, so the newcomer is served, not refused."""
+        for _ in range(limit):
+            if self.conn is None or not select.select([self.conn], [], [], 0)[0]:
+                return False
+            self._on_readable(selectors.EVENT_READ)
+        return self.conn is not None
+
     def timer_due(self):
-        if self.next_connect is None:
-            return 3600.0
-        return max(0.0, self.next_connect - time.monotonic())
+        due = 3600.0 if self.next_connect is None else self.next_connect - time.monotonic()
+        if self._rx_deadline is not None:
+            due = min(due, self._rx_deadline - time.monotonic())
+        return max(0.0, due)
 
     def on_timer(self, now):
+        if self._rx_deadline is not None and now >= self._rx_deadline:
+            self._detach(f"message incomplete after {MESSAGE_TIMEOUT:g} s")
         if self.next_connect is None or now < self.next_connect or self.conn is not None:
             return
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -203,39 +225,46 @@ class Port:
         log.info("port %d: front-end connected on %s", self.index, self.path)
 
     def _read_message(self):
-        """One whole message and its fds: the 12-byte header with recvmsg (the
-        fds ride on a message's first bytes), then exactly its payload. Reading
-        message by message, as QEMU and DPDK do, keeps fds with their message:
-        a larger read could join earlier messages to the one carrying fds."""
-        conn = self.conn
-        header, fds, flags, _ = socket.recv_fds(conn, HEADER_SIZE, RECV_FDS)
-        if flags & socket.MSG_CTRUNC:
-            close_fds(fds)
-            raise ConnectionError("too many fds in one message (control data truncated)")
-        if not header:
-            close_fds(fds)
-            return None, []
-        conn.settimeout(MESSAGE_TIMEOUT)  # the rest of a message follows at once
-        try:
-            while len(header) < HEADER_SIZE:
-                more = conn.recv(HEADER_SIZE - len(header))
-                if not more:
+        """One whole message and its fds, read without blocking the event loop.
+
+        The 12-byte header comes first with recvmsg (the fds ride on a
+        message's first bytes), then exactly its payload. Reading message by
+        message, as QEMU and DPDK do, keeps fds with their message: a larger
+        read could join earlier messages to the one carrying fds. What has
+        arrived of a message is kept across calls (BlockingIOError until it is
+        whole), so a peer that sends half a message stalls only itself; the
+        timer closes its connection after MESSAGE_TIMEOUT. Returns (None, [])
+        at a clean EOF."""
+        buf = self._rx
+        while True:
+            need = HEADER_SIZE - len(buf)
+            if need <= 0:
+                size = int.from_bytes(buf[8:12], "little")
+                # Larger than the cap: the dispatcher refuses the header alone.
+                need = HEADER_SIZE + (size if size <= MAX_PAYLOAD_SIZE else 0) - len(buf)
+            if need <= 0:
+                fds, self._rx_fds = self._rx_fds, []
+                data = bytes(buf)
+                buf.clear()
+                self._rx_deadline = None
+                return data, fds
+            data, fds, flags, _ = socket.recv_fds(self.conn, need, RECV_FDS)
+            self._rx_fds += fds
+            if flags & socket.MSG_CTRUNC:
+                raise ConnectionError("too many fds in one message (control data truncated)")
+            if not data:
+                if buf:
                     raise ConnectionError("front-end closed the connection mid-message")
-                header += more
-            size = int.from_bytes(header[8:12], "little")
-            payload = b""
-            if size <= MAX_PAYLOAD_SIZE:          # larger: the dispatcher refuses the header
-                while len(payload) < size:
-                    more = conn.recv(size - len(payload))
-                    if not more:
-                        raise ConnectionError("front-end closed the connection mid-message")
-                    payload += more
-        except BaseException:
-            close_fds(fds)
-            raise
-        finally:
-            conn.setblocking(False)
-        return header + payload, fds
+                return None, []
+            if not buf:
+                self._rx_deadline = time.monotonic() + MESSAGE_TIMEOUT
+            buf += data
+
+    def _drop_partial(self):
+        close_fds(self._rx_fds)
+        self._rx_fds = []
+        self._rx.clear()
+        self._rx_deadline = None
 
     def _on_readable(self, events):
         try:
@@ -255,7 +284,8 @@ class Port:
             return
         if outcome.reply:
             try:
-                self.conn.setblocking(True)
+                # Bounded: a peer that never reads its replies must not stall the loop.
+                self.conn.settimeout(MESSAGE_TIMEOUT)
                 self.conn.sendall(outcome.reply)
                 self.conn.setblocking(False)
             except OSError as exc:
@@ -268,6 +298,7 @@ class Port:
         if self.conn is None:
             return
         log.info("port %d: disconnected: %s", self.index, reason)
+        self._drop_partial()
         self.master.selector.unregister(self.conn)
         self.conn.close()
         self.conn = None
