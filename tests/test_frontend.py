@@ -1,0 +1,210 @@
+"""vhu.frontend against vhu.master (a subprocess, as users run it), its CLI, and vhu.demo.
+
+Counts are checked from both ends: what the front-end says it sent or got,
+and what vhu's stats file says it received or delivered.
+"""
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.vhuproc import REPO, VhuMaster
+from vhu._mem import live_mappings
+from vhu.frontend import Frontend, FrontendError
+from vhu.frontend.__main__ import UsageError, parse_args
+from vhu.protocol.messages import VirtioFeature as VF
+
+SUMMARY = re.compile(r"summary: (\w+) [\d.]+ s \| tx (\d+) packets (\d+) bytes [\d.]+ Mpps [\d.]+ Gbps"
+                     r" \| rx (\d+) packets (\d+) bytes [\d.]+ Mpps [\d.]+ Gbps \| errors (\d+)")
+
+
+def cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "vhu.frontend", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def summary(text):
+    m = SUMMARY.search(text)
+    assert m, text
+    mode, tx, txb, rx, rxb, err = m.groups()
+    return mode, int(tx), int(txb), int(rx), int(rxb), int(err)
+
+
+# -- command line, no sockets ------------------------------------------------------
+
+def test_parse_defaults_and_flags():
+    o = parse_args(["--socket", "/s"])
+    assert (o.mode, o.pkt_size, o.queues, o.duration, o.count, o.listen) == ("tx", 64, 1, None, 0, False)
+    o = parse_args(["--socket", "/s", "--listen", "--mode", "loop", "--pkt-size", "1500",
+                    "--queues", "4", "--duration", "2.5", "--count", "9", "--packed",
+                    "--ring-size", "100"])
+    assert (o.listen, o.mode, o.pkt_size, o.queues, o.duration, o.count, o.packed, o.ring_size) == \
+        (True, "loop", 1500, 4, 2.5, 9, True, 100)
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--socket", "/s", "--mode", "rxtx"], ["--socket", "/s", "--pkt-size", "20"],
+    ["--socket", "/s", "--queues", "0"], ["--socket", "/s", "--duration", "0"],
+    ["--socket", "/s", "--ring-size", "100"], ["--socket", "/s", "--legacy", "--packed"],
+    ["--socket", "/s", "--legacy", "--queues", "2"], ["--socket", "/s", "--count", "-1"],
+])
+def test_bad_arguments_are_refused(argv):
+    with pytest.raises(UsageError):
+        parse_args(argv)
+
+
+def test_cli_bad_argument_exits_2_with_one_line():
+    r = cli("--socket", "/nonexistent.sock", "--mode", "bogus")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "--mode" in r.stderr
+
+
+def test_cli_no_backend_exits_1_with_one_line(tmp_path):
+    r = cli("--socket", tmp_path / "none.sock", "--timeout", "0.3")
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "cannot connect" in r.stderr
+
+
+def test_backend_that_hangs_up_is_a_clear_error(tmp_path):
+    """A back-end that closes the connection at once: FrontendError, nothing leaks."""
+    path = str(tmp_path / "rude.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def rude():
+        c, _ = srv.accept()
+        c.recv(64)
+        c.close()
+    t = threading.Thread(target=rude)
+    t.start()
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(FrontendError, match="closed the connection|gone"):
+        with Frontend(path, timeout=5):
+            pass
+    t.join()
+    srv.close()
+    assert set(os.listdir("/proc/self/fd")) - before == set()
+
+
+# -- against vhu.master ----------------------------------------------------------
+
+def test_tx_into_sink_counts_exactly(tmp_path):
+    with VhuMaster(tmp_path, "--app", "sink") as vhu:
+        with Frontend(vhu.sockets[0]) as fe:
+            r = fe.run("tx", count=50_000, duration=60)
+        assert (r.tx_packets, r.tx_bytes, r.errors) == (50_000, 64 * 50_000, 0)
+        assert vhu.wait_stable("rx_packets") == 50_000
+        assert vhu.port()["rx_bytes"] == 64 * 50_000
+        vhu.stop()
+
+
+def test_loop_through_echo_every_frame_back_intact_and_vring_bases(tmp_path):
+    with VhuMaster(tmp_path, "--app", "echo") as vhu:
+        with Frontend(vhu.sockets[0], pkt_size=300) as fe:
+            r = fe.run("loop", duration=1.5)
+            bases = fe.stop()
+        assert r.tx_packets > 1000 and r.rx_packets == r.tx_packets, r.summary()
+        assert (r.corrupt, r.missing, r.out_of_order) == (0, 0, 0), r.summary()
+        assert r.rx_bytes == 300 * r.rx_packets
+        # GET_VRING_BASE: the next avail entry the back-end would process: every
+        # TX frame, and every RX buffer it filled (the ones still posted are not).
+        assert bases[1] == r.tx_packets & 0xFFFF
+        assert bases[0] == r.rx_packets & 0xFFFF
+        assert vhu.wait_stable("tx_packets") == r.rx_packets
+        assert vhu.port()["rx_packets"] == r.tx_packets
+        vhu.stop()
+
+
+def test_rx_from_source(tmp_path):
+    with VhuMaster(tmp_path, "--app", "source", "--pkt-size", "128") as vhu:
+        with Frontend(vhu.sockets[0]) as fe:
+            r = fe.run("rx", count=20_000, duration=60)
+        assert (r.rx_packets, r.rx_bytes, r.tx_packets) == (20_000, 128 * 20_000, 0)
+        assert vhu.wait_stable("tx_packets") == 20_000
+        vhu.stop()
+
+
+def test_legacy_peer_ten_byte_header(tmp_path):
+    with VhuMaster(tmp_path, "--app", "echo") as vhu:
+        with Frontend(vhu.sockets[0], legacy=True) as fe:
+            assert fe.hdr_len == 10
+            assert not fe.features & (1 << VF.VERSION_1 | 1 << VF.MRG_RXBUF | 1 << VF.PROTOCOL_FEATURES)
+            r = fe.run("loop", duration=1.0)
+        assert r.tx_packets > 0 and r.rx_packets == r.tx_packets and r.errors == 0, r.summary()
+        assert vhu.wait_stable("rx_packets") == r.tx_packets
+        assert "net header 10 bytes" in vhu.output()
+        vhu.stop()
+
+
+def test_two_queue_pairs_both_carry_traffic(tmp_path):
+    with VhuMaster(tmp_path, "--app", "echo", "--queues", "2", "--workers", "2") as vhu:
+        with Frontend(vhu.sockets[0], queues=2) as fe:
+            r = fe.run("loop", duration=1.5)
+        assert r.tx_packets > 0 and r.rx_packets == r.tx_packets and r.errors == 0, r.summary()
+        assert vhu.wait_stable("rx_packets") == r.tx_packets
+        assert all(q["rx_packets"] > 0 for q in vhu.port()["queues"]), vhu.port()
+        vhu.stop()
+
+
+def test_packed_rings_against_vhu(tmp_path):
+    with VhuMaster(tmp_path, "--app", "echo") as vhu:
+        with Frontend(vhu.sockets[0], packed=True, ring_size=100) as fe:
+            assert fe.features >> VF.RING_PACKED & 1
+            r = fe.run("loop", duration=1.0)
+        assert r.tx_packets > 0 and r.rx_packets == r.tx_packets and r.errors == 0, r.summary()
+        assert vhu.wait_stable("rx_packets") == r.tx_packets
+        vhu.stop()
+
+
+def test_listen_for_a_client_mode_backend(tmp_path):
+    sock = tmp_path / "fe.sock"
+    fe = subprocess.Popen([sys.executable, "-m", "vhu.frontend", "--socket", str(sock), "--listen",
+                           "--mode", "loop", "--count", "20000", "--duration", "30", "--quiet"],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with VhuMaster(tmp_path, "--client", "--app", "echo", sockets=("fe.sock",)):
+            out, err = fe.communicate(timeout=60)
+    finally:
+        if fe.poll() is None:
+            fe.kill()
+            fe.wait()
+    assert fe.returncode == 0, err
+    mode, tx, _, rx, _, errors = summary(out)
+    assert (mode, tx, rx, errors) == ("loop", 20000, 20000, 0)
+    assert not sock.exists(), "the listening socket is removed at exit"
+
+
+def test_close_releases_every_fd_and_mapping(tmp_path, no_fd_leak):
+    maps = live_mappings()
+    with VhuMaster(tmp_path, "--app", "echo") as vhu:
+        fe = Frontend(vhu.sockets[0], queues=1)
+        with fe:
+            assert live_mappings() == maps + 1
+            fe.run("loop", count=1000, duration=30)
+        assert fe.client is None and fe.mem is None
+        assert live_mappings() == maps
+        vhu.stop()
+
+
+def test_cli_tx_count_summary(tmp_path):
+    with VhuMaster(tmp_path, "--app", "sink") as vhu:
+        r = cli("--socket", vhu.sockets[0], "--mode", "tx", "--count", 10_000, "--pkt-size", 100)
+        assert r.returncode == 0, r.stderr
+        assert summary(r.stdout) == ("tx", 10_000, 1_000_000, 0, 0, 0)
+        assert vhu.wait_stable("rx_packets") == 10_000
+        vhu.stop()
+
+
+def test_demo_moves_frames():
+    r = subprocess.run([sys.executable, "-m", "vhu.demo", "--seconds", "1"], cwd=REPO,
+                       capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stdout + r.stderr
+    mode, tx, _, rx, _, errors = summary(r.stdout)
+    assert tx > 0 and rx == tx and errors == 0
+    assert f"vhu counted: received {tx} frames" in r.stdout
+    assert "counts agree" in r.stdout
