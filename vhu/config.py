@@ -38,6 +38,7 @@ class MasterConfig:
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     stage: object = None          # a Forwarder pipeline's Python stages (vhu.workers.forwarder)
+    client_ports: tuple = ()      # ports in client mode when not all are (--client)
 
     @property
     def rings_per_port(self):

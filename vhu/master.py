@@ -133,17 +133,16 @@ def main(argv=None):
         return 2
     logging.basicConfig(level=config.log_level, stream=sys.stdout,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    master = Master(config)
-    signal.signal(signal.SIGINT, master.stop)
-    signal.signal(signal.SIGTERM, master.stop)
+    # The CLI is a thin user of the embeddable API: one Forwarder, served here.
+    from vhu.workers.forwarder import Forwarder
+    fw = Forwarder(config=config)
+    signal.signal(signal.SIGINT, lambda *_: fw.stop())
+    signal.signal(signal.SIGTERM, lambda *_: fw.stop())
     try:
-        master.start()
-        master.run()
+        fw.run()
     except OSError as exc:
         log.error("%s", exc)
-        master.close()
         return 1
-    master.close()
     return 0
 
 

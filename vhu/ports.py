@@ -109,6 +109,8 @@ class Port:
         self.config = master.config
         self.index = index
         self.path = path
+        # client mode: for every port (--client) or for some (Forwarder ports)
+        self.client = self.config.client or index in getattr(self.config, "client_ports", ())
         self.listener = None
         self.conn = None
         self.session = None
@@ -126,7 +128,7 @@ class Port:
     # -- sockets ------------------------------------------------------------
 
     def open(self):
-        if self.config.client:
+        if self.client:
             self.next_connect = time.monotonic()
         else:
             self._listen()
@@ -307,7 +309,7 @@ class Port:
             session.close()               # releases every fd it kept; stops rings
         except WorkerError as exc:
             log.error("port %d: reset after disconnect failed: %s", self.index, exc)
-        if self.config.client and not self.master.stopping:
+        if self.client and not self.master.stopping:
             self.next_connect = time.monotonic() + RECONNECT_MIN
 
     def close(self):

@@ -45,30 +45,44 @@ class StatsMemory:
         os.close(self.fd)
 
 
+# Drop reasons: reason -> the counters (summed over the queue pair's two
+# rings) it is made of. Every drop vhu makes is in exactly one of them.
+DROP_REASONS = {
+    "rx_no_room": ("rx_no_room",),          # the receiving guest had no buffer
+    "rx_too_big": ("rx_too_big",),          # frame larger than its buffer (no mergeable)
+    "tx_short": ("tx_short",),              # chain shorter than the virtio-net header
+    "filtered": ("drop_filtered",),         # switch: destination behind the in-port, runt
+    "no_port": ("drop_no_port",),           # a verdict named a port not served here
+    "stage": ("drop_stage",),               # a pipeline stage said drop
+    "stage_error": ("drop_stage_error",),   # a pipeline stage raised on the batch
+}
+
+
 def queue_stats(snap, port, qp):
     rx_ring, tx_ring = snap[port, 2 * qp], snap[port, 2 * qp + 1]
+
+    def both(name):
+        return int(rx_ring[_INDEX[name]] + tx_ring[_INDEX[name]])
     out = {
         "queue": qp,
         "rx_packets": int(tx_ring[_INDEX["tx_frames"]]),
         "rx_bytes": int(tx_ring[_INDEX["tx_bytes"]]),
         "tx_packets": int(rx_ring[_INDEX["rx_frames"]]),
         "tx_bytes": int(rx_ring[_INDEX["rx_bytes"]]),
-        "drops": {
-            "rx_no_room": int(rx_ring[_INDEX["rx_no_room"]] + tx_ring[_INDEX["rx_no_room"]]),
-            "rx_too_big": int(rx_ring[_INDEX["rx_too_big"]]),
-            "tx_short": int(tx_ring[_INDEX["tx_short"]]),
-        },
-        "kicks_suppressed_calls": int(rx_ring[_INDEX["notify_suppressed"]] + tx_ring[_INDEX["notify_suppressed"]]),
-        "calls": int(rx_ring[_INDEX["notify"]] + tx_ring[_INDEX["notify"]]),
-        "broken": {n[len("broken_"):]: int(rx_ring[_INDEX[n]] + tx_ring[_INDEX[n]])
-                   for n in BROKEN_NAMES if rx_ring[_INDEX[n]] + tx_ring[_INDEX[n]]},
+        "drops": {reason: sum(both(n) for n in names) for reason, names in DROP_REASONS.items()},
+        "kicks": both("kicks"),                         # eventfd kicks the guest sent us
+        "calls": both("notify"),                        # interrupts we sent the guest
+        "calls_suppressed": both("notify_suppressed"),  # ... and those it asked us not to
+        "kicks_suppressed_calls": both("notify_suppressed"),   # old name of calls_suppressed
+        "broken": {n[len("broken_"):]: both(n) for n in BROKEN_NAMES if both(n)},
     }
     return out
 
 
 def port_stats(snap, port, queues, name, connected):
     qs = [queue_stats(snap, port, q) for q in range(queues)]
-    total = {k: sum(q[k] for q in qs) for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")}
+    total = {k: sum(q[k] for q in qs) for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
+                                                "kicks", "calls", "calls_suppressed")}
     drops = {}
     broken = {}
     for q in qs:
