@@ -287,11 +287,11 @@ QEMU_RINGS = {0: (0x7f47ee9df000, 0x7f47ee9e0000, 0x7f47ee9e0240),
 
 def test_qemu_7_2_guest_boot(peer):
     p, h = peer, peer.hooks
-    assert p.send(R.GET_FEATURES) == pack_reply(R.GET_FEATURES, u64(0xD70408000))  # +RING_PACKED, IN_ORDER
-    assert p.send(R.GET_PROTOCOL_FEATURES) == pack_reply(R.GET_PROTOCOL_FEATURES, u64(0x18029))
+    assert p.send(R.GET_FEATURES) == pack_reply(R.GET_FEATURES, u64(0xD70408008))  # +RING_PACKED, IN_ORDER, MTU
+    assert p.send(R.GET_PROTOCOL_FEATURES) == pack_reply(R.GET_PROTOCOL_FEATURES, u64(0x18039))  # +MTU
     proto = 0x10cbf & SUPPORTED_PROTOCOL_FEATURES          # what QEMU acks of our offer
     assert p.send(R.SET_PROTOCOL_FEATURES, u64(proto)) == b""
-    assert p.dev.acked_protocol_features == 0x10029
+    assert p.dev.acked_protocol_features == 0x10039
     assert p.send(R.GET_QUEUE_NUM) == pack_reply(R.GET_QUEUE_NUM, u64(8))
     req = efd()
     assert p.send(R.SET_BACKEND_REQ_FD, fds=[req], need_reply=True) == ack(R.SET_BACKEND_REQ_FD)
@@ -660,8 +660,23 @@ def test_unknown_request_and_bad_flags(acked):
     assert acked.send(R.SET_OWNER, flags=0x4, need_reply=True) == ack(R.SET_OWNER, 1)
     assert acked.send(R.SET_OWNER, flags=0x100, need_reply=True) == ack(R.SET_OWNER, 1)
     # Known but not implemented, and its protocol feature never offered.
-    assert acked.send(R.NET_SET_MTU, u64(1500), need_reply=True) == ack(R.NET_SET_MTU, 1)
+    assert acked.send(R.SEND_RARP, u64(0x0a0000545200), need_reply=True) == \
+        ack(R.SEND_RARP, 1)
     assert acked.raw(R.GET_CONFIG, b"\0" * 12).close
+
+
+def test_net_set_mtu(acked):
+    """QEMU host_mtu=N: NET_MTU offered, the MTU kept; nonsense refused."""
+    assert SUPPORTED_FEATURES & (1 << VF.NET_MTU)
+    assert acked.send(R.NET_SET_MTU, u64(9000), need_reply=True) == ack(R.NET_SET_MTU)
+    assert acked.dev.mtu == 9000
+    for bad in (0, 67, 65536, 1 << 40):
+        assert acked.send(R.NET_SET_MTU, u64(bad), need_reply=True) == ack(R.NET_SET_MTU, 1)
+    assert acked.dev.mtu == 9000
+    p = Peer()
+    p.negotiate(protocol=mask(PF.MQ, PF.REPLY_ACK))       # MTU not negotiated: refused
+    assert p.send(R.NET_SET_MTU, u64(1500), need_reply=True) == ack(R.NET_SET_MTU, 1)
+    p.close()
 
 
 def test_unoffered_feature_bits_are_refused(peer):

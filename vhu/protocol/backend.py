@@ -43,11 +43,12 @@ except ImportError:                   # pragma: no cover - depends on the build
     _core_check_region_table = None
 
 SUPPORTED_FEATURES = mask(VF.VERSION_1, VF.MRG_RXBUF, VF.EVENT_IDX, VF.INDIRECT_DESC, VF.MQ,
-                          VF.PROTOCOL_FEATURES, VF.RING_PACKED, VF.IN_ORDER)
+                          VF.PROTOCOL_FEATURES, VF.RING_PACKED, VF.IN_ORDER, VF.NET_MTU)
 # IN_ORDER costs the device nothing: every app returns the chains it pops in
 # the order it popped them (RX chains given back unused are popped again first).
 SUPPORTED_PROTOCOL_FEATURES = mask(PF.MQ, PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIGURE_MEM_SLOTS,
-                                   PF.STATUS)
+                                   PF.STATUS, PF.MTU)
+MTU_MIN, MTU_MAX = 68, 65535          # virtio-net config mtu: a u16, at least IPv4's minimum
 MAX_MEM_SLOTS = 509                   # the most the spec's front-ends use (vhu._mem.MAX_REGIONS)
 MAX_QUEUE_PAIRS = 128                 # ring index is 8 bits in SET_VRING_KICK/CALL/ERR
 _F_PROTOCOL = 1 << VF.PROTOCOL_FEATURES
@@ -266,7 +267,9 @@ class NetBackend:
             self._protocol_seen = False
         self.owner = False
         self.status = 0
+        self.mtu: Optional[int] = None    # NET_SET_MTU: the guest's MTU (virtio-net config mtu)
         self.regions: list[Region] = []
+        self._dup_regions: dict = {}     # (gpa, size, uva) -> ADD_MEM_REG repeats not yet removed
         self.backend_req_fd = -1
         self.rings = [_Ring() for _ in range(self.nrings)]
         self._published = [self.ring_config(i) for i in range(self.nrings)]
@@ -433,6 +436,16 @@ class NetBackend:
 
     def get_status(self, msg: Message) -> bytes:
         return U64(self.status).pack()
+
+    def net_set_mtu(self, msg: Message) -> None:
+        """The MTU the front-end gives the guest (QEMU host_mtu=): kept and
+        logged. Frames are not cut to it: the guest's own stack keeps to it,
+        and a larger frame is still bounded by the guest's buffers."""
+        mtu = U64.unpack(msg.payload).value
+        if not MTU_MIN <= mtu <= MTU_MAX:
+            raise ProtocolError(f"MTU {mtu} is outside {MTU_MIN}..{MTU_MAX}")
+        self.mtu = mtu
+        log.info("MTU %d", mtu)
 
     # -- memory ---------------------------------------------------------------
 
