@@ -32,7 +32,7 @@ from vhu._mem import GuestMemory
 from vhu._ring import DriverRing
 from vhu.protocol.messages import (
     FLAG_NEED_REPLY, FLAG_REPLY, HEADER, VERSION, MemoryRegion, MemoryTable,
-    ProtocolFeature as PF, Request as R, U64, VirtioFeature as VF, VringAddr, VringState, mask,
+    ProtocolFeature as PF, Request as R, SingleMemoryRegion, U64, VirtioFeature as VF, VringAddr, VringState, mask,
 )
 from vhu.testbed import missing_reason
 from vhu.testbed.dpdk import Testpmd, virtio_user_vdev
@@ -48,7 +48,7 @@ MEM_SIZE = 4 << 20
 RING_SIZE = 256
 LEGACY_HDR = 10
 NEGOTIATED = mask(VF.VERSION_1, VF.PROTOCOL_FEATURES)
-PROTOCOL = mask(PF.MQ, PF.REPLY_ACK)
+PROTOCOL = mask(PF.MQ, PF.REPLY_ACK, PF.CONFIGURE_MEM_SLOTS)
 
 
 # -- a raw front-end ------------------------------------------------------------
@@ -403,6 +403,22 @@ def _bad_table(*regions, nfds=None, fd_kind="memfd", size=MEM_SIZE):
     return send
 
 
+def one_region(*r):
+    """ADD_MEM_REG / REM_MEM_REG payload."""
+    return SingleMemoryRegion(MemoryRegion(*r)).pack()
+
+
+def _add_region_first(fe, kit):
+    assert fe.ack(R.ADD_MEM_REG, one_region(*region()), fds=[kit.memfd(watch=False)]) == 0
+
+
+def _add_region(r, fd_kind="memfd"):
+    def send(fe, kit):
+        fd = kit.pipe() if fd_kind == "pipe" else kit.memfd()
+        fe.send(R.ADD_MEM_REG, one_region(*r), need_reply=True, fds=[fd])
+    return send
+
+
 def _msg(request, payload=b"", fds=0, **kw):
     def send(fe, kit):
         fe.send(request, payload, need_reply=True, fds=[kit.pipe() for _ in range(fds)], **kw)
@@ -491,6 +507,13 @@ CASES = [
     ("mem_nine_regions", _bad_table(*NINE, nfds=8, size=0x10000), "nack", "SET_MEM_TABLE refused: payload of 296 bytes"),
     ("mem_nregions_field_9", lambda fe, kit: fe.send(R.SET_MEM_TABLE, struct.pack("=II", 9, 0) + mem_table(*EIGHT)[8:], need_reply=True, fds=[kit.memfd(0x10000) for _ in range(8)]), "nack", "memory table with 9 regions (1..8)"),
     ("mem_nregions_field_0", lambda fe, kit: fe.send(R.SET_MEM_TABLE, struct.pack("=II", 0, 0) + mem_table(region())[8:], need_reply=True, fds=[kit.memfd()]), "nack", "memory table with 0 regions"),
+    # one region at a time (CONFIGURE_MEM_SLOTS)
+    ("add_mem_reg_without_fd", _msg(R.ADD_MEM_REG, one_region(*region())), "nack", "ADD_MEM_REG refused: 0 fds attached, expected 1..1"),
+    ("add_mem_reg_overlap", _then(_add_region_first, _add_region(region(0x1000, gpa=MEM_SIZE - 0x1000, uva=UVA + (1 << 30)))), "nack", "regions 0 and 1 overlap in guest_phys_addr"),
+    ("add_mem_reg_size_0", _add_region(region(0)), "nack", "region 0: memory_size is 0"),
+    ("add_mem_reg_pipe", _add_region(region(), fd_kind="pipe"), "nack", "is not a memory file"),
+    ("add_mem_reg_past_file", _add_region(region(2 * MEM_SIZE)), "nack", "region needs offset 0x0 + size 0x800000"),
+    ("rem_mem_reg_unknown", _then(_add_region_first, _msg(R.REM_MEM_REG, one_region(*region(gpa=1 << 32)), fds=1)), "nack", "REM_MEM_REG refused: no region gpa 0x100000000"),
     # unknown and not negotiated requests
     ("unknown_request_99", _msg(99), "nack", "request 99 refused: unknown request"),
     ("unknown_request_0", _msg(0, bytes(8)), "nack", "request 0 refused: unknown request"),
@@ -590,6 +613,7 @@ def test_hostile_ring_is_reported_and_others_go_on(master, traffic, hostile, cou
         while master.port(0)["broken"].get(counter, 0) <= before and time.monotonic() < deadline:
             time.sleep(0.05)
         assert master.port(0)["broken"].get(counter, 0) == before + 1
+        assert master.port(0)["queues"][0]["broken"].get(counter, 0) == before + 1
         master.wait_log(f"{counter}={before + 1}")
         assert master.port(0)["rx_packets"] >= 4
     finally:
