@@ -37,9 +37,10 @@ PKGS=(
     qemu-system-x86 seabios ipxe-qemu
     busybox-static linux-image-amd64
     cpio kmod xz-utils zstd gzip iproute2 procps util-linux
+    tcpdump                 # tests read vhu's pcap files with it
 )
 if [ "${VHU_EXTRA_PKGS:-0}" = "1" ]; then
-    PKGS+=(tcpdump tshark)
+    PKGS+=(tshark)
 fi
 
 missing=()

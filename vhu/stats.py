@@ -115,3 +115,49 @@ def write_json(path, ports):
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)
     os.replace(tmp, path)
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def main(argv=None):
+    """python -m vhu.stats --stats-file PATH [--interval S] [--count N]:
+    follow a running master's JSON stats file and print live rates."""
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(prog="python -m vhu.stats",
+                                description="live rates of a running vhu.master")
+    p.add_argument("--stats-file", required=True, metavar="PATH",
+                   help="the master's --stats-file")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS")
+    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N reports (0: never)")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    before, t_before, n = None, None, 0
+    try:
+        while True:
+            try:
+                doc = _read(a.stats_file)
+            except (OSError, ValueError) as exc:
+                print(f"vhu.stats: {a.stats_file}: {exc}", file=sys.stderr)
+                return 1
+            t = doc["time"]
+            dt = t - t_before if t_before is not None else 0
+            if before is None or dt > 0:
+                for i, port in enumerate(doc["ports"]):
+                    prev = before[i] if before and i < len(before) else None
+                    line = rate_line(port, prev, dt)
+                    drops = ",".join(f"{k}={v}" for k, v in port["drops_by_reason"].items() if v)
+                    print(f"{line}{' (' + drops + ')' if drops else ''}", flush=True)
+                before, t_before = doc["ports"], t
+                n += 1
+                if a.count and n >= a.count:
+                    return 0
+            time.sleep(a.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
