@@ -239,17 +239,18 @@ def test_vhu_sigkilled_and_restarted_in_client_mode(client_pair):
 def test_two_queue_pairs(tmp_path):
     """--queues 2 and -netdev ...,queues=2 + mq=on. The guest has 2 vCPUs, so
     its virtio-net driver enables both queue pairs (one per CPU); pings pinned
-    to each vCPU transmit on their CPU's queue (XPS)."""
+    to each vCPU transmit on their CPU's queue (XPS). vhu's per-queue counters
+    show that both queue pairs of both ports carried frames."""
     p = Pair(queues=2, smp=2)
     try:
         p.start()
         for g in (p.a, p.b):
             out, _ = g.run("ls /sys/class/net/eth0/queues/")
             assert out.split() == ["rx-0", "rx-1", "tx-0", "tx-1"], out
-        for cpu in (0, 1):
-            out, rc = p.a.run(f"taskset -c {cpu} ping -c 5 -i 0.2 {IP_B}", timeout=30)
-            assert rc == 0 and " 0% packet loss" in out, out
-        assert_ping(p.b, IP_A)
+        for g, dst in ((p.a, IP_B), (p.b, IP_A)):
+            for cpu in (0, 1):
+                out, rc = g.run(f"taskset -c {cpu} ping -c 5 -i 0.2 {dst}", timeout=30)
+                assert rc == 0 and ", 0% packet loss" in out, out
         assert transfer(p.a, p.b, IP_B) == FILE_SIZE
         wait_counters(p.vhu)
         for port in (0, 1):
@@ -257,7 +258,9 @@ def test_two_queue_pairs(tmp_path):
             assert [q["queue"] for q in qs] == [0, 1]
             # frames from this guest's TX queues into vhu, per queue pair
             assert all(q["rx_packets"] > 0 for q in qs), (port, qs)
-        assert p.vhu.port(0)["drops"] == 0 and p.vhu.port(1)["drops"] == 0
+        # (drops are allowed: a guest slower than its peer fills its RX ring, as
+        # on a real cable; TCP resends and the checksums above stay equal)
+        assert not p.vhu.port(0)["broken"] and not p.vhu.port(1)["broken"]
     finally:
         p.close()
 

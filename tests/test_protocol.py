@@ -374,6 +374,38 @@ def test_qemu_with_configure_mem_slots(peer):
     assert p.send(R.REM_MEM_REG, single(*r0), need_reply=True) == ack(R.REM_MEM_REG, 1)
 
 
+def test_qemu_7_2_multiqueue_repeats_add_mem_reg_per_queue_pair(peer):
+    """QEMU 7.2 with queues=2: each queue pair's vhost device sends the whole
+    table on the shared connection, so every region comes twice (QEMU 8.0
+    sends it once). The repeat is accepted without remapping, its fd closed;
+    REM_MEM_REG comes as often and only the last one unmaps."""
+    p, h = peer, peer.hooks
+    p.negotiate(protocol=SUPPORTED_PROTOCOL_FEATURES)
+    r0 = QEMU_REGIONS[0]
+    first, again = memfd(), memfd()
+    assert p.send(R.ADD_MEM_REG, single(*r0), [first], need_reply=True) == ack(R.ADD_MEM_REG)
+    maps = len(h.of("mem"))
+    assert p.send(R.ADD_MEM_REG, single(*r0), [again], need_reply=True) == ack(R.ADD_MEM_REG)
+    assert is_closed(again) and not is_closed(first)
+    assert len(h.of("mem")) == maps and len(p.dev.regions) == 1
+    # Same gpa, other offset: not a repeat, an overlap.
+    other = memfd()
+    assert p.send(R.ADD_MEM_REG, single(r0[0], r0[1], r0[2], 0x1000), [other],
+                  need_reply=True) == ack(R.ADD_MEM_REG, 1)
+    assert is_closed(other)
+    assert p.send(R.REM_MEM_REG, single(*r0), need_reply=True) == ack(R.REM_MEM_REG)
+    assert not is_closed(first) and len(p.dev.regions) == 1
+    assert p.send(R.REM_MEM_REG, single(*r0), need_reply=True) == ack(R.REM_MEM_REG)
+    assert is_closed(first) and p.dev.regions == []
+    assert p.send(R.REM_MEM_REG, single(*r0), need_reply=True) == ack(R.REM_MEM_REG, 1)
+    # SET_MEM_TABLE replaces everything, repeat counts included.
+    p.send(R.ADD_MEM_REG, single(*r0), [memfd()], need_reply=True)
+    p.send(R.ADD_MEM_REG, single(*r0), [memfd()], need_reply=True)
+    p.send(R.SET_MEM_TABLE, table(r0), [memfd()])
+    assert p.send(R.REM_MEM_REG, single(*r0), need_reply=True) == ack(R.REM_MEM_REG)
+    assert p.dev.regions == []
+
+
 DPDK_REGION = (0x100200000, 0x200000, 0x100200000, 0)
 DPDK_RINGS = {0: 0x1003a4000, 2: 0x100391000, 1: 0x10039f000, 3: 0x10038c000}
 

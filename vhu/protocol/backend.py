@@ -457,6 +457,7 @@ class NetBackend:
                  for r in table.regions]
         validate_regions(specs, VHOST_MEMORY_BASELINE_NREGIONS)
         self._install_table([Region(fd, *s) for fd, s in zip(msg.fds, specs)])
+        self._dup_regions = {}
         msg.take_fds()
 
     def get_max_mem_slots(self, msg: Message) -> bytes:
@@ -465,6 +466,13 @@ class NetBackend:
     def add_mem_reg(self, msg: Message) -> None:
         r = SingleMemoryRegion.unpack(msg.payload).region
         spec = (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+        if any(tuple(x[1:]) == spec for x in self.regions):
+            # QEMU before 8.0 has one vhost device per queue pair on this one
+            # connection and each sends the whole table: ADD_MEM_REG (and later
+            # REM_MEM_REG) once per queue pair. The same region again is counted,
+            # not mapped twice; its fd is closed unused (we never take it).
+            self._dup_regions[spec[:3]] = self._dup_regions.get(spec[:3], 0) + 1
+            return
         validate_regions([x[1:] for x in self.regions] + [spec], self.config.max_mem_slots)
         self._install_table(self.regions + [Region(msg.fds[0], *spec)])
         msg.take_fds()
@@ -474,6 +482,9 @@ class NetBackend:
         An fd sent along is closed unused (by the dispatcher: we never take it)."""
         r = SingleMemoryRegion.unpack(msg.payload).region
         key = (r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        if self._dup_regions.get(key):   # a repeated ADD_MEM_REG's removal: still mapped
+            self._dup_regions[key] -= 1
+            return
         keep = [x for x in self.regions
                 if (x.guest_phys_addr, x.memory_size, x.userspace_addr) != key]
         if len(keep) == len(self.regions):
