@@ -120,6 +120,9 @@ class Port:
         self._rx = bytearray()            # the message being read, and its fds
         self._rx_fds = []
         self._rx_deadline = None
+        self._tx = bytearray()            # replies not sent yet
+        self._tx_deadline = None
+        self._events = 0
 
     @property
     def connected(self):
@@ -187,6 +190,11 @@ class Port:
         before the event loop has seen its predecessor's EOF: that EOF is read
         here first, so the newcomer is served, not refused."""
         for _ in range(limit):
+            if self.conn is not None and self._tx:
+                self._flush()
+                if self.conn is not None and self._tx:
+                    return True       # it is not reading its replies yet
+                continue
             if self.conn is None or not select.select([self.conn], [], [], 0)[0]:
                 return False
             self._on_readable(selectors.EVENT_READ)
@@ -194,13 +202,16 @@ class Port:
 
     def timer_due(self):
         due = 3600.0 if self.next_connect is None else self.next_connect - time.monotonic()
-        if self._rx_deadline is not None:
-            due = min(due, self._rx_deadline - time.monotonic())
+        for deadline in (self._rx_deadline, self._tx_deadline):
+            if deadline is not None:
+                due = min(due, deadline - time.monotonic())
         return max(0.0, due)
 
     def on_timer(self, now):
         if self._rx_deadline is not None and now >= self._rx_deadline:
             self._detach(f"message incomplete after {MESSAGE_TIMEOUT:g} s")
+        if self._tx_deadline is not None and now >= self._tx_deadline:
+            self._detach(f"replies not read for {MESSAGE_TIMEOUT:g} s")
         if self.next_connect is None or now < self.next_connect or self.conn is not None:
             return
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -224,6 +235,7 @@ class Port:
         device = NetBackend(BackendConfig(max_queue_pairs=self.config.queues), WorkerHooks(self))
         self.session = Dispatcher(device)
         self.master.selector.register(conn, selectors.EVENT_READ, self._on_readable)
+        self._events = selectors.EVENT_READ
         log.info("port %d: front-end connected on %s", self.index, self.path)
 
     def _read_message(self):
@@ -269,6 +281,9 @@ class Port:
         self._rx_deadline = None
 
     def _on_readable(self, events):
+        if self._tx:                      # writable again: queued replies first
+            self._flush()
+            return
         try:
             data, fds = self._read_message()
         except BlockingIOError:
@@ -285,22 +300,43 @@ class Port:
             self._detach(f"worker failed: {exc}")
             return
         if outcome.reply:
-            try:
-                # Bounded: a peer that never reads its replies must not stall the loop.
-                self.conn.settimeout(MESSAGE_TIMEOUT)
-                self.conn.sendall(outcome.reply)
-                self.conn.setblocking(False)
-            except OSError as exc:
-                self._detach(f"send failed: {exc}")
+            self._tx += outcome.reply
+            if not self._flush():
                 return
         if outcome.close:
             self._detach(outcome.close)
+
+    def _flush(self):
+        """Send queued replies without blocking; False if the connection failed.
+        While replies are queued the port waits for the socket to be writable
+        and reads no further request: a peer that does not read its replies is
+        no longer read either (nothing piles up), stalls only itself, and is
+        closed after MESSAGE_TIMEOUT."""
+        try:
+            while self._tx:
+                del self._tx[:self.conn.send(self._tx)]
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._detach(f"send failed: {exc}")
+            return False
+        events = selectors.EVENT_WRITE if self._tx else selectors.EVENT_READ
+        if events != self._events:
+            self.master.selector.modify(self.conn, events, self._on_readable)
+            self._events = events
+        if not self._tx:
+            self._tx_deadline = None
+        elif self._tx_deadline is None:
+            self._tx_deadline = time.monotonic() + MESSAGE_TIMEOUT
+        return True
 
     def _detach(self, reason):
         if self.conn is None:
             return
         log.info("port %d: disconnected: %s", self.index, reason)
         self._drop_partial()
+        self._tx.clear()
+        self._tx_deadline = None
         self.master.selector.unregister(self.conn)
         self.conn.close()
         self.conn = None
