@@ -308,8 +308,12 @@ def master(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def traffic(master):
-    """testpmd (virtio-user, txonly) streaming into port 1 for the whole module."""
+def traffic(master, request):
+    """testpmd (virtio-user, txonly) streaming into port 1 for the whole module
+    (not with -m "not peers": the port-0 checks then run without it)."""
+    if "not peers" in (request.config.getoption("markexpr") or ""):
+        yield None
+        return
     if REASON:
         if IN_CI:
             pytest.fail(f"CI=true but dpdk-testpmd is unavailable: {REASON}", pytrace=False)
@@ -446,7 +450,7 @@ ADDR_OUTSIDE = VringAddr(0, 0, UVA + MEM_SIZE, UVA + 0x2000, UVA + 0x1000, 0).pa
 ADDR_STRADDLES = VringAddr(0, 0, UVA + MEM_SIZE - 0x800, UVA + 0x2000, UVA + 0x1000, 0).pack()
 ADDR_MISALIGNED = VringAddr(0, 0, UVA + 8, UVA + 0x2000, UVA + 0x1000, 0).pack()
 
-# (id, sender, "nack" | "close", text the master's log must show)
+# (id, sender, "nack" | "close" | "ok", text the master's log must show)
 CASES = [
     # payload size of fixed-size messages
     ("set_features_short", _msg(R.SET_FEATURES, bytes(4)), "nack", "SET_FEATURES refused: payload of 4 bytes is the wrong size"),
@@ -510,6 +514,8 @@ CASES = [
     # one region at a time (CONFIGURE_MEM_SLOTS)
     ("add_mem_reg_without_fd", _msg(R.ADD_MEM_REG, one_region(*region())), "nack", "ADD_MEM_REG refused: 0 fds attached, expected 1..1"),
     ("add_mem_reg_overlap", _then(_add_region_first, _add_region(region(0x1000, gpa=MEM_SIZE - 0x1000, uva=UVA + (1 << 30)))), "nack", "regions 0 and 1 overlap in guest_phys_addr"),
+    # accepted (QEMU < 8 repeats regions per queue pair), but the repeat's fd is not kept
+    ("add_mem_reg_repeated", _then(_add_region_first, _add_region(region())), "ok", None),
     ("add_mem_reg_size_0", _add_region(region(0)), "nack", "region 0: memory_size is 0"),
     ("add_mem_reg_pipe", _add_region(region(), fd_kind="pipe"), "nack", "is not a memory file"),
     ("add_mem_reg_past_file", _add_region(region(2 * MEM_SIZE)), "nack", "region needs offset 0x0 + size 0x800000"),
@@ -529,20 +535,22 @@ CASES = [
 
 @pytest.mark.parametrize("send,expect,reason", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_message(master, traffic, send, expect, reason):
-    log_count = master.output().count(reason)
+    log_count = master.output().count(reason) if reason else 0
     fe = Frontend(master.sockets[0]).negotiate()
     kit = Kit()
     try:
         send(fe, kit)
-        if expect == "nack":
+        if expect in ("nack", "ok"):
             req, flags, size = HEADER.unpack(fe.recv_exact(HEADER.size))
             assert flags == VERSION | FLAG_REPLY and size == 8, (req, flags, size)
-            assert U64.STRUCT.unpack(fe.recv_exact(8))[0] != 0, "REPLY_ACK reports success"
+            status = U64.STRUCT.unpack(fe.recv_exact(8))[0]
+            assert (status != 0) == (expect == "nack"), f"REPLY_ACK status {status}"
             # the connection stays usable after a refused message
             assert U64.STRUCT.unpack(fe.call(R.GET_FEATURES))[0] & NEGOTIATED == NEGOTIATED
         else:
             assert fe.wait_closed(), "connection left open"
-        master.wait_log(reason, count=log_count + 1, timeout=10)
+        if reason:
+            master.wait_log(reason, count=log_count + 1, timeout=10)
         # Every fd the case sent is closed by the master or its workers once refused.
         pids = process_tree(master.proc.pid)
         leaked = kit.identities() & held_files(pids)
