@@ -39,6 +39,7 @@ class MasterConfig:
     metrics_addr: str = "127.0.0.1"
     stage: object = None          # a Forwarder pipeline's Python stages (vhu.workers.forwarder)
     client_ports: tuple = ()      # ports in client mode when not all are (--client)
+    taps: tuple = ()              # TAP device names: ports len(sockets), len(sockets) + 1, ...
 
     @property
     def rings_per_port(self):
@@ -97,6 +98,8 @@ def build_parser():
     p.add_argument("--pkt-size", type=int, default=64, metavar="N", help="frame size for --app source")
     p.add_argument("--socket-mode", default="0600", metavar="OCTAL", help="mode of created socket files")
     p.add_argument("--batch", type=int, default=32, metavar="N", help="chains per ring per round")
+    p.add_argument("--tap", action="append", default=[], metavar="NAME",
+                   help="a TAP device as a port (after the sockets); repeat for several")
     p.add_argument("--pcap", default=None, metavar="DIR",
                    help="capture each port and direction to DIR/<port>-<rx|tx>.pcap "
                         "(--app pcap, or beside --app patch|switch)")
@@ -120,8 +123,10 @@ def parse_args(argv):
         raise UsageError("--workers must be at least 1")
     if not 1 <= a.queues <= MAX_QUEUE_PAIRS:
         raise UsageError(f"--queues must be 1..{MAX_QUEUE_PAIRS}")
-    if a.app == "patch" and len(a.socket) != 2:
-        raise UsageError("--app patch needs exactly two --socket")
+    if a.app == "patch" and len(a.socket) + len(a.tap) != 2:
+        raise UsageError("--app patch needs exactly two ports (--socket, --tap)")
+    if len(set(a.tap)) != len(a.tap) or any(not 0 < len(t.encode()) < 16 or "/" in t for t in a.tap):
+        raise UsageError("--tap: names must be distinct interface names (1..15 bytes)")
     if a.app == "pcap" and not a.pcap:
         raise UsageError("--app pcap needs --pcap DIR")
     if a.pcap and a.app not in PCAP_BESIDE:
@@ -157,4 +162,5 @@ def parse_args(argv):
                         stats_interval=a.stats_interval, stats_file=a.stats_file,
                         log_level=level, pkt_size=a.pkt_size, socket_mode=mode, batch=a.batch,
                         pcap_dir=a.pcap, snaplen=a.snaplen, mac_ageing=a.mac_ageing,
-                        metrics_port=a.metrics_port, metrics_addr=a.metrics_addr)
+                        metrics_port=a.metrics_port, metrics_addr=a.metrics_addr,
+                        taps=tuple(a.tap))

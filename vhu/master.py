@@ -4,6 +4,7 @@
         [--workers N] [--queues Q] [--app sink|echo|source|patch|switch|pcap]
         [--poll busy|epoll|adaptive] [--cpus LIST] [--stats-interval S]
         [--stats-file PATH] [--log-level LEVEL] [--pkt-size N] [--socket-mode 0600]
+        [--tap NAME ...] [--pcap DIR] [--metrics-port PORT] [--mac-ageing S]
 
 One event loop (selectors) serves every socket: it reads vhost-user
 messages and their fds, runs them through the sans-I/O protocol layer
@@ -24,6 +25,7 @@ import time
 from vhu import stats as stats_mod
 from vhu.config import MasterConfig, UsageError, parse_args
 from vhu.ports import Port
+from vhu.tap import TapPort
 from vhu.workers.process import WorkerHandle
 
 log = logging.getLogger("vhu.master")
@@ -48,7 +50,8 @@ class Master:
     def __init__(self, config: MasterConfig):
         self.config = config
         self.selector = selectors.DefaultSelector()
-        self.stats = stats_mod.StatsMemory(len(config.sockets), config.rings_per_port)
+        self.stats = stats_mod.StatsMemory(len(config.sockets) + len(config.taps),
+                                           config.rings_per_port)
         self.workers = []
         self.ports = []
         self.stopping = False
@@ -62,6 +65,10 @@ class Master:
         # Sockets first: a path that cannot be served fails before any worker is spawned.
         for index, path in enumerate(c.sockets):
             port = Port(self, index, path)
+            self.ports.append(port)
+            port.open()
+        for k, name in enumerate(c.taps):      # TAP ports follow the sockets
+            port = TapPort(self, len(c.sockets) + k, name)
             self.ports.append(port)
             port.open()
         for i in range(c.worker_count):

@@ -15,6 +15,10 @@ Apps (what happens to a frame the guest sends on its TX ring):
   switch  L2 learning switch over every port's queue pair with the same index
   pcap    a sink that captures (captures also work beside any other app)
 
+A binding may also be a Linux TAP device instead of rings (tap_fd): frames
+read from it go through the same apps and stages as a guest's, frames for
+it are written to it.
+
 A worker owns queue pair i of every port (see MasterConfig.worker_of), so
 the bindings with the same queue index form a group, and patch, switch and
 stage verdicts only ever move frames inside a group: no hand-off between
@@ -43,7 +47,8 @@ from vhu._ring cimport (DeviceRing, DevRing, Seg, ChainInfo, dev_pop_batch, dev_
                         dev_publish_used, dev_notifications_on, dev_notifications_off,
                         dev_rx_enqueue, dev_avail_pending, copy_segs,
                         C_TX_FRAMES, C_TX_BYTES, C_TX_SHORT, C_RX_NO_ROOM, C_KICKS,
-                        C_DROP_FILTERED, C_DROP_NO_PORT, C_DROP_STAGE, C_DROP_STAGE_ERROR)
+                        C_DROP_FILTERED, C_DROP_NO_PORT, C_DROP_STAGE, C_DROP_STAGE_ERROR,
+                        C_RX_FRAMES, C_RX_BYTES, C_RX_TOO_BIG, C_COUNT)
 
 cdef extern from "<sys/epoll.h>" nogil:
     ctypedef union epoll_data_t:
@@ -133,6 +138,8 @@ cdef struct Binding:
     int cap_rx          # capture slot for frames from the guest (vhu's rx), -1: none
     int cap_tx          # capture slot for frames into the guest (vhu's tx), -1: none
     bint rx_dirty       # RX pushes (or a stash) to publish at the end of the batch
+    int tap_fd          # a TAP device instead of rings (O_NONBLOCK, IFF_NO_PI), -1: none
+    uint64_t *tap_cnt   # its counters: 2 x C_COUNT, as for a ring pair (RX ring first)
 
 cdef struct MacEntry:
     uint64_t mac        # 48-bit address; 0: empty slot
@@ -208,6 +215,9 @@ cdef class Engine:
     cdef int64_t flen[MAX_BATCH]           # -1: not a frame (short chain)
     cdef int verdict[MAX_BATCH]
     cdef Seg gathered[MAX_BATCH]           # frames gathered into `scratch` for a stage
+    cdef char *tap_in                      # batch x MAX_FRAME: frames read from a TAP
+    cdef char *tap_out                     # one frame gathered for write(2) to a TAP
+    cdef Seg tap_segs[MAX_BATCH]
     # pipeline stage (Python, once per batch)
     cdef object stage
     cdef object meta_arr
@@ -223,7 +233,8 @@ cdef class Engine:
         self.epfd = -1
         self.frame = <uint8_t *>calloc(MAX_FRAME, 1)
         self.macs = <MacEntry *>calloc(MAC_SLOTS, sizeof(MacEntry))
-        if self.frame == NULL or self.macs == NULL:
+        self.tap_out = <char *>malloc(MAX_FRAME)
+        if self.frame == NULL or self.macs == NULL or self.tap_out == NULL:
             raise MemoryError()
 
     def __init__(self, app="sink", poll="adaptive", batch=32, idle_spins=20000,
@@ -265,6 +276,8 @@ cdef class Engine:
             free(self.caps[i].buf)
         free(self.frame)
         free(self.macs)
+        free(self.tap_in)
+        free(self.tap_out)
 
     def set_frame(self, const uint8_t[:] frame):
         if frame.shape[0] > MAX_FRAME:
@@ -318,6 +331,7 @@ cdef class Engine:
         cdef DeviceRing ring
         cdef Binding *b
         cdef epoll_event ev
+        cdef uint64_t[::1] cnt
         if len(pairs) > MAX_BINDINGS:
             raise ValueError(f"at most {MAX_BINDINGS} queue pairs per worker")
         for i, p in enumerate(pairs):
@@ -330,6 +344,16 @@ cdef class Engine:
             for k in ("cap_rx", "cap_tx"):
                 if not -1 <= p.get(k, -1) < self.ncap:
                     raise ValueError(f"{k} {p.get(k)} is not a capture slot")
+            if p.get("tap_fd", -1) >= 0:
+                if p.get("rx") is not None or p.get("tx") is not None:
+                    raise ValueError("a binding is rings or a TAP, not both")
+                cnt = p.get("tap_counters")
+                if cnt is None or len(cnt) < 2 * C_COUNT:
+                    raise ValueError(f"tap_counters: need {2 * C_COUNT} u64s")
+                if self.tap_in == NULL:
+                    self.tap_in = <char *>malloc(self.batch * MAX_FRAME)
+                    if self.tap_in == NULL:
+                        raise MemoryError()
         keep = []
         memset(self.bindings, 0, sizeof(self.bindings))
         memset(self.nmembers, 0, sizeof(self.nmembers))
@@ -357,6 +381,12 @@ cdef class Engine:
             b.group = p.get("queue", 0)
             b.cap_rx = p.get("cap_rx", -1)
             b.cap_tx = p.get("cap_tx", -1)
+            b.tap_fd = p.get("tap_fd", -1)
+            b.tap_cnt = NULL
+            if b.tap_fd >= 0:
+                cnt = p["tap_counters"]
+                keep.append(cnt)
+                b.tap_cnt = <uint64_t *>&cnt[0]
             g, port = b.group, b.port
             if self.port_bind[g][port] >= 0:
                 raise ValueError(f"port {port} queue {g} bound twice")
@@ -371,13 +401,14 @@ cdef class Engine:
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1")
-        # epoll data: fd in the low half, binding << 1 | (1 for TX) in the high
-        # half, so a wake-up is charged as a kick to the right ring.
+        # epoll data: fd in the low half, binding << 2 | kind in the high half
+        # (0 RX kick, 1 TX kick, 2 TAP readable), so a wake-up is charged as a
+        # kick to the right ring, and a TAP is left for forward_tap to read.
         tags = {}
         for i, p in enumerate(pairs):
-            for kind, key in ((0, "rx_kick"), (1, "tx_kick")):
+            for kind, key in ((0, "rx_kick"), (1, "tx_kick"), (2, "tap_fd")):
                 if p.get(key, -1) >= 0:
-                    tags[p[key]] = (i << 1) | kind
+                    tags[p[key]] = (i << 2) | kind
         if self.ctrl_fd >= 0:
             tags[self.ctrl_fd] = CTRL_TAG
         for fd, tag in tags.items():
@@ -458,14 +489,14 @@ cdef class Engine:
         victim.port = port
         victim.seen = t
 
-    cdef int switch_out(self, Binding *b, int i, double t) noexcept nogil:
+    cdef int switch_out(self, Binding *b, int i, double t, uint64_t *cnt) noexcept nogil:
         """Learn the source; the destination's binding, -1 to drop, -2 to flood."""
         cdef uint8_t eth[12]
         cdef Seg d
         cdef uint64_t dst, src
         cdef int port
         if self.flen[i] < 14:
-            b.tx.counters[C_DROP_FILTERED] += 1   # not an Ethernet frame
+            cnt[C_DROP_FILTERED] += 1   # not an Ethernet frame
             return -1
         d.ptr = <char *>eth
         d.len = 12
@@ -480,7 +511,7 @@ cdef class Engine:
         if port < 0:
             return -2                               # unknown unicast
         if port == b.port:
-            b.tx.counters[C_DROP_FILTERED] += 1     # never back to the in-port
+            cnt[C_DROP_FILTERED] += 1     # never back to the in-port
             return -1
         if self.port_bind[b.group][port] < 0:
             return -2                               # that port's queue is not bound here
@@ -491,6 +522,25 @@ cdef class Engine:
     cdef bint deliver(self, int i, int to) noexcept nogil:
         """Frame i of the current batch into binding `to`'s RX ring."""
         cdef Binding *dst = &self.bindings[to]
+        cdef Seg out
+        cdef long w
+        if dst.tap_fd >= 0:
+            # One write(2) per frame: the TAP takes one frame per call.
+            out.ptr = self.tap_out
+            out.len = MAX_FRAME
+            if self.flen[i] > MAX_FRAME:
+                dst.tap_cnt[C_RX_TOO_BIG] += 1
+                return False
+            copy_segs(&out, 1, 0, self.fsrc[i], self.fnsrc[i], self.fskip[i], self.flen[i])
+            w = write(dst.tap_fd, self.tap_out, self.flen[i])
+            if w != self.flen[i]:
+                dst.tap_cnt[C_RX_NO_ROOM] += 1       # queue full (EAGAIN) or link down
+                return False
+            dst.tap_cnt[C_RX_FRAMES] += 1
+            dst.tap_cnt[C_RX_BYTES] += self.flen[i]
+            if dst.cap_tx >= 0:
+                self.capture(dst.cap_tx, self.fsrc[i], self.fnsrc[i], self.fskip[i], self.flen[i])
+            return True
         if dst.rx == NULL or not dst.rx_enabled:
             return False
         dst.rx_dirty = True
@@ -538,20 +588,72 @@ cdef class Engine:
                 self.capture(b.cap_rx, self.fsrc[i], c.nread, hdr, c.read_len - hdr)
         tx.counters[C_TX_FRAMES] += frames
         tx.counters[C_TX_BYTES] += nbytes
+        self.dispatch(bi, n, <int>frames, tx.counters, t)
+        for i in range(n):
+            dev_push_used(tx, tx.chains[i].head, 0)
+        if dev_publish_used(tx):
+            signal_eventfd(b.tx_call)
+        return <uint32_t>n
+
+    cdef uint32_t forward_tap(self, int bi) noexcept nogil:
+        """Read up to a batch of frames from binding bi's TAP and send each
+        where its verdict says. Returns frames handled."""
+        cdef Binding *b = &self.bindings[bi]
+        cdef uint64_t *cnt = b.tap_cnt + C_COUNT       # the "TX ring" half: frames from it
+        cdef int n = 0
+        cdef long r
+        cdef uint64_t nbytes = 0
+        cdef timespec ts
+        cdef double t = 0
+        while n < <int>self.batch:
+            r = read(b.tap_fd, self.tap_in + <size_t>n * MAX_FRAME, MAX_FRAME)
+            if r <= 0:
+                break                 # EAGAIN: nothing more now
+            self.tap_segs[n].ptr = self.tap_in + <size_t>n * MAX_FRAME
+            self.tap_segs[n].len = <uint32_t>r
+            self.fsrc[n] = &self.tap_segs[n]
+            self.fnsrc[n] = 1
+            self.fskip[n] = 0
+            self.flen[n] = r
+            self.verdict[n] = V_APP
+            nbytes += r
+            n += 1
+        if n == 0:
+            return 0
+        if self.ncap:
+            clock_gettime(CLOCK_REALTIME, &ts)
+            self.ts_sec = <uint32_t>ts.tv_sec
+            self.ts_usec = <uint32_t>(ts.tv_nsec // 1000)
+            if b.cap_rx >= 0:
+                for r in range(n):
+                    self.capture(b.cap_rx, self.fsrc[r], 1, 0, self.flen[r])
+        if self.app == APP_SWITCH:
+            t = now()
+        cnt[C_TX_FRAMES] += n
+        cnt[C_TX_BYTES] += nbytes
+        self.dispatch(bi, n, n, cnt, t)
+        return <uint32_t>n
+
+    cdef void dispatch(self, int bi, int n, int frames, uint64_t *cnt, double t) noexcept nogil:
+        """Frames 0..n of the current batch (flen < 0: skip) from binding bi:
+        the stage's verdicts, then the app's; deliver; publish the receivers."""
+        cdef Binding *b = &self.bindings[bi]
+        cdef int i, k, v, m
+        cdef int *members
         if self.stage is not None and frames:
             with gil:
-                self.call_stage(bi, n, <int>frames)
+                self.call_stage(bi, n, frames)
         members = self.members[b.group]
         for i in range(n):
             if self.flen[i] < 0:
                 continue
             v = self.verdict[i]
             if v == V_APP:
-                if (not b.tx_enabled or self.app == APP_SINK or self.app == APP_PCAP
-                        or self.app == APP_SOURCE):
+                if ((b.tx != NULL and not b.tx_enabled) or self.app == APP_SINK
+                        or self.app == APP_PCAP or self.app == APP_SOURCE):
                     continue
                 if self.app == APP_SWITCH:
-                    v = self.switch_out(b, i, t)
+                    v = self.switch_out(b, i, t, cnt)
                     if v == -2:
                         for k in range(self.nmembers[b.group]):
                             m = members[k]
@@ -564,37 +666,35 @@ cdef class Engine:
                 if v < 0:
                     continue
             elif v < 0:
-                tx.counters[C_DROP_STAGE if v == V_DROP else C_DROP_STAGE_ERROR] += 1
+                cnt[C_DROP_STAGE if v == V_DROP else C_DROP_STAGE_ERROR] += 1
                 continue
             else:
                 v = self.port_bind[b.group][v] if v < MAX_PORTS else -1
                 if v < 0:
-                    tx.counters[C_DROP_NO_PORT] += 1
+                    cnt[C_DROP_NO_PORT] += 1
                     continue
-            if not self.deliver(i, v) and (self.bindings[v].rx == NULL or
-                                           not self.bindings[v].rx_enabled):
-                tx.counters[C_RX_NO_ROOM] += 1      # no receiving ring at all
-        for i in range(n):
-            dev_push_used(tx, tx.chains[i].head, 0)
-        if dev_publish_used(tx):
-            signal_eventfd(b.tx_call)
+            if not self.deliver(i, v) and self.bindings[v].tap_fd < 0 and (
+                    self.bindings[v].rx == NULL or not self.bindings[v].rx_enabled):
+                cnt[C_RX_NO_ROOM] += 1      # no receiving ring at all
         for k in range(self.nmembers[b.group]):
             m = members[k]
             if self.bindings[m].rx_dirty:
                 self.bindings[m].rx_dirty = False
                 if dev_publish_used(self.bindings[m].rx):
                     signal_eventfd(self.bindings[m].rx_call)
-        return <uint32_t>n
 
     cdef list region_views(self, int bi):
         """uint8 views of every region of the memory bi's TX ring reads,
         rebuilt only when the memory table changes."""
-        cdef DeviceRing ring
+        cdef DeviceRing ring = None
         cdef GuestMemory mem
         cdef MemTable *t
         cdef int k
-        for ring in self.keep:
-            if ring.ring() == self.bindings[bi].tx:
+        if self.bindings[bi].tx == NULL:
+            return []                 # a TAP: its frames are gathered into scratch
+        for obj in self.keep:
+            if isinstance(obj, DeviceRing) and (<DeviceRing>obj).ring() == self.bindings[bi].tx:
+                ring = <DeviceRing>obj
                 break
         mem = ring.mem
         cached = self.views.get(id(mem))
@@ -637,7 +737,8 @@ cdef class Engine:
         """Fill the metadata, call the stage once, read its verdicts."""
         cdef Binding *b = &self.bindings[bi]
         cdef DevRing *tx = b.tx
-        cdef MemTable *t = tx.table_ref[0]
+        cdef MemTable *t = tx.table_ref[0] if tx != NULL else NULL
+        cdef uint64_t *cnt = tx.counters if tx != NULL else b.tap_cnt + C_COUNT
         cdef int i, j = 0, k, r
         cdef uint32_t s
         cdef uint64_t skip, soff = 0
@@ -668,7 +769,7 @@ cdef class Engine:
                 p = segs[s].ptr + skip if s < self.fnsrc[i] else NULL
                 m.buf = nregions
                 m.offset = 0
-                for k in range(t.n):
+                for k in range(t.n if t != NULL else 0):
                     if p != NULL and t.regions[k].host <= p < t.regions[k].host + t.regions[k].size:
                         m.buf = k
                         m.offset = <uint64_t>(p - t.regions[k].host)
@@ -679,7 +780,7 @@ cdef class Engine:
             # forward from there, so the stage's edits are what is sent.
             if self.flen[i] > MAX_FRAME:
                 self.flen[i] = -1
-                tx.counters[C_DROP_STAGE] += 1
+                cnt[C_DROP_STAGE] += 1
                 j -= 1
                 continue
             self.gathered[i].ptr = self.scratch + soff
@@ -740,6 +841,8 @@ cdef class Engine:
                 work += self.generate(b)
             if b.tx != NULL:
                 work += self.forward(i)
+            elif b.tap_fd >= 0:
+                work += self.forward_tap(i)
         return work
 
     cdef bint sleep(self, int timeout_ms) noexcept nogil:
@@ -768,14 +871,16 @@ cdef class Engine:
                 if tag == CTRL_TAG:
                     ctrl = True
                     continue
+                if (tag & 3) == 2:
+                    continue                  # a TAP with frames: read by forward_tap
                 kicks = drain_eventfd(<int><uint32_t>events[i].data.u64)
                 b = NULL
-                if (tag >> 1) < <uint32_t>self.nbind:
-                    b = &self.bindings[tag >> 1]
+                if (tag >> 2) < <uint32_t>self.nbind:
+                    b = &self.bindings[tag >> 2]
                 if b != NULL:
-                    if (tag & 1) and b.tx != NULL:
+                    if (tag & 3) == 1 and b.tx != NULL:
                         b.tx.counters[C_KICKS] += kicks
-                    elif not (tag & 1) and b.rx != NULL:
+                    elif (tag & 3) == 0 and b.rx != NULL:
                         b.rx.counters[C_KICKS] += kicks
             self.wakeups += 1
         for i in range(self.nbind):

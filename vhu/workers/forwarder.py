@@ -74,6 +74,18 @@ class VhostUserPort:
         return f"VhostUserPort({self.path!r}, client={self.client})"
 
 
+class TapDevice:
+    """A Linux TAP device as a port (created by vhu, IFF_TAP | IFF_NO_PI; one
+    queue, meeting queue pair 0 of the other ports). List TAP devices after
+    the vhost-user ports: port indices follow the order of the list."""
+
+    def __init__(self, name):
+        self.name = str(name)
+
+    def __repr__(self):
+        return f"TapDevice({self.name!r})"
+
+
 class Batch:
     """One batch of frames as a stage sees it: zero-copy views of guest memory.
 
@@ -196,7 +208,7 @@ def _split_pipeline(pipeline):
 class Forwarder:
     """Ports, workers, poll mode and a pipeline; start(), stop(), stats().
 
-    ports      socket paths (server mode), VhostUserPort objects, or both
+    ports      socket paths (server mode), VhostUserPort objects, then TapDevice ones
     workers    worker processes (at most one per queue pair)
     queues     queue pairs per port; queue pair i of every port is served by
                worker i mod workers, so a worker switches among all ports
@@ -230,14 +242,21 @@ class Forwarder:
     def _config(ports, workers, queues, poll, pipeline, batch, pcap_dir, snaplen, mac_ageing,
                 cpus, stats_file, stats_interval, metrics_port, metrics_addr, log_level,
                 socket_mode, pkt_size):
-        ports = [p if isinstance(p, VhostUserPort) else VhostUserPort(p) for p in ports]
+        ports = [p if isinstance(p, (VhostUserPort, TapDevice)) else VhostUserPort(p)
+                 for p in ports]
+        taps = [p.name for p in ports if isinstance(p, TapDevice)]
+        if any(isinstance(p, TapDevice) for p in ports[:len(ports) - len(taps)]):
+            raise ValueError("list TAP devices after the vhost-user ports")
+        ports = ports[:len(ports) - len(taps)]
         if not ports:
-            raise ValueError("a Forwarder needs at least one port")
+            raise ValueError("a Forwarder needs at least one vhost-user port")
+        if len(set(taps)) != len(taps):
+            raise ValueError("the same TAP device twice")
         paths = [os.path.abspath(p.path) for p in ports]
         if len(set(paths)) != len(paths):
             raise ValueError("the same socket path twice")
         stages, app = _split_pipeline(list(pipeline))
-        if app == "patch" and len(ports) != 2:
+        if app == "patch" and len(ports) + len(taps) != 2:
             raise ValueError("patch needs exactly two ports")
         if app == "pcap" and not pcap_dir:
             raise ValueError("the pcap stage needs pcap_dir")
@@ -258,7 +277,7 @@ class Forwarder:
             log_level=log_level, pkt_size=pkt_size, socket_mode=socket_mode, batch=batch,
             pcap_dir=os.fspath(pcap_dir) if pcap_dir else None, snaplen=snaplen,
             mac_ageing=mac_ageing, metrics_port=metrics_port, metrics_addr=metrics_addr,
-            stage=StageRunner(stages) if stages else None)
+            stage=StageRunner(stages) if stages else None, taps=tuple(taps))
 
     # -- life cycle -----------------------------------------------------------
 

@@ -23,6 +23,8 @@ import struct
 import traceback
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from vhu._mem import GuestMemory
 from vhu._ring import COUNTER_NAMES, DeviceRing
 from vhu.workers._engine import Engine
@@ -90,6 +92,7 @@ class WorkerState:
         _close(stats_fd)
         self.engine = None
         self.captures = {}          # port -> (rx slot, tx slot, [fds])
+        self.taps = {}              # port -> TAP fd (vhu.tap)
 
     # Each command is a method named after it; returns the reply value.
 
@@ -172,6 +175,23 @@ class WorkerState:
         self._rebind()
         return True
 
+    def cmd_tap(self, port, fds):
+        """A TAP device as port `port` (queue pair 0): fds = [its fd]."""
+        if len(fds) != 1:
+            for fd in fds:
+                _close(fd)
+            raise ValueError("tap: one fd")
+        _close(self.taps.pop(port, None))
+        self.taps[port] = fds[0]
+        self._rebind()
+        return True
+
+    def cmd_tap_close(self, port):
+        fd = self.taps.pop(port, None)
+        self._rebind()
+        _close(fd)
+        return True
+
     def cmd_ring_status(self, port, index):
         r = self.ports.get(port, _Port()).rings.get(index)
         if r is None:
@@ -202,6 +222,14 @@ class WorkerState:
                     rx_kick=-1 if not rx or rx.polled else rx.kick,
                     tx_kick=-1 if not tx or tx.polled else tx.kick,
                     port=port, qp=qp, queue=qp))
+        for port in sorted(self.taps):
+            # Its counters sit where a ring pair's would: the stats stay one table.
+            off = counter_offset(port, 0, self.config["rings_per_port"])
+            counters = (np.frombuffer(self.stats_map, np.uint64, 2 * COUNTERS_PER_RING, off)
+                        if self.stats_map is not None else np.zeros(2 * COUNTERS_PER_RING, np.uint64))
+            where[(port, 0)] = len(pairs)
+            pairs.append(dict(tap_fd=self.taps[port], tap_counters=counters, port=port, qp=0,
+                              queue=0))
         app = self.config["app"]
         for pair in pairs:
             if self.config.get("pcap_dir"):
@@ -235,6 +263,8 @@ class WorkerState:
     def close(self):
         for port in list(self.ports):
             self.cmd_port_reset(port)
+        for port in list(self.taps):
+            self.cmd_tap_close(port)
         if self.engine is not None:
             self.engine.flush()
         for _, _, fds in self.captures.values():
@@ -291,7 +321,7 @@ def worker_main(index, sock, config, stats_sock):
                     return
                 try:
                     handler = getattr(state, "cmd_" + name)
-                    if fds or name in ("mem", "ring_start", "ring_call", "ring_kick"):
+                    if fds or name in ("mem", "ring_start", "ring_call", "ring_kick", "tap"):
                         result = ("ok", handler(*args, fds=list(fds)))
                     else:
                         result = ("ok", handler(*args))

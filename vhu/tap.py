@@ -1,0 +1,77 @@
+"""TAP ports: a Linux TAP device as a vhu port, so a VM reaches the host's
+kernel network stack (--tap NAME, or vhu.workers.TapPort in a Forwarder).
+
+The master creates the device (TUNSETIFF, IFF_TAP | IFF_NO_PI: plain
+Ethernet frames, one per read/write) and hands a duplicate of its fd to the
+worker owning queue pair 0, whose compiled loop reads it (O_NONBLOCK) and
+writes frames for it; the tap's epoll readiness wakes a sleeping worker like
+a kick. A TAP has one queue: its frames meet queue pair 0 of the other
+ports. The device exists while vhu runs (it is not persistent); bring it up
+and address it (or move it into a network namespace) as for any interface.
+"""
+import fcntl
+import logging
+import os
+import struct
+
+log = logging.getLogger("vhu.tap")
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFNAMSIZ = 16
+
+
+def open_tap(name):
+    """A new (or existing, not persistent-attached) TAP device: its fd."""
+    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or name.strip() != name:
+        raise ValueError(f"bad interface name {name!r}")
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+    except OSError as exc:
+        os.close(fd)
+        raise OSError(exc.errno, f"TAP {name}: {exc.strerror}") from None
+    return fd
+
+
+class TapPort:
+    """The master's side of a TAP port (same interface as vhu.ports.Port)."""
+
+    def __init__(self, master, index, name):
+        self.master = master
+        self.index = index
+        self.name = name
+        self.path = f"tap:{name}"
+        self.fd = None
+        self.handed = False
+
+    @property
+    def connected(self):
+        return self.fd is not None
+
+    def open(self):
+        self.fd = open_tap(self.name)
+        log.info("port %d: TAP %s", self.index, self.name)
+
+    def timer_due(self):
+        return 0.0 if (self.fd is not None and not self.handed and self.master.workers) else 3600.0
+
+    def on_timer(self, now):
+        # Workers are spawned after the ports are opened: hand the fd over
+        # on the first loop turn.
+        if self.fd is None or self.handed or not self.master.workers:
+            return
+        self.master.workers[self.master.config.worker_of(0)].call(
+            "tap", self.index, fds=[os.dup(self.fd)])
+        self.handed = True
+
+    def close(self):
+        if self.fd is not None:
+            if self.handed:
+                try:
+                    self.master.workers[self.master.config.worker_of(0)].call("tap_close", self.index)
+                except Exception as exc:      # the worker may be gone already
+                    log.debug("TAP %s: %s", self.name, exc)
+            os.close(self.fd)
+            self.fd = None
