@@ -191,6 +191,28 @@ def test_close_releases_every_fd_and_mapping(tmp_path, no_fd_leak):
         vhu.stop()
 
 
+def test_loop_reports_what_never_comes_back(tmp_path):
+    """The checks can fail: a sink returns nothing, so every frame is missing (exit 1)."""
+    with VhuMaster(tmp_path, "--app", "sink") as vhu:
+        r = cli("--socket", vhu.sockets[0], "--mode", "loop", "--count", 1000, "--quiet")
+        vhu.stop()
+    assert r.returncode == 1
+    mode, tx, _, rx, _, errors = summary(r.stdout)
+    # At most an RX ring's worth is out at once (so an echo always has room);
+    # with nothing coming back the run ends when nothing moves any more.
+    assert (tx, rx) == (256, 0) and errors == 256
+    assert "missing 256" in r.stdout
+
+
+def test_loop_counts_foreign_frames_as_corrupt(tmp_path):
+    """vhu's source fills our RX ring with its own frames: none passes the check."""
+    with VhuMaster(tmp_path, "--app", "source") as vhu:
+        with Frontend(vhu.sockets[0]) as fe:
+            r = fe.run("loop", duration=0.5)
+        vhu.stop()
+    assert r.rx_packets > 0 and r.corrupt >= r.rx_packets - r.tx_packets > 0, r.summary()
+
+
 def test_cli_tx_count_summary(tmp_path):
     with VhuMaster(tmp_path, "--app", "sink") as vhu:
         r = cli("--socket", vhu.sockets[0], "--mode", "tx", "--count", 10_000, "--pkt-size", 100)

@@ -140,6 +140,9 @@ def main(argv=None) -> int:
     except (FrontendError, ValueError, OSError) as e:
         print(f"python -m vhu.frontend: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:         # during set-up (a run itself ends with its summary)
+        print("python -m vhu.frontend: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

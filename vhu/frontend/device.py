@@ -296,11 +296,13 @@ class Frontend:
             raise FrontendError(f"unexpected {len(data)} bytes from the back-end")
 
     def run(self, mode: str = "tx", duration: Optional[float] = None, count: int = 0, *,
-            batch: int = 32, poll: str = "busy", drain: float = 2.0,
+            batch: int = 32, poll: str = "busy", drain: float = 2.0, stall: float = 2.0,
             on_second: Optional[Callable[[str], None]] = None) -> Result:
         """Move frames for `duration` seconds or until `count` frames are sent
         (tx, loop) or received (rx), whichever comes first (neither: until
-        KeyboardInterrupt). Then stop sending and wait up to `drain` seconds for
+        KeyboardInterrupt). A run bounded by `count` also ends when nothing
+        moved for `stall` seconds (a peer that keeps what it gets would hold
+        it forever). Then stop sending and wait up to `drain` seconds for
         the back-end to return what is in flight. on_second gets a rate line
         each second."""
         tr = self.traffic(mode, batch=batch, poll=poll, count=count)
@@ -308,6 +310,7 @@ class Frontend:
         end = None if duration is None else t0 + duration
         next_tick, last, last_t = t0 + 1.0, tr.counters(), t0
         result = Result(mode, 0.0)
+        last_moved, moved_at = last, t0
         try:
             while True:
                 now = time.monotonic()
@@ -325,8 +328,15 @@ class Frontend:
                     if on_second:
                         on_second(line)
                     last, last_t, next_tick = cur, now, next_tick + 1.0
-                if count and self._count_done(tr, mode, count):
-                    break
+                if count:
+                    if self._count_done(tr, mode, count):
+                        break
+                    moved = tr.counters()
+                    if moved != last_moved:
+                        last_moved, moved_at = moved, now
+                    elif now - moved_at >= stall:
+                        log.warning("nothing moved for %.1f s: ending the run", now - moved_at)
+                        break
         except KeyboardInterrupt:
             pass
         result.seconds = time.monotonic() - t0
