@@ -161,6 +161,21 @@ def test_packed_rings_against_vhu(tmp_path):
         vhu.stop()
 
 
+def test_adaptive_poll_sleeps_when_idle_and_still_moves_frames(tmp_path):
+    """adaptive: with nothing to receive the front-end sleeps on its call
+    eventfds (little CPU); with traffic, frames still all come back."""
+    with VhuMaster(tmp_path, "--app", "echo") as vhu:
+        with Frontend(vhu.sockets[0]) as fe:
+            t0 = os.times()
+            idle = fe.run("rx", duration=1.5, poll="adaptive")
+            t1 = os.times()
+            r = fe.run("loop", duration=1.0, poll="adaptive")
+        vhu.stop()
+    cpu = (t1.user + t1.system) - (t0.user + t0.system)
+    assert idle.rx_packets == 0 and cpu < 0.5, f"{cpu:.2f} s of CPU in 1.5 s idle"
+    assert r.tx_packets > 0 and r.rx_packets == r.tx_packets and r.errors == 0, r.summary()
+
+
 def test_listen_for_a_client_mode_backend(tmp_path):
     sock = tmp_path / "fe.sock"
     fe = subprocess.Popen([sys.executable, "-m", "vhu.frontend", "--socket", str(sock), "--listen",
