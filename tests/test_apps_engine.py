@@ -184,6 +184,10 @@ def test_stage_sees_frames_and_routes_by_verdict(guest):
         calls.append((frames_of(meta, bufs), meta["port"].tolist()))
         ethertype = np.array([int.from_bytes(bufs[m["buf"]][m["offset"] + 12:m["offset"] + 14],
                                              "big") for m in meta])
+        # the engine's own header fields agree with the bytes
+        assert meta["ethertype"].tolist() == ethertype.tolist()
+        assert set(meta["src_mac"].tolist()) == {0x525400000001}
+        assert set(meta["dst_mac"].tolist()) == {0xFFFFFFFFFFFF}
         # IPv6 dropped, ARP to port 2, the rest to the app (patch: port 1)
         return np.where(ethertype == 0x86DD, -1, np.where(ethertype == 0x0806, 2, -2))
 

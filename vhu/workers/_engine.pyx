@@ -113,12 +113,17 @@ cdef struct Meta:
     uint16_t queue
     uint32_t length
     uint32_t buf              # index into the batch's buffer views
-    uint32_t pad
+    uint16_t ethertype        # bytes 12-13 (0 for a runt): filled in C, stages need it most
+    uint16_t pad
     uint64_t offset           # where the frame (no virtio-net header) starts in that view
+    uint64_t dst_mac          # as 48-bit integers (0 for a runt)
+    uint64_t src_mac
 
-META_DTYPE = np.dtype({"names": ["port", "queue", "length", "buf", "offset"],
-                       "formats": [np.uint16, np.uint16, np.uint32, np.uint32, np.uint64],
-                       "offsets": [0, 2, 4, 8, 16], "itemsize": 24})
+META_DTYPE = np.dtype({"names": ["port", "queue", "length", "buf", "ethertype", "offset",
+                                 "dst_mac", "src_mac"],
+                       "formats": [np.uint16, np.uint16, np.uint32, np.uint32, np.uint16,
+                                   np.uint64, np.uint64, np.uint64],
+                       "offsets": [0, 2, 4, 8, 12, 16, 24, 32], "itemsize": 40})
 
 cdef struct Binding:
     # One queue pair of one port: the guest's RX ring (we fill) and TX ring
@@ -181,6 +186,17 @@ cdef inline uint32_t mac_hash(uint64_t mac) noexcept nogil:
 cdef inline uint64_t mac_of(const uint8_t *p) noexcept nogil:
     return ((<uint64_t>p[0] << 40) | (<uint64_t>p[1] << 32) | (<uint64_t>p[2] << 24) |
             (<uint64_t>p[3] << 16) | (<uint64_t>p[4] << 8) | <uint64_t>p[5])
+
+
+cdef inline void header_fields(Meta *m, const uint8_t *f, int64_t length) noexcept nogil:
+    if f == NULL or length < 14:
+        m.ethertype = 0
+        m.dst_mac = 0
+        m.src_mac = 0
+        return
+    m.dst_mac = mac_of(f)
+    m.src_mac = mac_of(f + 6)
+    m.ethertype = (<uint16_t>f[12] << 8) | f[13]
 
 
 cdef class Engine:
@@ -775,6 +791,7 @@ cdef class Engine:
                         m.offset = <uint64_t>(p - t.regions[k].host)
                         break
                 if m.buf != nregions or p == NULL:
+                    header_fields(m, <uint8_t *>p, self.flen[i])
                     continue
             # Split over descriptors (or not found): gather into scratch and
             # forward from there, so the stage's edits are what is sent.
@@ -792,6 +809,7 @@ cdef class Engine:
             self.fskip[i] = 0
             m.buf = nregions
             m.offset = soff
+            header_fields(m, <uint8_t *>self.gathered[i].ptr, self.flen[i])
             soff += MAX_FRAME
         if j == 0:
             return 0
