@@ -32,9 +32,9 @@ def _peers():
         pytest.fail(f"CI=true but dpdk-testpmd is unavailable: {REASON}", pytrace=False)
 
 
-def front_ends(socks, mode):
-    return Testpmd([virtio_user_vdev(s, i) for i, s in enumerate(socks)], forward_mode=mode,
-                   cpus=PEER_CPU, huge=False)
+def front_ends(socks, mode, queues=1):
+    return Testpmd([virtio_user_vdev(s, i, queues=queues) for i, s in enumerate(socks)],
+                   forward_mode=mode, cpus=PEER_CPU, huge=False, rxq=queues, txq=queues)
 
 
 def pcap_records(path):
@@ -70,15 +70,20 @@ def test_pcap_sink_captures_exactly_what_testpmd_sent(tmp_path):
         assert tcpdump_count(str(cap / "0-rx.pcap")) == sent
 
 
-def test_switch_floods_unknown_unicast_to_every_other_port(tmp_path):
+@pytest.mark.parametrize("queues", [1, 2])
+def test_switch_floods_unknown_unicast_to_every_other_port(tmp_path, queues):
     """txonly's destination (--eth-peer default) is never a source: flooded
     to both other ports, never back to the sender; every frame is either
-    delivered (and counted by the receiving testpmd) or counted as no room."""
+    delivered (and counted by the receiving testpmd) or counted as no room.
+    With two queue pairs, two workers switch a queue pair each and write
+    their own pcap files."""
     cap = tmp_path / "cap"
     cap.mkdir()
     with VhuMaster(tmp_path, "--app", "switch", "--pcap", cap, "--cpus", VHU_CPU,
+                   "--queues", queues, "--workers", queues,
                    sockets=("a.sock", "b.sock", "c.sock")) as vhu:
-        with front_ends(vhu.sockets[1:], "rxonly") as rx, front_ends(vhu.sockets[:1], "txonly") as tx:
+        with front_ends(vhu.sockets[1:], "rxonly", queues) as rx, \
+                front_ends(vhu.sockets[:1], "txonly", queues) as tx:
             rx.wait_link_up(0)
             rx.wait_link_up(1)
             tx.wait_link_up(0)
@@ -93,7 +98,14 @@ def test_switch_floods_unknown_unicast_to_every_other_port(tmp_path):
             assert ports[p]["tx_packets"] == got[p - 1]["rx_packets"]
             assert ports[p]["tx_packets"] + ports[p]["drops_by_reason"]["rx_no_room"] == sent
         assert got[0]["rx_packets"] > 0 and got[1]["rx_packets"] > 0
+        if queues > 1:
+            assert all(q["rx_packets"] for q in ports[0]["queues"]), "both queue pairs carried frames"
         vhu.stop()
-    assert len(pcap_records(cap / "0-rx.pcap")) == sent
+
+    def records(port, direction):
+        if queues == 1:
+            return len(pcap_records(cap / f"{port}-{direction}.pcap"))
+        return sum(len(pcap_records(cap / f"{port}-{direction}-w{w}.pcap")) for w in range(queues))
+    assert records(0, "rx") == sent
     for p in (1, 2):
-        assert len(pcap_records(cap / f"{p}-tx.pcap")) == ports[p]["tx_packets"]
+        assert records(p, "tx") == ports[p]["tx_packets"]
