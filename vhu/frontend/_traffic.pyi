@@ -21,6 +21,8 @@ class Traffic:
     def queue_counters(self, i: int) -> dict[str, int]: ...
     def in_flight(self) -> tuple[int, int]:
         """(TX frames not returned by the device, loop frames not back yet)."""
+    def done(self) -> bool:
+        """The count limit is reached and every frame is complete (tx, loop: back from the device)."""
     def stop_sending(self) -> None: ...
     def finish(self) -> None:
         """Loop mode, after the drain: what never came back counts as missing."""

@@ -126,6 +126,7 @@ cdef class Traffic:
     cdef bint adaptive
     cdef uint32_t batch, hdr_len, pkt_size, tx_slot, rx_slot, idle_spins
     cdef bint mergeable
+    cdef uint32_t max_nbufs     # most buffers a received frame took so far
     cdef char *templates        # 256 frames of pkt_size bytes (index: sequence & 0xFF)
     cdef uint64_t limit         # total frames to send (tx/loop) or receive (rx); 0: no limit
     cdef uint64_t sent_total
@@ -161,6 +162,7 @@ cdef class Traffic:
         self.adaptive = poll == "adaptive"
         self.batch, self.hdr_len, self.pkt_size = batch, hdr_len, pkt_size
         self.mergeable = mergeable
+        self.max_nbufs = 1
         self.tx_slot, self.rx_slot, self.idle_spins = tx_slot, rx_slot, idle_spins
         self.limit, self.sent_total, self.sending = count, 0, mode != "rx"
         self.nq = len(queues)
@@ -227,6 +229,11 @@ cdef class Traffic:
                 loop += self.q[i].next_seq - self.q[i].expect_seq
         return tx, loop
 
+    def done(self):
+        """The --count limit is reached and every frame is complete (and, for tx
+        and loop, back from the device)."""
+        return self._done()
+
     def stop_sending(self):
         self.sending = False
 
@@ -277,7 +284,10 @@ cdef class Traffic:
         if self.limit == 0:
             return False
         if self.mode == M_RX:
-            return not self.sending and self._rx_total() >= self.limit
+            for i in range(self.nq):
+                if self.q[i].rx_rest:
+                    return False      # the rest of a merged frame is still to come
+            return self._rx_total() >= self.limit
         if self.sending:
             return False
         for i in range(self.nq):
@@ -360,9 +370,18 @@ cdef class Traffic:
         cdef uint32_t slot, nbufs
         cdef uint64_t want
         cdef char *p
+        cdef int cap = MAX_BURST
+        cdef uint64_t total
         if not drv_mem_ok(r):
             return -1
-        got = drv_reclaim(r, heads, lens, MAX_BURST)
+        if self.mode == M_RX and self.limit:
+            # Take no frame past the limit: at most the continuation buffers of
+            # a merged frame in progress, then one buffer per frame still wanted.
+            total = self._rx_total()
+            want = self.limit - total if total < self.limit else 0
+            if want + qq.rx_rest < <uint64_t>cap:
+                cap = <int>(want + qq.rx_rest)
+        got = drv_reclaim(r, heads, lens, cap) if cap > 0 else 0
         if got < 0:
             return -1
         for i in range(got):
@@ -383,17 +402,21 @@ cdef class Traffic:
                 nbufs = <uint8_t>p[10] | (<uint32_t>(<uint8_t>p[11]) << 8)
                 if nbufs == 0:
                     nbufs = 1
+                if nbufs > self.max_nbufs:
+                    self.max_nbufs = nbufs
             qq.rx_rest = nbufs - 1
             qq.c[K_RX_PACKETS] += 1
             qq.c[K_RX_BYTES] += lens[i] - self.hdr_len
             if self.mode == M_LOOP:
                 self._check(qq, qid, p + self.hdr_len, lens[i] - self.hdr_len, nbufs)
         # Refill every free slot; publish once; kick only if the device asks.
-        # rx with a limit: never more buffers out than frames still wanted.
+        # rx with a limit: no more buffers out than the frames still wanted
+        # take (frames merged over several buffers: the most seen so far).
         want = r.size
         if self.mode == M_RX and self.limit:
-            want = self._rx_total() + self._rx_posted()
-            want = self.limit - want if want < self.limit else 0
+            total = self._rx_total()
+            want = (self.limit - total) * self.max_nbufs if total < self.limit else 0
+            want = want - self._rx_posted() if want > self._rx_posted() else 0
         while r.num_free > 0 and want > 0:
             want -= 1
             slot = r.free_head

@@ -357,7 +357,7 @@ class Frontend:
     def _count_done(tr, mode: str, count: int) -> bool:
         c = tr.counters()
         if mode == "rx":
-            return c["rx_packets"] >= count
+            return tr.done()
         return not tr.sending
 
     def stop(self) -> list:
