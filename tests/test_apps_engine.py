@@ -251,3 +251,54 @@ def test_raising_stage_drops_its_batch_and_keeps_running(guest, caplog):
     assert ports.received() == [[ok]]
     assert ports.stats(0)["drop_stage_error"] == 5
     assert engine.stage_errors == 2
+
+
+# -- TAP bindings ---------------------------------------------------------------
+
+def _tap_usable():
+    return os.geteuid() == 0 and os.path.exists("/dev/net/tun")
+
+
+@pytest.mark.skipif(not _tap_usable(), reason="needs root and /dev/net/tun")
+def test_tap_binding_both_directions(guest):
+    """A TAP patched to a guest port: what the guest sends comes out of the
+    interface (seen by an AF_PACKET socket on it), what the kernel sends out
+    of the interface arrives in the guest's RX ring. Counters as a ring pair."""
+    import socket
+    import subprocess
+    from vhu._ring import COUNTER_NAMES
+    from vhu.tap import open_tap
+    name = f"vhue{os.getpid() % 100000}"
+    fd = open_tap(name)
+    pkt = None
+    try:
+        subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1"], check=False)
+        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+        pkt = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+        pkt.bind((name, 0))
+        pkt.settimeout(2)
+        engine = Engine(app="patch", poll="busy")
+        ports = Ports(engine, guest, 1)
+        counters = np.zeros(2 * len(COUNTER_NAMES), np.uint64)
+        ports.pairs[0]["peer"] = 1
+        pairs = ports.pairs + [dict(tap_fd=fd, tap_counters=counters, port=1, queue=0, peer=0)]
+        engine.set_bindings(pairs)
+        out = [eth(mac(9), mac(1), 0x88B5, size=100, fill=i) for i in range(20)]
+        ports.send(0, out)
+        got = [pkt.recv(2048) for _ in range(20)]
+        assert got == out
+        n = len(COUNTER_NAMES)
+        rx = dict(zip(COUNTER_NAMES, counters[:n].tolist()))
+        assert (rx["rx_frames"], rx["rx_bytes"]) == (20, 2000)
+        into = [eth(mac(1), mac(9), 0x88B5, size=80, fill=100 + i) for i in range(10)]
+        for f in into:
+            pkt.send(f)
+        engine.run(0.05)
+        assert ports.received()[0] == into
+        tx = dict(zip(COUNTER_NAMES, counters[n:].tolist()))
+        assert (tx["tx_frames"], tx["tx_bytes"]) == (10, 800)
+        engine.set_bindings([])
+    finally:
+        if pkt is not None:
+            pkt.close()
+        os.close(fd)
