@@ -302,3 +302,38 @@ def test_tap_binding_both_directions(guest):
         if pkt is not None:
             pkt.close()
         os.close(fd)
+
+
+class CountingStage:
+    """A stage class: instantiated once per worker, state kept across batches."""
+    instances = 0
+
+    def __init__(self):
+        CountingStage.instances += 1
+        self.seen = 0
+
+    def __call__(self, batch):
+        self.seen += len(batch)
+        return np.full(len(batch), 0 if self.seen <= 4 else -1)    # then drop
+
+
+def test_stage_runner_instantiates_classes_once_and_chains_stages(guest):
+    import pickle
+    from vhu.workers.forwarder import APP, DROP, StageRunner
+
+    def drop_arp(batch):
+        return np.where(batch.ethertype == 0x0806, DROP, APP)
+
+    runner = pickle.loads(pickle.dumps(StageRunner([CountingStage])))
+    runner.stages.append(lambda batch: np.where(batch.verdicts == APP, 0, batch.verdicts))
+    runner.stages.insert(0, drop_arp)
+    engine = Engine(app="sink", poll="busy", stage=runner)
+    ports = Ports(engine, guest, 1)
+    f = eth(BCAST, mac(1))
+    ports.send(0, [f] * 3)
+    ports.send(0, [f] * 3)
+    # CountingStage sees 3 then 6 frames: to port 0, then dropped; drop_arp's
+    # verdicts were replaced by later stages (each stage's verdicts win).
+    assert ports.received() == [[f] * 3]
+    assert CountingStage.instances == 1
+    assert ports.stats(0)["drop_stage"] == 3

@@ -20,7 +20,9 @@ The pipeline is a list of stages:
 * Python stages: callables ``stage(batch) -> verdicts | None``, called in the
   worker process once per batch of frames (never once per frame). They are
   pickled into the spawned workers, so they must be importable by module
-  path (module-level functions or instances of module-level classes).
+  path (module-level functions, instances of module-level classes). A class
+  (with a no-argument constructor) is instantiated in each worker before its
+  first batch, so per-worker state can live in the instance.
 * at most one built-in app, last: "switch", "patch", "echo", "sink" or
   "pcap" (capture sink; needs pcap_dir). Frames whose verdict is APP go to
   it; without one, APP frames are dropped (a sink). Built-in apps are
@@ -177,10 +179,18 @@ class StageRunner:
 
     def __init__(self, stages):
         self.stages = list(stages)
+        self._live = None
+
+    def __getstate__(self):
+        return {"stages": self.stages, "_live": None}
 
     def __call__(self, meta, bufs):
+        if self._live is None:
+            # Classes are instantiated here, in the worker, on the first
+            # batch: per-worker state (counters, files) lives in the instance.
+            self._live = [s() if isinstance(s, type) else s for s in self.stages]
         batch = Batch(meta, bufs)
-        for stage in self.stages:
+        for stage in self._live:
             out = stage(batch)
             if out is not None:
                 out = np.asarray(out)
