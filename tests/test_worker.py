@@ -279,3 +279,35 @@ def test_worker_reports_bad_ring_setup_and_keeps_serving(guest, stats):
         os.close(kick)
     finally:
         w.stop()
+
+
+def test_ring_restarts_where_the_used_ring_is_not_at_a_stale_base(guest, stats):
+    """A front-end that lost its back-end may send a SET_VRING_BASE ahead of
+    the used ring (QEMU sends used->idx; others keep their own count). The
+    worker resumes at used->idx: the driver gets exactly its chains back, in
+    order, and nothing past what was written."""
+    stats_fd, arr = stats
+    w = WorkerHandle(0, dict(app="sink", poll="epoll", batch=32, rings_per_port=16), stats_fd)
+    try:
+        w.call("mem", 0, [(0, GUEST, UVA, 0)], fds=[os.dup(guest.fd)])
+        (_, _), (tx, txs) = guest.rings(0)
+        kick = os.eventfd(0, os.EFD_NONBLOCK)
+        w.call("ring_start", 0, 1, txs, fds=[os.dup(kick), os.eventfd(0)])
+        guest.send(tx, 0, frames(5))
+        os.eventfd_write(kick, 1)
+        done = []
+        assert wait_for(lambda: done.extend(tx.get_used()) or len(done) == 5)
+        assert w.call("ring_stop", 0, 1) == 5
+        stale = RingSetup(**{**txs.__dict__, "base": 9})
+        w.call("ring_start", 0, 1, stale, fds=[os.dup(kick), os.eventfd(0)])
+        guest.send(tx, 0, frames(3, seed=7))
+        os.eventfd_write(kick, 1)
+        done = []
+        assert wait_for(lambda: done.extend(tx.get_used()) or len(done) == 3)
+        time.sleep(0.1)
+        assert tx.get_used() == [] and len(done) == 3
+        assert w.call("ring_stop", 0, 1) == 8
+        assert ring_counters(arr, 0, 1)["tx_frames"] == 8
+        os.close(kick)
+    finally:
+        w.stop()

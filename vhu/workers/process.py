@@ -122,13 +122,34 @@ class WorkerState:
             _close(kick)
             _close(call)
             raise
-        ring.last_avail_idx = setup.base
+        ring.last_avail_idx = self._start_index(p.mem, index, setup)
         if self.stats_map is not None:
             ring.bind_counters(self.stats_map,
                                counter_offset(port, index, self.config["rings_per_port"]))
         p.rings[index] = _Ring(ring, kick, call, setup.enabled, setup.polled)
         self._rebind()
         return True
+
+    @staticmethod
+    def _start_index(mem, index, setup):
+        """SET_VRING_BASE's index, unless a split ring's used->idx says otherwise.
+
+        vhu keeps no inflight state, so a ring (re)starts with nothing in
+        flight: the next used entry goes at used->idx, where the driver looks.
+        A base that differs (a front-end whose saved index ran ahead of the
+        used ring, e.g. after its back-end was killed mid-batch) would make
+        vhu publish used entries past ones it never wrote, which the guest
+        driver reads as garbage ids. Resuming at used->idx (as DPDK's
+        lib/vhost does) re-sends a few TX chains at worst. QEMU itself sends
+        used->idx after losing its back-end, so then they agree. Packed rings
+        have no such index: the base (with its wrap counter) is used as is."""
+        if setup.packed:
+            return setup.base
+        used_idx = int.from_bytes(bytes(mem.view_uva(setup.used + 2, 2)), "little")
+        if used_idx != setup.base:
+            log.warning("ring %d: base %d but used->idx is %d: resuming at %d (frames in "
+                        "flight may be sent again)", index, setup.base, used_idx, used_idx)
+        return used_idx
 
     def cmd_ring_enable(self, port, index, enabled):
         r = self.ports.get(port, _Port()).rings.get(index)
