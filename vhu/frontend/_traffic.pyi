@@ -12,7 +12,8 @@ class Traffic:
     sending: bool
     def __init__(self, mem: GuestMemory, queues: list[tuple], mode: str, *, pkt_size: int,
                  hdr_len: int, mergeable: bool, tx_slot: int, rx_slot: int, batch: int = 32,
-                 poll: str = "busy", count: int = 0, idle_spins: int = 2000) -> None:
+                 poll: str = "busy", count: int = 0, idle_spins: int = 2000,
+                 loss_timeout: float = 0.2) -> None:
         """queues: (tx DriverRing, rx DriverRing, tx_kick, rx_kick, tx_call, rx_call,
         tx_buf_gpa, rx_buf_gpa) per queue pair."""
     def run(self, seconds: float) -> int:

@@ -81,6 +81,8 @@ cdef struct Queue:
     uint64_t next_seq           # loop: next sequence number to send
     uint64_t expect_seq         # loop: next one expected back
     uint32_t rx_rest            # buffers still to come of a merged (num_buffers > 1) frame
+    uint64_t window_since       # loop: when the window was first seen full at ...
+    uint64_t window_seq         # ... this expect_seq (0: not full)
     uint64_t c[K_COUNT]
 
 
@@ -127,6 +129,7 @@ cdef class Traffic:
     cdef uint32_t batch, hdr_len, pkt_size, tx_slot, rx_slot, idle_spins
     cdef bint mergeable
     cdef uint32_t max_nbufs     # most buffers a received frame took so far
+    cdef uint64_t loss_ns       # loop: a full window with nothing back for this long is lost
     cdef char *templates        # 256 frames of pkt_size bytes (index: sequence & 0xFF)
     cdef uint64_t limit         # total frames to send (tx/loop) or receive (rx); 0: no limit
     cdef uint64_t sent_total
@@ -143,7 +146,8 @@ cdef class Traffic:
 
     def __init__(self, GuestMemory mem not None, list queues, str mode, *, uint32_t pkt_size,
                  uint32_t hdr_len, bint mergeable, uint32_t tx_slot, uint32_t rx_slot,
-                 uint32_t batch=32, str poll="busy", uint64_t count=0, uint32_t idle_spins=2000):
+                 uint32_t batch=32, str poll="busy", uint64_t count=0, uint32_t idle_spins=2000,
+                 double loss_timeout=0.2):
         """queues: [(tx DriverRing, rx DriverRing, tx_kick, rx_kick, tx_call, rx_call,
         tx_buf_gpa, rx_buf_gpa)], one per queue pair."""
         cdef int i, s, j
@@ -163,6 +167,7 @@ cdef class Traffic:
         self.batch, self.hdr_len, self.pkt_size = batch, hdr_len, pkt_size
         self.mergeable = mergeable
         self.max_nbufs = 1
+        self.loss_ns = <uint64_t>(loss_timeout * 1e9)
         self.tx_slot, self.rx_slot, self.idle_spins = tx_slot, rx_slot, idle_spins
         self.limit, self.sent_total, self.sending = count, 0, mode != "rx"
         self.nq = len(queues)
@@ -350,6 +355,7 @@ cdef class Traffic:
                 # At most an RX ring's worth in flight: the echo always has room.
                 window = qq.rx.size
                 if qq.next_seq - qq.expect_seq >= window:
+                    self._window_full(qq)
                     break
                 self._fill(qq, slot, qq.next_seq, qid)
                 qq.next_seq += 1
@@ -361,6 +367,19 @@ cdef class Traffic:
         if added and drv_publish_avail(r):
             kick(qq.tx_kick, &qq.c[K_KICKS])
         return got + added
+
+    cdef void _window_full(self, Queue *qq) noexcept nogil:
+        """Loop mode, nothing may be sent: if nothing came back for loss_ns, the
+        frames out are lost (a peer that dropped a whole window would stall the
+        run for good): count them missing and reopen the window. Should they
+        come back after all, they count as out of order."""
+        cdef uint64_t now = now_ns()
+        if qq.window_since == 0 or qq.window_seq != qq.expect_seq:
+            qq.window_since, qq.window_seq = now, qq.expect_seq
+        elif now - qq.window_since >= self.loss_ns:
+            qq.c[K_MISSING] += qq.next_seq - qq.expect_seq
+            qq.expect_seq = qq.next_seq
+            qq.window_since = 0
 
     cdef int _rx(self, Queue *qq, int qid) noexcept nogil:
         cdef uint16_t heads[MAX_BURST]
