@@ -337,3 +337,24 @@ def test_stage_runner_instantiates_classes_once_and_chains_stages(guest):
     assert ports.received() == [[f] * 3]
     assert CountingStage.instances == 1
     assert ports.stats(0)["drop_stage"] == 3
+
+
+def test_switch_mac_flood_stays_bounded_and_keeps_switching(guest):
+    """A guest sending from thousands of made-up source MACs fills the
+    table, never more; stations keep reaching each other (re-learned, or
+    flooded while unknown)."""
+    engine = Engine(app="switch", poll="busy")
+    ports = Ports(engine, guest, 3)
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        srcs = rng.integers(1, 1 << 48, 100) & ~(1 << 40)  # unicast: group bit clear
+        ports.send(0, [eth(BCAST, int(s).to_bytes(6, "big")) for s in srcs])
+        ports.received()
+        ports.g.post_rx(ports.drivers[1][0], 1, 100)
+        ports.g.post_rx(ports.drivers[2][0], 2, 100)
+    assert 3500 <= len(engine.mac_table()) <= 4096
+    ports.send(1, [eth(BCAST, mac(2))])
+    ports.received()
+    f = eth(mac(2), mac(3))
+    ports.send(2, [f])
+    assert ports.received() == [[], [f], []]
