@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -271,3 +272,102 @@ def test_demo_moves_frames():
     assert tx > 0 and rx == tx and errors == 0
     assert f"vhu counted: received {tx} frames" in r.stdout
     assert "counts agree" in r.stdout
+
+
+# -- a back-end that lies --------------------------------------------------------
+
+class LyingBackend(threading.Thread):
+    """Just enough vhost-user (VERSION_1 only: no protocol features, no acks) to
+    get rings set up, then writes one bad used element: on the TX ring an id
+    never made available, or on the RX ring a length past the buffer."""
+
+    def __init__(self, path, lie):
+        super().__init__(daemon=True)
+        import mmap
+        from vhu.protocol.messages import MemoryTable, Request, U64, VringAddr, VringState
+        from vhu.protocol.wire import MessageReader, pack_reply
+        self.m = (mmap, MemoryTable, Request, U64, VringAddr, VringState, MessageReader, pack_reply)
+        self.lie = lie
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(path)
+        self.srv.listen(1)
+        self.srv.settimeout(20)
+
+    def run(self):
+        import array
+        import struct
+        mmap, MemoryTable, R, U64, VringAddr, VringState, MessageReader, pack_reply = self.m
+        conn, _ = self.srv.accept()
+        reader, mem, uva, addrs = MessageReader(), None, 0, {}
+        with conn:
+            while True:
+                data, anc, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(32))
+                if not data:
+                    break
+                fds = []
+                for _, _, cdata in anc:
+                    a = array.array("i")
+                    a.frombytes(cdata[:len(cdata) - len(cdata) % 4])
+                    fds += list(a)
+                for msg in reader.feed(data, fds):
+                    if msg.request == R.GET_FEATURES:
+                        conn.sendall(pack_reply(R.GET_FEATURES, U64(1 << 32).pack()))
+                    elif msg.request == R.SET_MEM_TABLE:
+                        reg = MemoryTable.unpack(msg.payload).regions[0]
+                        fd = msg.take_fds()[0]
+                        mem, uva = mmap.mmap(fd, reg.memory_size), reg.userspace_addr
+                        os.close(fd)
+                    elif msg.request == R.SET_VRING_ADDR:
+                        a = VringAddr.unpack(msg.payload)
+                        addrs[a.index] = a
+                    elif msg.request == R.GET_VRING_BASE:
+                        s = VringState.unpack(msg.payload)
+                        conn.sendall(pack_reply(R.GET_VRING_BASE, VringState(s.index, 0).pack()))
+                    elif msg.request == R.SET_VRING_KICK and len(addrs) == 2 and self.lie == "id":
+                        used = addrs[1].used_user_addr - uva          # TX ring
+                        struct.pack_into("<II", mem, used + 4, 999, 0)  # id 999 > ring size
+                        struct.pack_into("<H", mem, used + 2, 1)
+                    msg.close_fds()
+                if self.lie == "len" and len(addrs) == 2 and mem is not None:
+                    break
+            if self.lie == "len":
+                # Wait for the RX ring's first buffer, then say we wrote 1 MiB into it.
+                avail, used = addrs[0].avail_user_addr - uva, addrs[0].used_user_addr - uva
+                while struct.unpack_from("<H", mem, avail + 2)[0] == 0:
+                    time.sleep(0.01)
+                head = struct.unpack_from("<H", mem, avail + 4)[0]
+                struct.pack_into("<II", mem, used + 4, head, 1 << 20)
+                struct.pack_into("<H", mem, used + 2, 1)
+                while True:           # answer the teardown
+                    data = conn.recv(4096)
+                    if not data:
+                        break
+                    for msg in reader.feed(data):
+                        if msg.request == R.GET_VRING_BASE:
+                            s = VringState.unpack(msg.payload)
+                            conn.sendall(pack_reply(R.GET_VRING_BASE, VringState(s.index, 0).pack()))
+        reader.close()
+        if mem is not None:
+            mem.close()
+        self.srv.close()
+
+
+def test_backend_returning_an_id_never_made_available(tmp_path, no_fd_leak):
+    be = LyingBackend(str(tmp_path / "liar.sock"), "id")
+    be.start()
+    with Frontend(str(tmp_path / "liar.sock")) as fe:
+        assert fe.hdr_len == 12 and fe.features == 1 << 32
+        with pytest.raises(FrontendError, match="not in flight"):
+            fe.run("tx", duration=5)
+    be.join(10)
+    assert not be.is_alive()
+
+
+def test_backend_claiming_more_bytes_than_the_buffer(tmp_path, no_fd_leak):
+    be = LyingBackend(str(tmp_path / "liar.sock"), "len")
+    be.start()
+    with Frontend(str(tmp_path / "liar.sock")) as fe:
+        r = fe.run("rx", duration=0.5)
+    be.join(10)
+    assert not be.is_alive()
+    assert (r.rx_packets, r.rx_bytes, r.corrupt) == (0, 0, 1), r.summary()
