@@ -358,3 +358,17 @@ def test_switch_mac_flood_stays_bounded_and_keeps_switching(guest):
     f = eth(mac(2), mac(3))
     ports.send(2, [f])
     assert ports.received() == [[], [f], []]
+
+
+def test_bad_binding_sets_are_refused_before_anything_changes(guest):
+    engine = Engine(app="patch", poll="busy")
+    ports = Ports(engine, guest, 2)
+    ports.pairs[0]["peer"], ports.pairs[1]["peer"] = 1, 0
+    engine.set_bindings(ports.pairs)
+    for bad in ([dict(port=0), dict(port=0)], [dict(port=64)], [dict(queue=64)],
+                [dict(peer=3)], [dict(cap_rx=0)], [dict(tap_fd=0)]):
+        with pytest.raises(ValueError):
+            engine.set_bindings(bad)
+    f = eth(mac(2), mac(1))
+    ports.send(0, [f])                      # the old set still runs
+    assert ports.received() == [[], [f]]

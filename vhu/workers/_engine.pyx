@@ -350,7 +350,14 @@ cdef class Engine:
         cdef uint64_t[::1] cnt
         if len(pairs) > MAX_BINDINGS:
             raise ValueError(f"at most {MAX_BINDINGS} queue pairs per worker")
+        # Everything is checked before anything changes: a bad set leaves the
+        # engine running the old one.
+        seen = set()
         for i, p in enumerate(pairs):
+            key = (p.get("queue", 0), p.get("port", i))
+            if key in seen:
+                raise ValueError(f"port {key[1]} queue {key[0]} bound twice")
+            seen.add(key)
             if not -1 <= p.get("peer", -1) < len(pairs):
                 raise ValueError(f"peer {p.get('peer')} out of range")
             if not 0 <= p.get("port", i) < MAX_PORTS:
@@ -404,8 +411,6 @@ cdef class Engine:
                 keep.append(cnt)
                 b.tap_cnt = <uint64_t *>&cnt[0]
             g, port = b.group, b.port
-            if self.port_bind[g][port] >= 0:
-                raise ValueError(f"port {port} queue {g} bound twice")
             self.port_bind[g][port] = i
             self.members[g][self.nmembers[g]] = i
             self.nmembers[g] += 1
