@@ -146,3 +146,37 @@ def test_raising_stage_is_reported_and_worker_keeps_running(rig, capfd):
     text = err.out + err.err
     assert "stage failure on purpose" in text and "Traceback" in text
     assert r.fw.running
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+                    reason="needs root and /dev/net/tun")
+def test_tap_device_port_counts_match_the_kernel(tmp_path):
+    """Forwarder([socket, TapDevice]) patched: every frame testpmd sends is
+    written to the TAP (the kernel counts it as received on the interface)
+    or counted as a drop."""
+    import subprocess
+    from vhu.workers import TapDevice
+    name = f"vhuf{os.getpid() % 100000}"
+    sock = str(tmp_path / "a.sock")
+    with Forwarder([sock, TapDevice(name)], pipeline=["patch"], cpus=(0,),
+                   stats_interval=0.2) as fw:
+        subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1"], check=False)
+        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+
+        def kernel_rx():
+            with open(f"/sys/class/net/{name}/statistics/rx_packets") as f:
+                return int(f.read())
+        before = kernel_rx()
+        with Testpmd([virtio_user_vdev(sock)], forward_mode="txonly", cpus=1, huge=False) as tp:
+            tp.wait_link_up(0)
+            sent = tp.run_for(0.3)[0]["tx_packets"]
+        deadline = time.monotonic() + 10
+        while fw.stats()[0]["rx_packets"] < sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        sock_port, tap_port = fw.stats()
+        assert tap_port["socket"] == f"tap:{name}" and tap_port["connected"]
+        assert sock_port["rx_packets"] == sent > 1000
+        assert tap_port["tx_packets"] + tap_port["drops_by_reason"]["rx_no_room"] == sent
+        assert kernel_rx() - before == tap_port["tx_packets"] > 0
+    assert not os.path.exists(f"/sys/class/net/{name}"), "the TAP goes with the Forwarder"
