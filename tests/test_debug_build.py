@@ -18,9 +18,13 @@ def test_debug_build_compiles_and_moves_frames(tmp_path):
     r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src,
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    check = ("from vhu import _ring, demo; assert _ring.DEBUG_BUILD; "
-             "m = demo.shared_guest(); n, ok = demo.frames_roundtrip(*m, count=300); "
-             "assert ok and n == 300; print('debug ok')")
+    env = dict(os.environ, PYTHONPATH=str(src))
+    check = "from vhu import _ring; assert _ring.DEBUG_BUILD; print('debug ok')"
     r = subprocess.run([sys.executable, "-c", check], cwd=src, capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, PYTHONPATH=str(src)))
+                       timeout=60, env=env)
     assert r.returncode == 0 and "debug ok" in r.stdout, r.stdout + r.stderr
+    # The demo: vhu.master's workers and vhu.frontend, all debug-built, move
+    # frames and check each one that comes back.
+    r = subprocess.run([sys.executable, "-m", "vhu.demo", "--seconds", "1"], cwd=src,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "counts agree" in r.stdout, r.stdout + r.stderr
