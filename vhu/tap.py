@@ -14,6 +14,8 @@ import logging
 import os
 import struct
 
+from vhu.workers.process import WorkerError
+
 log = logging.getLogger("vhu.tap")
 
 TUNSETIFF = 0x400454CA
@@ -62,9 +64,14 @@ class TapPort:
         # on the first loop turn.
         if self.fd is None or self.handed or not self.master.workers:
             return
-        self.master.workers[self.master.config.worker_of(0)].call(
-            "tap", self.index, fds=[os.dup(self.fd)])
         self.handed = True
+        try:
+            self.master.workers[self.master.config.worker_of(0)].call(
+                "tap", self.index, fds=[os.dup(self.fd)])
+        except WorkerError as exc:        # the port stays down; the others go on
+            log.error("port %d: TAP %s not handed to its worker: %s", self.index, self.name, exc)
+            os.close(self.fd)
+            self.fd = None
 
     def close(self):
         if self.fd is not None:
