@@ -264,6 +264,31 @@ def test_cli_tx_count_summary(tmp_path):
         vhu.stop()
 
 
+def test_cli_runs_until_sigterm_then_summarizes(tmp_path):
+    """No --duration or --count: runs until SIGTERM (or Ctrl-C), then drains,
+    tears down and prints the summary; every frame it counts reached vhu."""
+    import signal
+    import time as _time
+    with VhuMaster(tmp_path, "--app", "sink") as vhu:
+        p = subprocess.Popen([sys.executable, "-m", "vhu.frontend", "--socket", vhu.sockets[0]],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = _time.monotonic() + 30
+            while vhu.port()["rx_packets"] == 0 and _time.monotonic() < deadline:
+                _time.sleep(0.1)
+            p.send_signal(signal.SIGTERM)
+            out, err = p.communicate(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 0, err
+        _, tx, _, _, _, errors = summary(out)
+        assert tx > 0 and errors == 0
+        assert vhu.wait_stable("rx_packets") == tx
+        vhu.stop()
+
+
 def test_demo_moves_frames():
     r = subprocess.run([sys.executable, "-m", "vhu.demo", "--seconds", "1"], cwd=REPO,
                        capture_output=True, text=True, timeout=90)
