@@ -58,6 +58,17 @@ def test_bad_arguments_are_refused(argv):
         parse_args(argv)
 
 
+def test_api_refuses_contradictions():
+    with pytest.raises(ValueError, match="legacy"):
+        Frontend("/s", legacy=True, packed=True)
+    with pytest.raises(ValueError, match="RING_PACKED"):
+        Frontend("/s", features=1 << VF.VERSION_1 | 1 << VF.RING_PACKED)
+    with pytest.raises(ValueError):
+        Frontend("/s", ring_size=100)          # split rings: a power of two
+    with pytest.raises(ValueError):
+        Frontend("/s", pkt_size=59)
+
+
 def test_cli_bad_argument_exits_2_with_one_line():
     r = cli("--socket", "/nonexistent.sock", "--mode", "bogus")
     assert r.returncode == 2

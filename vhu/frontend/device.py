@@ -136,6 +136,8 @@ class Frontend:
                 features |= mask(VF.MQ)
             if packed:
                 features |= mask(VF.RING_PACKED)
+        elif bool(features >> VF.RING_PACKED & 1) != packed:
+            raise ValueError("features and packed disagree about VIRTIO_F_RING_PACKED")
         self.wanted = features
         self.features = 0               # negotiated
         self.protocol_features = 0
