@@ -84,7 +84,9 @@ _BROKEN_KEYS = {text: "broken_" + name[len("BROKEN_"):].lower()
 
 STATS_KEYS = (("popped", "pushed", "published", "notify", "notify_suppressed",
                "rx_frames", "rx_bytes", "rx_no_room", "rx_too_big",
-               "tx_frames", "tx_bytes", "tx_short")
+               "tx_frames", "tx_bytes", "tx_short",
+               # written by the worker engine, never by a ring: kept so the tables match
+               "kicks", "drop_filtered", "drop_no_port", "drop_stage", "drop_stage_error")
               + tuple(_BROKEN_KEYS.values()))
 
 # Split ring layout (virtio 1.x 2.7.5, 2.7.6, 2.7.8).
