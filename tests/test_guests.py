@@ -86,28 +86,34 @@ class Pair:
                      log_path=self.dir / f"{which}.console", **kw)
 
     def start(self):
-        if self.client:              # QEMU listens first; vhu connects to it
-            self.a = self.guest("a").launch()
-            self.b = self.guest("b").launch()
-            self.start_vhu()
-        else:
-            self.start_vhu()
-            self.a = self.guest("a").launch()
-            self.b = self.guest("b").launch()
-        self.a.wait_ready(BOOT_TIMEOUT)
-        self.b.wait_ready(BOOT_TIMEOUT)
-        for g in (self.a, self.b):
-            g.run("echo booted > /tmp/marker", check=True)
+        try:
+            if self.client:          # QEMU listens first; vhu connects to it
+                self.a = self.guest("a").launch()
+                self.b = self.guest("b").launch()
+                self.start_vhu()
+            else:
+                self.start_vhu()
+                self.a = self.guest("a").launch()
+                self.b = self.guest("b").launch()
+            self.a.wait_ready(BOOT_TIMEOUT)
+            self.b.wait_ready(BOOT_TIMEOUT)
+            for g in (self.a, self.b):
+                g.run("echo booted > /tmp/marker", check=True)
+        except BaseException:
+            self.close(check=False)  # a fixture that fails to start is never torn down
+            raise
         return self
 
-    def close(self):
-        for g in (self.a, self.b):
+    def close(self, check=True):
+        guests, self.a, self.b = (self.a, self.b), None, None
+        for g in guests:
             if g is not None:
                 g.close()
+        vhu, self.vhu = self.vhu, None
         try:
-            if self.vhu is not None:
-                pids = worker_pids(self.vhu.proc.pid)
-                self.vhu.stop()      # asserts exit 0 and (server mode) socket removed
+            if vhu is not None:
+                pids = worker_pids(vhu.proc.pid)
+                vhu.stop(check=check)        # asserts exit 0 and (server mode) socket removed
                 assert_gone(pids)
         finally:
             self.dir.remove()
