@@ -288,10 +288,10 @@ QEMU_RINGS = {0: (0x7f47ee9df000, 0x7f47ee9e0000, 0x7f47ee9e0240),
 def test_qemu_7_2_guest_boot(peer):
     p, h = peer, peer.hooks
     assert p.send(R.GET_FEATURES) == pack_reply(R.GET_FEATURES, u64(0xD70408008))  # +RING_PACKED, IN_ORDER, MTU
-    assert p.send(R.GET_PROTOCOL_FEATURES) == pack_reply(R.GET_PROTOCOL_FEATURES, u64(0x18039))  # +MTU
+    assert p.send(R.GET_PROTOCOL_FEATURES) == pack_reply(R.GET_PROTOCOL_FEATURES, u64(0x1803d))  # +MTU, RARP
     proto = 0x10cbf & SUPPORTED_PROTOCOL_FEATURES          # what QEMU acks of our offer
     assert p.send(R.SET_PROTOCOL_FEATURES, u64(proto)) == b""
-    assert p.dev.acked_protocol_features == 0x10039
+    assert p.dev.acked_protocol_features == 0x1003d
     assert p.send(R.GET_QUEUE_NUM) == pack_reply(R.GET_QUEUE_NUM, u64(8))
     req = efd()
     assert p.send(R.SET_BACKEND_REQ_FD, fds=[req], need_reply=True) == ack(R.SET_BACKEND_REQ_FD)
@@ -692,8 +692,7 @@ def test_unknown_request_and_bad_flags(acked):
     assert acked.send(R.SET_OWNER, flags=0x4, need_reply=True) == ack(R.SET_OWNER, 1)
     assert acked.send(R.SET_OWNER, flags=0x100, need_reply=True) == ack(R.SET_OWNER, 1)
     # Known but not implemented, and its protocol feature never offered.
-    assert acked.send(R.SEND_RARP, u64(0x0a0000545200), need_reply=True) == \
-        ack(R.SEND_RARP, 1)
+    assert acked.send(R.SET_LOG_FD, need_reply=True) == ack(R.SET_LOG_FD, 1)
     assert acked.raw(R.GET_CONFIG, b"\0" * 12).close
 
 
@@ -864,3 +863,14 @@ def test_packed_vring_base_carries_wrap_counters(packed):
         ack(R.SET_VRING_BASE, 1)
     assert packed.send(R.SET_VRING_BASE, state(0, 7 | 300 << 16), need_reply=True) == \
         ack(R.SET_VRING_BASE, 1)
+
+
+def test_send_rarp(acked):
+    """SEND_RARP: the guest's MAC (first 6 payload bytes) handed to the I/O side."""
+    seen = []
+    acked.dev.hooks.send_rarp = seen.append
+    assert acked.send(R.SEND_RARP, u64(0xccbbaa005452), need_reply=True) == ack(R.SEND_RARP)
+    assert seen == [bytes.fromhex("525400aabbcc")]
+    for bad in (0, 0x01, 0xccbbaa005453):          # zero, multicast (group bit) addresses
+        assert acked.send(R.SEND_RARP, u64(bad), need_reply=True) == ack(R.SEND_RARP, 1)
+    assert len(seen) == 1

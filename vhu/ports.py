@@ -29,6 +29,15 @@ RECONNECT_MIN, RECONNECT_MAX = 0.05, 2.0
 _RESTART_FIELDS = ("num", "desc_addr", "avail_addr", "used_addr", "features")
 
 
+def rarp_frame(mac: bytes) -> bytes:
+    """The broadcast RARP request a migrated guest's back-end sends for it
+    (RFC 903; as QEMU's and DPDK's announcements): 60 bytes."""
+    eth = b"\xff" * 6 + mac + b"\x80\x35"
+    rarp = (b"\x00\x01\x08\x00\x06\x04\x00\x03"    # Ethernet, IPv4, 6, 4, reverse request
+            + mac + bytes(4) + mac + bytes(4))
+    return (eth + rarp).ljust(60, b"\0")
+
+
 class WorkerHooks:
     """The protocol layer's state transitions (vhu.protocol.backend.DeviceHooks),
     turned into commands for the workers that own the rings."""
@@ -96,6 +105,12 @@ class WorkerHooks:
 
     def status_changed(self, status):
         log.info("port %d: device status %#x", self.port.index, status)
+
+    def send_rarp(self, mac):
+        # Queue pair 0's worker sends it on as a frame from this port's guest.
+        if not self._worker(0).call("port_inject", self.port.index, rarp_frame(mac)):
+            log.warning("port %d: RARP for %s not sent: queue pair 0 is not running",
+                        self.port.index, mac.hex(":"))
 
     def reset(self):
         self.running.clear()

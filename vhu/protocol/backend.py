@@ -47,7 +47,7 @@ SUPPORTED_FEATURES = mask(VF.VERSION_1, VF.MRG_RXBUF, VF.EVENT_IDX, VF.INDIRECT_
 # IN_ORDER costs the device nothing: every app returns the chains it pops in
 # the order it popped them (RX chains given back unused are popped again first).
 SUPPORTED_PROTOCOL_FEATURES = mask(PF.MQ, PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIGURE_MEM_SLOTS,
-                                   PF.STATUS, PF.MTU)
+                                   PF.STATUS, PF.MTU, PF.RARP)
 MTU_MIN, MTU_MAX = 68, 65535          # virtio-net config mtu: a u16, at least IPv4's minimum
 MAX_MEM_SLOTS = 509                   # the most the spec's front-ends use (vhu._mem.MAX_REGIONS)
 MAX_QUEUE_PAIRS = 128                 # ring index is 8 bits in SET_VRING_KICK/CALL/ERR
@@ -174,6 +174,11 @@ class DeviceHooks(Protocol):
     def status_changed(self, status: int) -> None:
         """SET_STATUS changed the virtio device status byte."""
 
+    def send_rarp(self, mac: bytes) -> None:
+        """SEND_RARP: announce the guest's MAC (6 bytes) to the network, as if
+        the guest had sent a RARP frame (after a migration, so switches learn
+        where the guest now is)."""
+
     def reset(self) -> None:
         """Stop every ring and drop the memory table: all fds are about to be closed."""
 
@@ -185,6 +190,7 @@ class NullHooks:
     def ring_changed(self, index, ring): pass
     def ring_stop(self, index): return None
     def status_changed(self, status): pass
+    def send_rarp(self, mac): pass
     def reset(self): pass
 
 
@@ -436,6 +442,15 @@ class NetBackend:
 
     def get_status(self, msg: Message) -> bytes:
         return U64(self.status).pack()
+
+    def send_rarp(self, msg: Message) -> None:
+        """The guest's MAC in the payload's first 6 bytes ("Back-end message
+        types": VHOST_USER_SEND_RARP); the I/O side broadcasts the RARP."""
+        mac = U64.unpack(msg.payload).value.to_bytes(8, "little")[:6]
+        if mac[0] & 1 or mac == bytes(6):
+            raise ProtocolError(f"SEND_RARP: {mac.hex(':')} is not a station address")
+        log.info("announcing %s (RARP)", mac.hex(":"))
+        self.hooks.send_rarp(mac)
 
     def net_set_mtu(self, msg: Message) -> None:
         """The MTU the front-end gives the guest (QEMU host_mtu=): kept and

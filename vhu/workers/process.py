@@ -213,6 +213,10 @@ class WorkerState:
         _close(fd)
         return True
 
+    def cmd_port_inject(self, port, frame):
+        """A frame as if port's guest had sent it on queue pair 0 (SEND_RARP)."""
+        return self.engine is not None and self.engine.inject(port, frame)
+
     def cmd_ring_status(self, port, index):
         r = self.ports.get(port, _Port()).rings.get(index)
         if r is None:
