@@ -66,4 +66,6 @@ def test_packed_guests_tcp_4mib_transfer(packed_jumbo_pair):
     p = packed_jumbo_pair
     assert transfer(p.a, p.b, IP_B, port=5003) == FILE_SIZE
     assert transfer(p.b, p.a, IP_A, port=5004) == FILE_SIZE
-    assert p.vhu.port(0)["drops"] == 0 and p.vhu.port(1)["drops"] == 0
+    # A full receive ring may drop a frame under load (TCP resends it): no
+    # zero-drop claim here, but no broken ring either.
+    assert p.vhu.port(0)["broken"] == {} and p.vhu.port(1)["broken"] == {}

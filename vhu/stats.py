@@ -73,7 +73,6 @@ def queue_stats(snap, port, qp):
         "kicks": both("kicks"),                         # eventfd kicks the guest sent us
         "calls": both("notify"),                        # interrupts we sent the guest
         "calls_suppressed": both("notify_suppressed"),  # ... and those it asked us not to
-        "kicks_suppressed_calls": both("notify_suppressed"),   # old name of calls_suppressed
         "broken": {n[len("broken_"):]: both(n) for n in BROKEN_NAMES if both(n)},
     }
     return out
