@@ -32,8 +32,9 @@ def _peers():
         pytest.fail(f"CI=true but dpdk-testpmd is unavailable: {REASON}", pytrace=False)
 
 
-def front_ends(socks, mode, queues=1):
-    return Testpmd([virtio_user_vdev(s, i, queues=queues) for i, s in enumerate(socks)],
+def front_ends(socks, mode, queues=1, packed=False):
+    return Testpmd([virtio_user_vdev(s, i, queues=queues, packed_vq=packed)
+                    for i, s in enumerate(socks)],
                    forward_mode=mode, cpus=PEER_CPU, huge=False, rxq=queues, txq=queues)
 
 
@@ -70,8 +71,9 @@ def test_pcap_sink_captures_exactly_what_testpmd_sent(tmp_path):
         assert tcpdump_count(str(cap / "0-rx.pcap")) == sent
 
 
-@pytest.mark.parametrize("queues", [1, 2])
-def test_switch_floods_unknown_unicast_to_every_other_port(tmp_path, queues):
+@pytest.mark.parametrize("queues,packed", [(1, False), (2, False), (1, True)],
+                         ids=["1q", "2q", "packed"])
+def test_switch_floods_unknown_unicast_to_every_other_port(tmp_path, queues, packed):
     """txonly's destination (--eth-peer default) is never a source: flooded
     to both other ports, never back to the sender; every frame is either
     delivered (and counted by the receiving testpmd) or counted as no room.
@@ -82,8 +84,8 @@ def test_switch_floods_unknown_unicast_to_every_other_port(tmp_path, queues):
     with VhuMaster(tmp_path, "--app", "switch", "--pcap", cap, "--cpus", VHU_CPU,
                    "--queues", queues, "--workers", queues,
                    sockets=("a.sock", "b.sock", "c.sock")) as vhu:
-        with front_ends(vhu.sockets[1:], "rxonly", queues) as rx, \
-                front_ends(vhu.sockets[:1], "txonly", queues) as tx:
+        with front_ends(vhu.sockets[1:], "rxonly", queues, packed) as rx, \
+                front_ends(vhu.sockets[:1], "txonly", queues, packed) as tx:
             rx.wait_link_up(0)
             rx.wait_link_up(1)
             tx.wait_link_up(0)

@@ -61,15 +61,15 @@ class Rig:
     """Port 0 (a.sock) is served, port 1 (b.sock) too, or with client=True
     vhu connects to the receiver's socket (virtio-user server=1)."""
 
-    def __init__(self, tmp_path, pipeline, client=False):
+    def __init__(self, tmp_path, pipeline, client=False, packed=False):
         b = str(tmp_path / "b.sock")
         self.fw = Forwarder([tmp_path / "a.sock", VhostUserPort(b, client=client)],
                             pipeline=pipeline, cpus=(0,), stats_interval=0.2)
         self.fw.start()       # client: vhu retries until the receiver listens
-        self.tx = Testpmd([virtio_user_vdev(str(tmp_path / "a.sock"))], forward_mode="io",
-                          cpus=1, huge=False).launch()
-        self.rx = Testpmd([virtio_user_vdev(b, server=client)], forward_mode="rxonly", cpus=1,
-                          huge=False).launch()
+        self.tx = Testpmd([virtio_user_vdev(str(tmp_path / "a.sock"), packed_vq=packed)],
+                          forward_mode="io", cpus=1, huge=False).launch()
+        self.rx = Testpmd([virtio_user_vdev(b, server=client, packed_vq=packed)],
+                          forward_mode="rxonly", cpus=1, huge=False).launch()
         self.tx.wait_link_up(0)
         self.rx.wait_link_up(0)
         self.rx.cmd("set verbose 1")
@@ -103,8 +103,8 @@ class Rig:
 def rig(tmp_path):
     rigs = []
 
-    def make(pipeline, client=False):
-        rigs.append(Rig(tmp_path, pipeline, client))
+    def make(pipeline, client=False, packed=False):
+        rigs.append(Rig(tmp_path, pipeline, client, packed))
         return rigs[-1]
     yield make
     for r in rigs:
@@ -112,9 +112,10 @@ def rig(tmp_path):
     assert not os.path.exists(tmp_path / "a.sock"), "socket files removed on stop"
 
 
-@pytest.mark.parametrize("client", [False, True], ids=["server", "client"])
-def test_stage_rewrites_destination_mac_seen_by_receiver(rig, client):
-    r = rig([rewrite_dst, "patch"], client)
+@pytest.mark.parametrize("client,packed", [(False, False), (True, False), (False, True)],
+                         ids=["server", "client", "packed"])
+def test_stage_rewrites_destination_mac_seen_by_receiver(rig, client, packed):
+    r = rig([rewrite_dst, "patch"], client, packed)
     r.burst()
     got = r.received(BURST)
     assert len(got) == BURST

@@ -335,16 +335,37 @@ class LyingBackend(threading.Thread):
         mmap, MemoryTable, R, U64, VringAddr, VringState, MessageReader, pack_reply = self.m
         conn, _ = self.srv.accept()
         reader, mem, uva, addrs = MessageReader(), None, 0, {}
+        def next_message():
+            # One message at a time (header with its fds, then the payload):
+            # fds stay with the message that carried them.
+            hdr, anc, _, _ = conn.recvmsg(12, socket.CMSG_SPACE(8 * 4))
+            fds = []
+            for _, _, cdata in anc:
+                a = array.array("i")
+                a.frombytes(cdata[:len(cdata) - len(cdata) % 4])
+                fds += list(a)
+            if not hdr:
+                return None, fds
+            while len(hdr) < 12:
+                more = conn.recv(12 - len(hdr))
+                if not more:
+                    return None, fds
+                hdr += more
+            payload = b""
+            while len(payload) < struct.unpack("<III", hdr)[2]:
+                more = conn.recv(struct.unpack("<III", hdr)[2] - len(payload))
+                if not more:
+                    return None, fds
+                payload += more
+            return hdr + payload, fds
+
         with conn:
             while True:
-                data, anc, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(32))
+                data, fds = next_message()
                 if not data:
+                    for fd in fds:
+                        os.close(fd)
                     break
-                fds = []
-                for _, _, cdata in anc:
-                    a = array.array("i")
-                    a.frombytes(cdata[:len(cdata) - len(cdata) % 4])
-                    fds += list(a)
                 for msg in reader.feed(data, fds):
                     if msg.request == R.GET_FEATURES:
                         conn.sendall(pack_reply(R.GET_FEATURES, U64(1 << 32).pack()))
