@@ -270,3 +270,27 @@ def test_hostile_packed_driver_breaks_only_its_ring(case):
         other_drv.add([(buf, 64)])
         other_drv.publish()
         assert [c.read_len for c in other_dev.pop(4)] == [64]
+
+
+# -- a hostile device (the driver side: vhu.frontend) -----------------------------
+
+@pytest.mark.parametrize("in_order", [False, True])
+@pytest.mark.parametrize("case", ["id_not_in_flight", "used_without_avail_bit"])
+def test_hostile_device_is_an_error_on_the_driver_side(case, in_order):
+    """A used descriptor naming a buffer id not in flight, or a flag pattern
+    no device writes (USED flipped, AVAIL not): RingError, nothing freed."""
+    with make_guest() as g:
+        desc = g.alloc(16 * 4, align=16)
+        drv = DriverRing(g.driver_mem, 4, desc, g.alloc(4, align=4), g.alloc(4, align=4),
+                         packed=True, in_order=in_order)
+        buf = g.alloc(64)
+        head = drv.add([], [(buf, 64)])
+        drv.publish()
+        free = drv.free_count
+        if case == "id_not_in_flight":
+            put_desc(g, desc, 0, buf, 64, head + 1, F_AVAIL | F_USED | F_WRITE)
+        else:
+            put_desc(g, desc, 0, buf, 64, head, F_USED | F_WRITE)      # lap 1: AVAIL must be set too
+        with pytest.raises(RingError):
+            drv.get_used()
+        assert drv.free_count == free

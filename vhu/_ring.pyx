@@ -735,6 +735,8 @@ cdef int drv_reclaim_in_order(DrvRing *r, uint16_t *heads, uint32_t *lens, int m
                 e = r.desc + 16 * <uint32_t>r.last_used
                 flags = vhu_load_acquire_u16(e + 14)
                 if not pk_used(flags, r.used_wrap):
+                    if pk_impossible(flags, r.used_wrap):
+                        return -1
                     break
                 r.drain_id = vhu_read_once_u16(e + 12)
                 r.drain_len = vhu_read_once_u32(e + 8) if flags & DESC_F_WRITE else 0

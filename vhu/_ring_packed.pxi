@@ -33,6 +33,13 @@ cdef inline bint pk_used(uint16_t flags, uint16_t wrap) noexcept nogil:
     return ((flags & PK_F_AVAIL) != 0) == (wrap != 0) and ((flags & PK_F_USED) != 0) == (wrap != 0)
 
 
+cdef inline bint pk_impossible(uint16_t flags, uint16_t wrap) noexcept nogil:
+    """Driver side, at the next used position of a ring with buffers in
+    flight: USED says "used in this lap" but AVAIL disagrees. A device sets
+    both bits in one store (2.8.1), so only a broken device writes this."""
+    return ((flags & PK_F_USED) != 0) == (wrap != 0) and ((flags & PK_F_AVAIL) != 0) != (wrap != 0)
+
+
 cdef inline uint16_t pk_used_flags(uint16_t wrap, bint written) noexcept nogil:
     # 2.8.4: in a used descriptor, WRITE says whether the device wrote data.
     return (PK_F_AVAIL | PK_F_USED if wrap else 0) | (DESC_F_WRITE if written else 0)
@@ -345,6 +352,8 @@ cdef int pk_drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_ite
         d = desc + 16 * <uint32_t>pos
         flags = vhu_load_acquire_u16(d + 14)
         if not pk_used(flags, wrap):
+            if pk_impossible(flags, wrap):
+                rc = -1
             break
         buf_id = vhu_read_once_u16(d + 12)
         if buf_id >= size or not r.in_flight[buf_id]:
