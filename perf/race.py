@@ -119,13 +119,22 @@ def format_row(e):
             f"{d.get('error', '')}{v.get('error', '')}")
 
 
+def _rate(side):
+    """Median Mpps, with the spread of the runs so noise is visible."""
+    runs = side.get("runs_mpps") or []
+    if len(runs) < 2:
+        return _f(side.get("mpps"), ".2f")
+    return f"{_f(side.get('mpps'), '.2f')} ({min(runs):.1f}–{max(runs):.1f})"
+
+
 def render(doc):
     m = doc["machine"]
     lines = [f"# vhu vs DPDK vhost back-end ({doc['time']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}.",
              f"Command: `{doc['command']}`. Back-end on CPU 0, DPDK virtio-user front-end "
              f"(testpmd) on CPU 1; rates read at the front-end. Each figure is the median of "
-             f"interleaved runs (all runs in the JSON file).", "",
+             f"interleaved runs, with the lowest and highest run in brackets (all runs "
+             f"in the JSON file).", "",
              "| row (back-end/front-end) | ring | size | queues | DPDK Mpps | vhu Mpps | vhu/DPDK | "
              "DPDK CPU ns/pkt | vhu CPU ns/pkt | DPDK RSS MiB | vhu RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -135,7 +144,7 @@ def render(doc):
         lines.append(
             f"| {names.get(e['row'], e['row'])} | {e.get('ring', 'split')} | {e['pkt_size']} | "
             f"{e['queues']} | "
-            f"{_f(d.get('mpps'), '.2f')} | {_f(v.get('mpps'), '.2f')} | {_f(e['ratio'], '.2f')} | "
+            f"{_rate(d)} | {_rate(v)} | {_f(e['ratio'], '.2f')} | "
             f"{_f(d.get('cpu_ns_per_pkt'), '.0f')} | {_f(v.get('cpu_ns_per_pkt'), '.0f')} | "
             f"{_f(d.get('rss_mib'), '.0f')} | {_f(v.get('rss_mib'), '.0f')} |")
     return "\n".join(lines) + "\n"

@@ -64,6 +64,9 @@ cdef extern from "<sys/epoll.h>" nogil:
     int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
     enum: EPOLLIN, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CLOEXEC
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
 cdef extern from "<poll.h>" nogil:
     cdef struct pollfd:
         int fd
@@ -76,6 +79,9 @@ log = logging.getLogger("vhu.workers.engine")
 
 APPS = ("sink", "echo", "patch", "source", "switch", "pcap")
 cdef double CTRL_CHECK_SECONDS = 0.001
+# Empty rounds (about 30 ns each) before a spinning worker starts yielding
+# its CPU: long enough to cover the gap of a ping-pong loop.
+cdef uint64_t YIELD_AFTER_IDLE_ROUNDS = 256
 cdef uint32_t CTRL_TAG = 0xFFFFFFFFU    # epoll tag of the control socket
 POLL_MODES = ("busy", "epoll", "adaptive")
 
@@ -211,6 +217,7 @@ cdef class Engine:
     cdef int poll_mode
     cdef uint32_t batch
     cdef uint32_t idle_spins
+    cdef uint64_t idle_rounds      # empty rounds in a row, kept across run() calls
     cdef int epfd
     cdef int ctrl_fd
     cdef uint8_t *frame       # the source app's frame
@@ -963,7 +970,11 @@ cdef class Engine:
     def run(self, double max_seconds=1.0):
         """Process the bound queues until the control fd is readable or
         max_seconds pass. Returns the number of chains handled."""
-        cdef uint64_t total = 0, work, rounds = 0, idle = 0
+        cdef uint64_t total = 0, work, rounds = 0
+        # An idle worker stays asleep across run() calls (the control check
+        # returns every max_seconds) instead of spinning idle_spins rounds
+        # again each time.
+        cdef uint64_t idle = self.idle_rounds
         cdef double deadline = now() + max_seconds
         cdef double t, next_ctrl_check = 0
         cdef pollfd pfd
@@ -1004,5 +1015,15 @@ cdef class Engine:
                     stop = self.sleep(1 if polled_rings else 100)
                     if now() >= deadline:
                         break
+                elif idle >= YIELD_AFTER_IDLE_ROUNDS:
+                    # Spinning on empty rings: let any other runnable task on
+                    # this CPU (another worker pinned here, a front-end) go
+                    # first. Alone on the CPU this returns at once; with four
+                    # workers on one CPU it keeps a worker from spinning out
+                    # its time slice while the others' rings are full. Not on
+                    # the first empty rounds: a syscall there adds latency to
+                    # a ping-pong (echo) loop that is only briefly empty.
+                    sched_yield()
             self.flush_captures()
+        self.idle_rounds = idle
         return total
