@@ -963,7 +963,7 @@ cdef class Engine:
             b = &self.bindings[i]
             if b.tx != NULL:
                 dev_notifications_off(b.tx)
-            if b.rx != NULL and self.app == APP_SOURCE:
+            if b.rx != NULL:
                 dev_notifications_off(b.rx)
         return ctrl
 
@@ -988,9 +988,15 @@ cdef class Engine:
                (self.bindings[i].rx != NULL and self.bindings[i].rx_kick < 0):
                 polled_rings = True      # a ring without kick fd: never sleep long
         with nogil:
+            # No kicks while we poll: on the TX rings they would wake nobody,
+            # and on the RX rings a front-end refilling buffers would pay a
+            # syscall per refill (only the source app sleeps waiting for RX
+            # buffers; every other app drops a frame that finds none).
             for i in range(self.nbind):
                 if self.bindings[i].tx != NULL:
                     dev_notifications_off(self.bindings[i].tx)
+                if self.bindings[i].rx != NULL:
+                    dev_notifications_off(self.bindings[i].rx)
             while not stop:
                 work = self.round()
                 total += work
