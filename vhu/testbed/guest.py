@@ -618,8 +618,15 @@ class Guest:
             with self._cond:
                 pos = len(self._buf)
             # The quotes split the markers in the echoed command line, so only
-            # the shell's own output matches start_m / end_re.
-            self._write(f'echo "__VS""{n}__"; {cmd}\necho "__VE""{n}:$?__"\n'.encode())
+            # the shell's own output matches start_m / end_re. One input line
+            # where the shell allows it: a second line typed while the command
+            # runs is echoed into the middle of the command's output (seen on
+            # a slow serial console: "booted?__\"" for "booted").
+            if "\n" in cmd or "#" in cmd or cmd.rstrip().endswith(("&", ";")):
+                line = f'echo "__VS""{n}__"; {cmd}\necho "__VE""{n}:$?__"\n'
+            else:
+                line = f'echo "__VS""{n}__"; {cmd}; echo "__VE""{n}:$?__"\n'
+            self._write(line.encode())
             try:
                 text = self._wait_for(lambda b: bool(end_re.search(b)), timeout, f"'{cmd}'", pos)
             except GuestError:
