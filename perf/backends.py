@@ -11,6 +11,7 @@ import sys
 import time
 
 from vhu.testbed.dpdk import Testpmd, vhost_vdev, virtio_user_vdev
+from vhu.testbed.procs import process_tree
 
 Testpmd.__test__ = False
 BACKEND_CPU, PEER_CPU = 0, 1
@@ -23,21 +24,6 @@ ROWS = {
     "source": {"dpdk": "txonly", "frontend": "rxonly", "count": "rx_packets"},
     "echo":   {"dpdk": "macswap", "frontend": "io", "count": "rx_packets", "tx_first": True},
 }
-
-
-def process_tree(pid):
-    """pid and all its descendants."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
-    return out
 
 
 def cpu_seconds(pids):

@@ -21,6 +21,7 @@ import pytest
 
 from tests.vhuproc import VhuMaster
 from vhu.testbed import missing_reason
+from vhu.testbed.procs import descendants
 
 REASON = missing_reason(("qemu",))
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -280,18 +281,8 @@ def wait_counters(vhu):
 
 
 def worker_pids(master_pid):
-    """vhu.master's child processes (its workers), from /proc."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == master_pid:
-                pids.append(int(d))
-    return pids
+    """vhu.master's workers (its descendants), from /proc."""
+    return descendants(master_pid)
 
 
 def _alive(pid):

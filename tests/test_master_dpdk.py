@@ -148,12 +148,13 @@ def test_client_mode_against_virtio_user_server(tmp_path):
 def test_idle_worker_sleeps(tmp_path, poll):
     """With a front-end attached but no traffic, a worker uses < 1% of a core;
     traffic then flows at once (the kick wakes it)."""
-    from perf.backends import cpu_seconds, process_tree
+    from perf.backends import cpu_seconds
+    from vhu.testbed.procs import descendants
     with VhuMaster(tmp_path, "--app", "sink", "--poll", poll, "--cpus", VHU_CPU) as vhu:
         with frontend(vhu.sockets[0], "txonly") as tp:
             tp.wait_link_up(0)
             time.sleep(1.0)                          # past the adaptive spin phase
-            workers = [p for p in process_tree(vhu.proc.pid) if p != vhu.proc.pid]
+            workers = descendants(vhu.proc.pid)
             assert workers
             c0, t0 = cpu_seconds(workers), time.monotonic()
             time.sleep(3.0)

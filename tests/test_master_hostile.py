@@ -36,6 +36,7 @@ from vhu.protocol.messages import (
 )
 from vhu.testbed import missing_reason
 from vhu.testbed.dpdk import Testpmd, virtio_user_vdev
+from vhu.testbed.procs import descendants, process_tree
 
 Testpmd.__test__ = False   # a peer, not a test class
 
@@ -139,21 +140,6 @@ def memfd(size=MEM_SIZE, name="vhu-hostile"):
 
 
 # -- what the master and its workers hold --------------------------------------------
-
-
-def process_tree(pid):
-    """pid and its descendants (workers, multiprocessing's resource tracker)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
-    return out
 
 
 def held_files(pids):
@@ -740,7 +726,7 @@ def test_signal_stops_cleanly(tmp_path, sig):
     with VhuMaster(tmp_path, "--workers", 2, "--queues", 2, sockets=("a.sock", "b.sock")) as vhu:
         s = VappSession(vhu.sockets[0])       # a front-end attached with rings running
         try:
-            workers = [p for p in process_tree(vhu.proc.pid) if p != vhu.proc.pid]
+            workers = descendants(vhu.proc.pid)
             assert len(workers) >= 2
             vhu.proc.send_signal(sig)
             assert vhu.proc.wait(20) == 0, vhu.output()[-3000:]
@@ -759,7 +745,7 @@ def test_killed_master_workers_exit_and_stale_socket_replaced(tmp_path):
         fe = Frontend(vhu.sockets[0])
         fe.call(R.GET_FEATURES)              # the event loop runs: workers are up
         fe.close()
-        workers = [p for p in process_tree(vhu.proc.pid) if p != vhu.proc.pid]
+        workers = descendants(vhu.proc.pid)
         assert len(workers) >= 2
         vhu.proc.kill()
         vhu.proc.wait(10)
