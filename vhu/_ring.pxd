@@ -131,8 +131,7 @@ cdef struct DrvRing:
     uint16_t published_avail
     uint16_t last_used             # next used entry to read
     uint16_t *free_next            # free list kept outside guest memory
-    uint16_t *chain_len            # descriptors each in-flight head holds
-    uint8_t *in_flight
+    uint16_t *chain_len            # descriptors each head holds; 0: not in flight
     uint32_t free_head
     uint32_t num_free
     bint packed                    # packed: shadow_avail / last_used are positions
@@ -179,6 +178,7 @@ cdef int dev_pop_batch(DevRing *r, uint32_t max_chains) noexcept nogil
 cdef int pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil
 cdef void dev_unpop_stash(DevRing *r) noexcept nogil
 cdef void dev_push_used(DevRing *r, uint16_t head, uint32_t written) noexcept nogil
+cdef void dev_push_popped(DevRing *r, uint32_t n) noexcept nogil
 cdef bint dev_publish_used(DevRing *r) noexcept nogil
 cdef void dev_notifications_off(DevRing *r) noexcept nogil
 cdef bint dev_notifications_on(DevRing *r) noexcept nogil
@@ -189,6 +189,8 @@ cdef int dev_rx_enqueue(DevRing *r, const Seg *src, uint32_t nsrc, uint64_t skip
 # drv_mem_ok once per batch first (publish and reclaim check it themselves).
 cdef void drv_make_available(DrvRing *r, uint16_t head, uint16_t ndesc) noexcept nogil
 cdef int drv_add_one(DrvRing *r, uint64_t gpa, uint32_t length, uint16_t flags) noexcept nogil
+cdef uint32_t drv_add_slots(DrvRing *r, uint64_t base_gpa, uint32_t slot_bytes, uint32_t length,
+                            uint16_t flags, uint32_t max_chains) noexcept nogil
 cdef bint drv_publish_avail(DrvRing *r) noexcept nogil
 cdef int drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items) noexcept nogil
 cdef void drv_interrupts_off(DrvRing *r) noexcept nogil

@@ -131,6 +131,9 @@ class DriverRing:
         """Make one chain of (gpa, len) buffers available (not visible until publish).
         With indirect_gpa the chain is written as an indirect table there and takes one slot.
         Returns the head id; RingError when the ring is full."""
+    def add_slots(self, base_gpa: int, slot_bytes: int, length: int, *, writable: bool = False,
+                  max_chains: int | None = None) -> int:
+        """Single-buffer chains over fixed slots (head h: base_gpa + h * slot_bytes)."""
     def publish(self) -> bool:
         """Store avail->idx (release); True if the device wants a kick."""
     def get_used(self, max_items: int = 2**31) -> list[tuple[int, int]]:
@@ -141,5 +144,5 @@ class DriverRing:
 
 
 def bench_roundtrip(drv: DriverRing, dev: DeviceRing, buf_gpa: int, pkt_len: int,
-                    packets: int, batch: int) -> int:
+                    packets: int, batch: int, slot_bytes: int = 2048) -> int:
     """The core ring path as a benchmark (compiled, no GIL): returns packets moved."""

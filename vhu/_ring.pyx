@@ -22,7 +22,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 from vhu._barriers cimport *
-from vhu._mem cimport GuestMemory, MemTable, gpa_clip, gpa_to_ptr, uva_to_ptr, make_view
+from vhu._mem cimport GuestMemory, MemTable, Region, gpa_clip, gpa_to_ptr, uva_to_ptr, make_view
 
 __all__ = ["DeviceRing", "DriverRing", "Chain", "RingError", "net_header_len",
            "check_queue_size", "split_ring_layout", "COUNTER_NAMES"]
@@ -121,6 +121,37 @@ cdef inline bint need_event(uint16_t event, uint16_t new_idx, uint16_t old_idx) 
     # arithmetic, new-event-1 < new-old says exactly that, wrap included:
     # both sides count back from new, event must be fewer steps back than old.
     return <uint16_t>(new_idx - event - 1) < <uint16_t>(new_idx - old_idx)
+
+
+cdef struct RegionHit:
+    # The region the last buffer was in, held in a pop loop's locals: the
+    # buffers of a batch almost always share one, and gpa_clip's own
+    # last-hit cache lives in the table, which every store into a chain or
+    # segment forces the compiler to reload.
+    uint64_t gpa
+    uint64_t size
+    char *host
+
+cdef inline void hit_load(RegionHit *h, MemTable *t) noexcept nogil:
+    if t.n:
+        h.gpa = t.regions[t.last_hit].gpa
+        h.size = t.regions[t.last_hit].size
+        h.host = t.regions[t.last_hit].host
+    else:
+        h.gpa = h.size = 0      # matches nothing
+        h.host = NULL
+
+cdef inline char *hit_translate(RegionHit *h, MemTable *t, uint64_t addr, uint32_t dlen) noexcept nogil:
+    """Local address of [addr, addr+dlen) when it lies in one region, else
+    NULL (unmapped, or crossing a region edge: the caller's slow path)."""
+    cdef uint64_t off = addr - h.gpa     # wraps huge when addr < h.gpa
+    cdef char *p = NULL
+    if vhu_likely(off < h.size and dlen <= h.size - off):
+        return h.host + off
+    if gpa_clip(t, addr, dlen, &p) != dlen:
+        return NULL
+    hit_load(h, t)
+    return p
 
 
 cdef int copy_segs(const Seg *dst, uint32_t ndst, uint64_t dst_off,
@@ -345,7 +376,7 @@ cdef int pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
     cdef int rc
     cdef ChainInfo *c
     cdef char *d
-    cdef uint64_t addr
+    cdef uint64_t addr, word
     cdef uint32_t dlen
     cdef uint16_t flags
     cdef char *p = NULL
@@ -358,8 +389,10 @@ cdef int pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
     cdef Seg *segs = r.segs
     cdef uint32_t size = r.size, max_segs = r.max_segs
     cdef uint16_t mask = r.mask, last_avail = r.last_avail
+    cdef RegionHit hit
     if pending <= 0:
         return 0
+    hit_load(&hit, table)
     n = <uint32_t>pending
     if n > max_chains:
         n = max_chains
@@ -372,26 +405,28 @@ cdef int pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
         if vhu_likely(head < size and nseg < max_segs):
             d = desc + 16 * <uint32_t>head
             addr = vhu_read_once_u64(d)
-            dlen = vhu_read_once_u32(d + 8)
-            flags = vhu_read_once_u16(d + 12)
-            if vhu_likely((flags & (DESC_F_NEXT | DESC_F_INDIRECT)) == 0 and dlen != 0
-                          and gpa_clip(table, addr, dlen, &p) == dlen):
-                c.head = head
-                c.seg_start = nseg
-                segs[nseg].ptr = p
-                segs[nseg].len = dlen
-                nseg += 1
-                if flags & DESC_F_WRITE:
-                    c.nread = 0
-                    c.nwrite = 1
-                    c.read_len = 0
-                    c.write_len = dlen
-                else:
-                    c.nread = 1
-                    c.nwrite = 0
-                    c.read_len = dlen
-                    c.write_len = 0
-                continue
+            word = vhu_read_once_u64(d + 8)      # len, flags, next: one load
+            dlen = <uint32_t>word
+            flags = <uint16_t>(word >> 32)
+            if vhu_likely((flags & (DESC_F_NEXT | DESC_F_INDIRECT)) == 0 and dlen != 0):
+                p = hit_translate(&hit, table, addr, dlen)
+                if p != NULL:
+                    c.head = head
+                    c.seg_start = nseg
+                    segs[nseg].ptr = p
+                    segs[nseg].len = dlen
+                    nseg += 1
+                    if flags & DESC_F_WRITE:
+                        c.nread = 0
+                        c.nwrite = 1
+                        c.read_len = 0
+                        c.write_len = dlen
+                    else:
+                        c.nread = 1
+                        c.nwrite = 0
+                        c.read_len = dlen
+                        c.write_len = 0
+                    continue
         rc = dev_walk_chain(r, head, c, nseg)
         if rc != 0:
             if rc < 0:
@@ -421,6 +456,29 @@ cdef void dev_push_used(DevRing *r, uint16_t head, uint32_t written) noexcept no
     vhu_write_once_u32(e, head)
     vhu_write_once_u32(e + 4, written)
     r.shadow_used += 1       # counted in C_PUSHED when published
+
+
+cdef void dev_push_popped(DevRing *r, uint32_t n) noexcept nogil:
+    """dev_push_used(chains[i].head, 0) for the first n chains of the last
+    dev_pop_batch: a transmit ring's chains go back having only been read."""
+    cdef uint32_t i
+    cdef ChainInfo *chains = r.chains
+    # Locals: stores into the shared ring could alias the struct's fields.
+    cdef char *used = r.used
+    cdef uint16_t mask = r.mask, shadow = r.shadow_used
+    cdef char *e
+    if r.packed:
+        for i in range(n):
+            pk_push_used(r, chains[i].head, 0)
+        return
+    VHU_ASSERT(used != NULL and n <= r.max_chains)
+    VHU_ASSERT(<uint16_t>(shadow - r.published_used) + n <= r.size)
+    for i in range(n):
+        e = used_entry(used, shadow & mask)
+        vhu_write_once_u32(e, chains[i].head)
+        vhu_write_once_u32(e + 4, 0)
+        shadow += 1
+    r.shadow_used = shadow       # counted in C_PUSHED when published
 
 
 cdef bint dev_publish_used(DevRing *r) noexcept nogil:
@@ -613,16 +671,16 @@ cdef int dev_rx_enqueue(DevRing *r, const Seg *src, uint32_t nsrc, uint64_t skip
 
 cdef inline void write_desc(char *d, uint64_t gpa, uint32_t length, uint16_t flags,
                              uint16_t nxt) noexcept nogil:
+    # Two 8-byte stores, not four: len, flags and next are one little-endian
+    # u64 (descriptors are 16-byte aligned, 2.7.5). Stores are what the
+    # refill path is bound by.
     vhu_write_once_u64(d, gpa)
-    vhu_write_once_u32(d + 8, length)
-    vhu_write_once_u16(d + 12, flags)
-    vhu_write_once_u16(d + 14, nxt)
+    vhu_write_once_u64(d + 8, length | (<uint64_t>flags << 32) | (<uint64_t>nxt << 48))
 
 
 cdef inline void drv_track(DrvRing *r, uint16_t head, uint16_t ndesc) noexcept nogil:
     """A chain goes in flight (and, in order, to the back of the FIFO)."""
-    r.chain_len[head] = ndesc
-    r.in_flight[head] = 1
+    r.chain_len[head] = ndesc       # non-zero: in flight
     if r.in_order:
         r.order[(r.order_head + r.order_count) % r.size] = head
         r.order_count += 1
@@ -650,6 +708,43 @@ cdef int drv_add_one(DrvRing *r, uint64_t gpa, uint32_t length, uint16_t flags) 
     return head
 
 
+cdef uint32_t drv_add_slots(DrvRing *r, uint64_t base_gpa, uint32_t slot_bytes, uint32_t length,
+                           uint16_t flags, uint32_t max_chains) noexcept nogil:
+    """Up to max_chains single-descriptor chains, as many as there is room
+    for, over a front-end's fixed buffer slots: the chain with head (split)
+    or buffer id (packed) h gets the buffer at base_gpa + h * slot_bytes.
+    Returns how many were added. As for drv_add_one, the caller checked
+    drv_mem_ok for this batch."""
+    cdef uint32_t n = 0, head
+    # Locals: stores into the shared ring could alias the struct's fields.
+    cdef uint32_t free_head = r.free_head, num_free = r.num_free
+    cdef uint16_t shadow = r.shadow_avail, mask = r.mask
+    cdef char *desc = r.desc
+    cdef char *avail = r.avail
+    cdef uint16_t *free_next = r.free_next
+    cdef uint16_t *chain_len = r.chain_len
+    if r.in_order:
+        while n < max_chains and drv_add_one(r, base_gpa + <uint64_t>r.free_head * slot_bytes,
+                                             length, flags) >= 0:
+            n += 1
+        return n
+    if r.packed:
+        return pk_drv_add_slots(r, base_gpa, slot_bytes, length, flags, max_chains)
+    while n < max_chains and num_free:
+        head = free_head
+        free_head = free_next[head]
+        num_free -= 1
+        write_desc(desc + 16 * head, base_gpa + <uint64_t>head * slot_bytes, length, flags, 0)
+        chain_len[head] = 1           # in flight, one descriptor
+        vhu_write_once_u16(avail_entry(avail, shadow & mask), <uint16_t>head)
+        shadow += 1
+        n += 1
+    r.free_head = free_head
+    r.num_free = num_free
+    r.shadow_avail = shadow
+    return n
+
+
 cdef bint drv_publish_avail(DrvRing *r) noexcept nogil:
     """Store avail->idx (release); True if the device wants a kick."""
     cdef uint16_t old = r.published_avail, new = r.shadow_avail
@@ -671,34 +766,55 @@ cdef int drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items)
     """Take back up to max_items used chains: (head, written) into the
     arrays, descriptors back on the free list. -1 if the device returned
     an id that is not in flight (a broken device)."""
-    cdef uint16_t used_idx
-    cdef int n = 0
+    cdef uint16_t used_idx, last_used, mask = r.mask
+    cdef int n = 0, rc = 0
     cdef char *e
-    cdef uint32_t head, nd, tail
+    cdef char *used
+    cdef uint32_t head, nd, tail, free_head, num_free, size = r.size
+    cdef uint16_t *chain_len = r.chain_len
+    cdef uint16_t *free_next = r.free_next
     if not drv_mem_ok(r):
         return -1
+    used = r.used
     if r.in_order:
         return drv_reclaim_in_order(r, heads, lens, max_items)
     if r.packed:
         return pk_drv_reclaim(r, heads, lens, max_items)
+    # Locals: stores into heads/lens could alias the struct's fields.
+    last_used = r.last_used
+    free_head = r.free_head
+    num_free = r.num_free
     used_idx = vhu_load_acquire_u16(r.used + RING_IDX)
-    while r.last_used != used_idx and n < max_items:
-        e = used_entry(r.used, r.last_used & r.mask)
-        VHU_ASSERT(r.num_free <= r.size)
+    while last_used != used_idx and n < max_items:
+        e = used_entry(used, last_used & mask)
+        VHU_ASSERT(num_free <= size)
         head = vhu_read_once_u32(e)
-        if head >= r.size or not r.in_flight[head]:
-            return -1
+        if head >= size or chain_len[head] == 0:
+            rc = -1             # not a chain we made available
+            break
         heads[n] = <uint16_t>head
         lens[n] = vhu_read_once_u32(e + 4)
-        drv_free_chain(r, <uint16_t>head)
-        r.last_used += 1
+        # The chain's descriptors were linked head..tail through free_next
+        # when added: splice them back onto the free list.
+        nd = chain_len[head]
+        tail = head
+        while nd > 1:
+            tail = free_next[tail]
+            nd -= 1
+        free_next[tail] = <uint16_t>free_head
+        free_head = head
+        num_free += chain_len[head]
+        chain_len[head] = 0     # no longer in flight
+        last_used += 1
         n += 1
-    return n
+    r.last_used = last_used
+    r.free_head = free_head
+    r.num_free = num_free
+    return rc if rc < 0 else n
 
 
 cdef inline void drv_free_chain(DrvRing *r, uint16_t head) noexcept nogil:
-    cdef uint32_t nd = r.chain_len[head], tail = head
-    r.in_flight[head] = 0
+    cdef uint32_t ndesc = r.chain_len[head], nd = ndesc, tail = head
     if r.packed:
         # Packed: descriptors belong to ring positions; the id alone is freed.
         r.free_next[head] = <uint16_t>r.free_head
@@ -710,7 +826,8 @@ cdef inline void drv_free_chain(DrvRing *r, uint16_t head) noexcept nogil:
             nd -= 1
         r.free_next[tail] = <uint16_t>r.free_head
     r.free_head = head
-    r.num_free += r.chain_len[head]
+    r.num_free += ndesc
+    r.chain_len[head] = 0           # no longer in flight
 
 
 cdef int drv_reclaim_in_order(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items) noexcept nogil:
@@ -746,11 +863,11 @@ cdef int drv_reclaim_in_order(DrvRing *r, uint16_t *heads, uint32_t *lens, int m
                     return -1
                 r.drain_id = <uint16_t>vhu_read_once_u32(e)
                 r.drain_len = vhu_read_once_u32(e + 4)
-            if r.drain_id >= r.size or not r.in_flight[r.drain_id]:
+            if r.drain_id >= r.size or r.chain_len[r.drain_id] == 0:
                 return -1
             r.draining = True
         head = r.order[r.order_head]
-        VHU_ASSERT(r.order_count > 0 and r.in_flight[head])
+        VHU_ASSERT(r.order_count > 0 and r.chain_len[head] != 0)
         r.order_head = (r.order_head + 1) % r.size
         r.order_count -= 1
         heads[n] = head
@@ -1032,7 +1149,7 @@ cdef class DeviceRing:
                 out.append(frame)
                 self.r.counters[C_TX_FRAMES] += 1
                 self.r.counters[C_TX_BYTES] += flen
-            dev_push_used(&self.r, c.head, 0)
+        dev_push_popped(&self.r, n)
         return out
 
     def rx_frames(self, frames):
@@ -1082,12 +1199,11 @@ cdef class DriverRing:
         self.r.used_gpa = used_gpa
         self.r.free_next = <uint16_t *>malloc(size * sizeof(uint16_t))
         self.r.chain_len = <uint16_t *>calloc(size, sizeof(uint16_t))
-        self.r.in_flight = <uint8_t *>calloc(size, 1)
         self.r.pend_pos = <uint16_t *>malloc(size * sizeof(uint16_t))
         self.r.pend_flags = <uint16_t *>malloc(size * sizeof(uint16_t))
         self.r.order = <uint16_t *>malloc(size * sizeof(uint16_t))
         self.r.in_order = bool(in_order)
-        if (self.r.order == NULL or self.r.free_next == NULL or self.r.chain_len == NULL or self.r.in_flight == NULL
+        if (self.r.order == NULL or self.r.free_next == NULL or self.r.chain_len == NULL
                 or self.r.pend_pos == NULL or self.r.pend_flags == NULL):
             raise MemoryError()
         self.remap()
@@ -1113,7 +1229,6 @@ cdef class DriverRing:
     def __dealloc__(self):
         free(self.r.free_next)
         free(self.r.chain_len)
-        free(self.r.in_flight)
         free(self.r.pend_pos)
         free(self.r.pend_flags)
         free(self.r.order)
@@ -1227,6 +1342,24 @@ cdef class DriverRing:
             pk_advance(&self.r.shadow_avail, &self.r.avail_wrap, 1, self.r.size)
         return buf_id
 
+    def add_slots(self, base_gpa, slot_bytes, length, *, writable=False, max_chains=None):
+        """Fill the ring with single-buffer chains over fixed slots: the chain
+        with head (split) or buffer id (packed) h gets [base_gpa + h *
+        slot_bytes, +length). Up to max_chains (default: every free
+        descriptor); returns how many. Invisible until publish."""
+        cdef uint64_t limit = self.r.num_free if max_chains is None else int(max_chains)
+        if not 0 < length <= 0xFFFFFFFF or not 0 <= slot_bytes <= 0xFFFFFFFF:
+            raise ValueError("length must be a non-zero u32 and slot_bytes a u32")
+        if limit == 0 or self.r.num_free == 0:
+            return 0
+        if gpa_to_ptr(self.mem.table, base_gpa,
+                      <uint64_t>slot_bytes * (self.r.size - 1) + <uint64_t>length) == NULL:
+            raise RingError(f"buffer slots from {base_gpa:#x} not inside one region of guest memory")
+        if not drv_mem_ok(&self.r):
+            raise RingError("driver ring no longer inside guest memory")
+        return drv_add_slots(&self.r, base_gpa, slot_bytes, length,
+                             DESC_F_WRITE if writable else 0, <uint32_t>min(limit, self.r.size))
+
     def publish(self):
         return drv_publish_avail(&self.r)
 
@@ -1275,30 +1408,33 @@ cdef bint drv_interrupts_on(DrvRing *r) noexcept nogil:
 
 
 def bench_roundtrip(DriverRing drv not None, DeviceRing dev not None, uint64_t buf_gpa,
-                    uint32_t pkt_len, uint64_t packets, uint32_t batch):
+                    uint32_t pkt_len, uint64_t packets, uint32_t batch, uint32_t slot_bytes=2048):
     """The core ring path, as a benchmark: the driver keeps the ring full of
-    single-descriptor pkt_len buffers; the device pops `batch` chains, pushes
-    them used and publishes once per batch. Returns packets moved."""
+    single-descriptor pkt_len buffers (head h's buffer at buf_gpa + h *
+    slot_bytes); the device pops `batch` chains, pushes them used and
+    publishes once per batch. Returns packets moved."""
     cdef uint16_t heads[256]
     cdef uint32_t lens[256]
     cdef uint64_t done = 0
-    cdef int k, i, got
+    cdef int k, got
     cdef DrvRing *d = &drv.r
     cdef DevRing *v = &dev.r
     if batch == 0 or batch > 256:
         raise ValueError("batch must be 1..256")
+    if slot_bytes and slot_bytes < pkt_len:
+        raise ValueError("slot_bytes must be 0 (one shared buffer) or at least pkt_len")
+    if gpa_to_ptr(drv.mem.table, buf_gpa, <uint64_t>slot_bytes * (d.size - 1) + pkt_len) == NULL:
+        raise ValueError("the buffer slots are not inside one region of guest memory")
     with nogil:
         while done < packets and drv_mem_ok(d):
             # Driver: refill every free slot, publish once.
-            while drv_add_one(d, buf_gpa, pkt_len, 0) >= 0:
-                pass
+            drv_add_slots(d, buf_gpa, slot_bytes, pkt_len, 0, d.size)
             drv_publish_avail(d)
             # Device: one batch.
             got = dev_pop_batch(v, batch)
             if got <= 0:
                 break
-            for i in range(got):
-                dev_push_used(v, v.chains[i].head, 0)
+            dev_push_popped(v, <uint32_t>got)
             dev_publish_used(v)
             done += <uint64_t>got
             # Driver: take the used chains back.

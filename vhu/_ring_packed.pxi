@@ -143,38 +143,49 @@ cdef int pk_walk(DevRing *r, uint16_t pos, uint16_t wrap, uint16_t flags, ChainI
 cdef int pk_pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
     cdef uint32_t n = 0, nseg = 0, dlen
     cdef uint16_t pos = r.last_avail, wrap = r.avail_wrap, flags, buf_id
-    cdef uint64_t addr
+    cdef uint64_t addr, word
     cdef ChainInfo *c
     cdef MemTable *table
     cdef char *d
-    cdef char *p = NULL
+    cdef char *p
     cdef int rc
+    cdef RegionHit hit
+    # Locals: stores through guest pointers could alias the struct's
+    # fields, so the compiler would reload them every iteration.
+    cdef char *desc = r.desc
+    cdef ChainInfo *chains = r.chains
+    cdef Seg *segs = r.segs
+    cdef uint16_t *id_ndesc = r.id_ndesc
+    cdef uint32_t size = r.size, max_segs = r.max_segs
     if r.broken or not dev_mem_ok(r):
         return 0
+    desc = r.desc               # dev_mem_ok may have re-translated it
     table = r.table_ref[0]
+    hit_load(&hit, table)
     if max_chains > r.max_chains:
         max_chains = r.max_chains
     while n < max_chains:
+        d = desc + 16 * <uint32_t>pos
         # Acquire: the descriptor's other fields are read after its flags.
-        flags = vhu_load_acquire_u16(r.desc + 16 * <uint32_t>pos + 14)
+        flags = vhu_load_acquire_u16(d + 14)
         if not pk_avail(flags, wrap):
             break
-        c = &r.chains[n]
-        d = r.desc + 16 * <uint32_t>pos
+        c = &chains[n]
         # Fast path: one descriptor, no NEXT/INDIRECT, inside one region.
-        if vhu_likely((flags & (DESC_F_NEXT | DESC_F_INDIRECT)) == 0 and nseg < r.max_segs):
+        if vhu_likely((flags & (DESC_F_NEXT | DESC_F_INDIRECT)) == 0 and nseg < max_segs):
             addr = vhu_read_once_u64(d)
-            dlen = vhu_read_once_u32(d + 8)
-            buf_id = vhu_read_once_u16(d + 12)
-            if vhu_likely(dlen != 0 and buf_id < r.size
-                          and gpa_clip(table, addr, dlen, &p) == dlen):
+            word = vhu_read_once_u64(d + 8)      # len and id (flags, read above, ignored)
+            dlen = <uint32_t>word
+            buf_id = <uint16_t>(word >> 32)
+            p = hit_translate(&hit, table, addr, dlen) if dlen != 0 and buf_id < size else NULL
+            if vhu_likely(p != NULL):
                 c.head = buf_id
                 c.ndesc = 1
                 c.pos = pos
                 c.wrap = wrap
                 c.seg_start = nseg
-                r.segs[nseg].ptr = p
-                r.segs[nseg].len = dlen
+                segs[nseg].ptr = p
+                segs[nseg].len = dlen
                 nseg += 1
                 if flags & DESC_F_WRITE:
                     c.nread = 0
@@ -186,8 +197,8 @@ cdef int pk_pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
                     c.nwrite = 0
                     c.read_len = dlen
                     c.write_len = 0
-                r.id_ndesc[buf_id] = 1
-                pk_advance(&pos, &wrap, 1, r.size)
+                id_ndesc[buf_id] = 1
+                pk_advance(&pos, &wrap, 1, size)
                 n += 1
                 continue
         rc = pk_walk(r, pos, wrap, flags, c, nseg)
@@ -195,11 +206,11 @@ cdef int pk_pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
             if rc < 0:
                 return 0          # broken: nothing of this batch is handed out
             break                 # out of segment space: the rest next time
-        r.id_ndesc[c.head] = c.ndesc
-        pk_advance(&pos, &wrap, c.ndesc, r.size)
+        id_ndesc[c.head] = c.ndesc
+        pk_advance(&pos, &wrap, c.ndesc, size)
         nseg = c.seg_start + c.nread + c.nwrite
         n += 1
-    VHU_ASSERT(nseg <= r.max_segs)
+    VHU_ASSERT(nseg <= max_segs)
     r.last_avail = pos
     r.avail_wrap = wrap
     r.counters[C_POPPED] += n
@@ -235,23 +246,35 @@ cdef void pk_push_used(DevRing *r, uint16_t buf_id, uint32_t written) noexcept n
 
 
 cdef bint pk_publish_used(DevRing *r) noexcept nogil:
-    cdef uint32_t i, n = r.npend
+    cdef uint32_t i, n = r.npend, size = r.size
     cdef uint16_t pos = r.shadow_used, wrap = r.used_wrap, first_flags = 0, nd, old, ev_flags
-    cdef uint16_t first_pos = r.shadow_used
+    cdef uint16_t first_pos = r.shadow_used, buf_id
+    cdef uint32_t written
     cdef char *d
+    cdef char *desc
     cdef bint notify, valid
+    # Locals: stores into the ring could alias the struct's fields.
+    cdef uint16_t *pend_id = r.pend_id
+    cdef uint32_t *pend_len = r.pend_len
+    cdef uint16_t *id_ndesc = r.id_ndesc
     if n == 0 or not dev_mem_ok(r):
         return False
+    desc = r.desc
     for i in range(n):
-        d = r.desc + 16 * <uint32_t>pos
-        vhu_write_once_u32(d + 8, r.pend_len[i])
-        vhu_write_once_u16(d + 12, r.pend_id[i])
+        d = desc + 16 * <uint32_t>pos
+        buf_id = pend_id[i]
+        written = pend_len[i]
         if i == 0:
-            first_flags = pk_used_flags(wrap, r.pend_len[i] != 0)
+            vhu_write_once_u32(d + 8, written)
+            vhu_write_once_u16(d + 12, buf_id)
+            first_flags = pk_used_flags(wrap, written != 0)
         else:
-            vhu_write_once_u16(d + 14, pk_used_flags(wrap, r.pend_len[i] != 0))
-        nd = r.id_ndesc[r.pend_id[i]]
-        pk_advance(&pos, &wrap, nd if nd else 1, r.size)
+            # len, id and flags in one store: this slot is not the one the
+            # driver polls next, so its order against the others is free.
+            vhu_write_once_u64(d + 8, written | (<uint64_t>buf_id << 32)
+                               | (<uint64_t>pk_used_flags(wrap, written != 0) << 48))
+        nd = id_ndesc[buf_id]
+        pk_advance(&pos, &wrap, nd if nd else 1, size)
     # Release: every used descriptor above is complete before the driver can
     # see the first one (it polls only the next position, in order).
     vhu_store_release_u16(r.desc + 16 * <uint32_t>first_pos + 14, first_flags)
@@ -308,6 +331,42 @@ cdef int pk_drv_add_one(DrvRing *r, uint64_t gpa, uint32_t length, uint16_t flag
     return buf_id
 
 
+cdef uint32_t pk_drv_add_slots(DrvRing *r, uint64_t base_gpa, uint32_t slot_bytes, uint32_t length,
+                              uint16_t flags, uint32_t max_chains) noexcept nogil:
+    """drv_add_slots for a packed ring (not IN_ORDER): buffer id h's buffer
+    at base_gpa + h * slot_bytes; flags wait for publish, as in pk_drv_add_one."""
+    cdef uint32_t n = 0, buf_id
+    # Locals: stores into the shared ring could alias the struct's fields.
+    cdef uint32_t free_head = r.free_head, num_free = r.num_free, size = r.size, npend = r.npend
+    cdef uint16_t pos = r.shadow_avail, wrap = r.avail_wrap
+    cdef uint16_t *free_next = r.free_next
+    cdef uint16_t *chain_len = r.chain_len
+    cdef uint16_t *pend_pos = r.pend_pos
+    cdef uint16_t *pend_flags = r.pend_flags
+    cdef char *desc = r.desc
+    cdef char *d
+    while n < max_chains and num_free:
+        buf_id = free_head
+        free_head = free_next[buf_id]
+        num_free -= 1
+        d = desc + 16 * <uint32_t>pos
+        vhu_write_once_u64(d, base_gpa + <uint64_t>buf_id * slot_bytes)
+        vhu_write_once_u32(d + 8, length)
+        vhu_write_once_u16(d + 12, <uint16_t>buf_id)
+        pend_pos[npend] = pos
+        pend_flags[npend] = flags | (PK_F_AVAIL if wrap else PK_F_USED)
+        npend += 1
+        pk_advance(&pos, &wrap, 1, size)
+        chain_len[buf_id] = 1           # in flight, one descriptor
+        n += 1
+    r.free_head = free_head
+    r.num_free = num_free
+    r.npend = npend
+    r.shadow_avail = pos
+    r.avail_wrap = wrap
+    return n
+
+
 cdef inline void pk_drv_defer_flags(DrvRing *r, uint16_t pos, uint16_t flags) noexcept nogil:
     """Flags (which make a descriptor available) wait for publish."""
     r.pend_pos[r.npend] = pos
@@ -318,10 +377,14 @@ cdef inline void pk_drv_defer_flags(DrvRing *r, uint16_t pos, uint16_t flags) no
 cdef bint pk_drv_publish(DrvRing *r) noexcept nogil:
     cdef uint32_t i, n = r.npend
     cdef uint16_t ev_flags, old = r.published_avail, new = r.shadow_avail
+    # Locals: stores into the ring could alias the struct's fields.
+    cdef char *desc = r.desc
+    cdef uint16_t *pend_pos = r.pend_pos
+    cdef uint16_t *pend_flags = r.pend_flags
     if n == 0:
         return False
     for i in range(1, n):
-        vhu_write_once_u16(r.desc + 16 * <uint32_t>r.pend_pos[i] + 14, r.pend_flags[i])
+        vhu_write_once_u16(desc + 16 * <uint32_t>pend_pos[i] + 14, pend_flags[i])
     # Release: all descriptors of the batch are written before the first
     # one turns available (the device polls only the next position).
     vhu_store_release_u16(r.desc + 16 * <uint32_t>r.pend_pos[0] + 14, r.pend_flags[0])
@@ -356,13 +419,13 @@ cdef int pk_drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_ite
                 rc = -1
             break
         buf_id = vhu_read_once_u16(d + 12)
-        if buf_id >= size or not r.in_flight[buf_id]:
+        if buf_id >= size or r.chain_len[buf_id] == 0:
             rc = -1
             break
         heads[n] = buf_id
         lens[n] = vhu_read_once_u32(d + 8) if flags & DESC_F_WRITE else 0
-        r.in_flight[buf_id] = 0
         nd = r.chain_len[buf_id]
+        r.chain_len[buf_id] = 0     # no longer in flight
         pk_advance(&pos, &wrap, nd, size)
         num_free += nd
         r.free_next[buf_id] = <uint16_t>free_head

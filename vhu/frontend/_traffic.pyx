@@ -6,9 +6,10 @@ Traffic.run() for a slice of time (a second, for the rate lines); the loop
 runs without the GIL and creates no Python object per packet.
 
 Each ring's buffers are fixed slots: slot i of a ring belongs to descriptor
-head i (split) or buffer id i (packed), because drv_add_one always takes the
-free-list head, which we read just before adding. So a used element names
-its buffer without any lookup table.
+head i (split) or buffer id i (packed): drv_add_slots puts each chain's
+buffer in its own slot, and drv_add_one always takes the free-list head,
+which loop mode reads just before adding. So a used element names its
+buffer without any lookup table.
 
 Modes:
   tx    keep the TX rings full of --pkt-size frames (written once per slot)
@@ -29,7 +30,7 @@ from posix.unistd cimport read, write
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from vhu._barriers cimport vhu_likely, vhu_unlikely, vhu_read_once_u16
 from vhu._mem cimport GuestMemory, gpa_to_ptr
-from vhu._ring cimport (DriverRing, DrvRing, DESC_F_WRITE, drv_mem_ok, drv_add_one,
+from vhu._ring cimport (DriverRing, DrvRing, DESC_F_WRITE, drv_mem_ok, drv_add_one, drv_add_slots,
                         drv_publish_avail, drv_reclaim, drv_interrupts_off, drv_interrupts_on)
 
 cdef extern from "<poll.h>" nogil:
@@ -339,6 +340,7 @@ cdef class Traffic:
         cdef DrvRing *r = qq.tx
         cdef int got, added = 0
         cdef uint32_t slot, window
+        cdef uint64_t want
         if not drv_mem_ok(r):
             return -1
         got = drv_reclaim(r, heads, lens, MAX_BURST)
@@ -346,19 +348,29 @@ cdef class Traffic:
             return -1
         qq.c[K_TX_PACKETS] += <uint64_t>got
         qq.c[K_TX_BYTES] += <uint64_t>got * self.pkt_size
-        while self.sending and added < <int>self.batch and r.num_free > 0:
+        if self.mode == M_TX and self.sending:
+            # Slots are written once: the ring is refilled with no per-frame work.
+            want = self.batch
+            if self.limit and self.limit - self.sent_total < want:
+                want = self.limit - self.sent_total
+            added = <int>drv_add_slots(r, qq.tx_gpa, self.tx_slot, self.hdr_len + self.pkt_size,
+                                       0, <uint32_t>want)
+            self.sent_total += <uint64_t>added
+            if self.limit and self.sent_total >= self.limit:
+                self.sending = False
+        # Loop mode: each frame is numbered as it goes out.
+        while self.mode == M_LOOP and self.sending and added < <int>self.batch and r.num_free > 0:
             if self.limit and self.sent_total >= self.limit:
                 self.sending = False
                 break
             slot = r.free_head             # the head (split) or buffer id (packed) drv_add_one takes
-            if self.mode == M_LOOP:
-                # At most an RX ring's worth in flight: the echo always has room.
-                window = qq.rx.size
-                if qq.next_seq - qq.expect_seq >= window:
-                    self._window_full(qq)
-                    break
-                self._fill(qq, slot, qq.next_seq, qid)
-                qq.next_seq += 1
+            # At most an RX ring's worth in flight: the echo always has room.
+            window = qq.rx.size
+            if qq.next_seq - qq.expect_seq >= window:
+                self._window_full(qq)
+                break
+            self._fill(qq, slot, qq.next_seq, qid)
+            qq.next_seq += 1
             if drv_add_one(r, qq.tx_gpa + <uint64_t>slot * self.tx_slot,
                            self.hdr_len + self.pkt_size, 0) < 0:
                 break
@@ -436,13 +448,10 @@ cdef class Traffic:
             total = self._rx_total()
             want = (self.limit - total) * self.max_nbufs if total < self.limit else 0
             want = want - self._rx_posted() if want > self._rx_posted() else 0
-        while r.num_free > 0 and want > 0:
-            want -= 1
-            slot = r.free_head
-            if drv_add_one(r, qq.rx_gpa + <uint64_t>slot * self.rx_slot, self.rx_slot,
-                           DESC_F_WRITE) < 0:
-                break
-            added += 1
+        if want > r.num_free:
+            want = r.num_free
+        added = <int>drv_add_slots(r, qq.rx_gpa, self.rx_slot, self.rx_slot, DESC_F_WRITE,
+                                   <uint32_t>want)
         if added and drv_publish_avail(r):
             kick(qq.rx_kick, &qq.c[K_KICKS])
         return got

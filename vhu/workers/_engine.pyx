@@ -43,7 +43,7 @@ from posix.unistd cimport read, write, close
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC, CLOCK_REALTIME
 from vhu._barriers cimport vhu_likely, vhu_unlikely
 from vhu._mem cimport GuestMemory, MemTable, Region, make_view
-from vhu._ring cimport (DeviceRing, DevRing, Seg, ChainInfo, dev_pop_batch, dev_push_used,
+from vhu._ring cimport (DeviceRing, DevRing, Seg, ChainInfo, dev_pop_batch, dev_push_popped,
                         dev_publish_used, dev_notifications_on, dev_notifications_off,
                         dev_rx_enqueue, dev_avail_pending, copy_segs,
                         C_TX_FRAMES, C_TX_BYTES, C_TX_SHORT, C_RX_NO_ROOM, C_KICKS,
@@ -663,8 +663,7 @@ cdef class Engine:
         tx.counters[C_TX_FRAMES] += frames
         tx.counters[C_TX_BYTES] += nbytes
         self.dispatch(bi, n, <int>frames, tx.counters, t)
-        for i in range(n):
-            dev_push_used(tx, tx.chains[i].head, 0)
+        dev_push_popped(tx, <uint32_t>n)
         if dev_publish_used(tx):
             signal_eventfd(b.tx_call)
         return <uint32_t>n
