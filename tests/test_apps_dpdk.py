@@ -4,7 +4,6 @@ Counts are exact: what testpmd sent, what vhu counted, what each receiver
 got plus what vhu dropped for want of room, and what the pcap files hold
 (read back with dpkt, an independent reader, and tcpdump when installed).
 """
-import os
 import shutil
 import subprocess
 
@@ -12,24 +11,12 @@ import dpkt
 import pytest
 
 from tests.vhuproc import VhuMaster
-from vhu.testbed import missing_reason
 from vhu.testbed.dpdk import Testpmd, virtio_user_vdev
 
 Testpmd.__test__ = False
 
-REASON = missing_reason(("testpmd",))
-IN_CI = os.environ.get("CI", "").lower() == "true"
-if REASON and not IN_CI:
-    pytest.skip(f"dpdk-testpmd unavailable: {REASON}", allow_module_level=True)
-
-pytestmark = pytest.mark.peers
+pytestmark = pytest.mark.peers("testpmd")
 VHU_CPU, PEER_CPU = "0", 1
-
-
-@pytest.fixture(autouse=True)
-def _peers():
-    if REASON:
-        pytest.fail(f"CI=true but dpdk-testpmd is unavailable: {REASON}", pytrace=False)
 
 
 def front_ends(socks, mode, queues=1, packed=False):

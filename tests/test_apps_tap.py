@@ -15,18 +15,9 @@ import time
 import pytest
 
 from tests.vhuproc import VhuMaster
-from vhu.testbed import missing_reason
+from vhu.testbed.guest import Guest
 
-REASON = missing_reason(("qemu",))
-if os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"):
-    REASON = REASON or "needs root, /dev/net/tun and iproute2"
-IN_CI = os.environ.get("CI", "").lower() == "true"
-if REASON and not IN_CI:
-    pytest.skip(f"TAP test unavailable: {REASON}", allow_module_level=True)
-
-from vhu.testbed.guest import Guest  # noqa: E402
-
-pytestmark = pytest.mark.peers
+pytestmark = pytest.mark.peers("qemu", "tap")
 HOST_IP, GUEST_IP = "10.0.3.1", "10.0.3.2"
 
 
@@ -43,8 +34,6 @@ def ip(*args, check=True):
 
 
 def test_namespace_pings_guest_through_tap():
-    if REASON:
-        pytest.fail(f"CI=true but the TAP test is unavailable: {REASON}", pytrace=False)
     tap, ns = f"vhut{os.getpid() % 100000}", f"vhu-ns-{os.getpid()}"
     d = _Dir()
     vhu = VhuMaster(d, "--app", "patch", "--tap", tap, "--cpus", "0", sockets=("g.sock",))

@@ -11,18 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from vhu.testbed import missing_reason
 from vhu.testbed.dpdk import Testpmd, virtio_user_vdev
 from vhu.workers import APP, DROP, Forwarder, VhostUserPort
 
 Testpmd.__test__ = False
 
-REASON = missing_reason(("testpmd",))
-IN_CI = os.environ.get("CI", "").lower() == "true"
-if REASON and not IN_CI:
-    pytest.skip(f"dpdk-testpmd unavailable: {REASON}", allow_module_level=True)
-
-pytestmark = pytest.mark.peers
+pytestmark = pytest.mark.peers("testpmd")
 NEW_DST = "02:aa:bb:cc:dd:ee"
 BURST = 32
 
@@ -49,12 +43,6 @@ def fail_first_burst(batch):
     if before < BURST:
         raise RuntimeError("stage failure on purpose")
     return np.full(len(batch), 1)        # explicit verdict: port 1
-
-
-@pytest.fixture(autouse=True)
-def _peers():
-    if REASON:
-        pytest.fail(f"CI=true but dpdk-testpmd is unavailable: {REASON}", pytrace=False)
 
 
 class Rig:

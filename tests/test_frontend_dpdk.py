@@ -12,23 +12,11 @@ import pytest
 
 from vhu.frontend import Frontend
 from vhu.protocol.messages import VirtioFeature as VF
-from vhu.testbed import missing_reason
 from vhu.testbed.dpdk import Testpmd, vhost_vdev
 
 Testpmd.__test__ = False   # a peer, not a test class
 
-REASON = missing_reason(("testpmd",))
-IN_CI = os.environ.get("CI", "").lower() == "true"
-if REASON and not IN_CI:
-    pytest.skip(f"dpdk-testpmd unavailable: {REASON}", allow_module_level=True)
-
-pytestmark = pytest.mark.peers
-
-
-@pytest.fixture(autouse=True)
-def _peers():
-    if REASON:
-        pytest.fail(f"CI=true but dpdk-testpmd is unavailable: {REASON}", pytrace=False)
+pytestmark = pytest.mark.peers("testpmd")
 
 
 @pytest.fixture

@@ -8,18 +8,12 @@ a 4 MiB TCP transfer with checksums on both sides.
 """
 import pytest
 
-from tests.test_guests import (FILE_SIZE, IP_A, IP_B, REASON, Pair, assert_ping, transfer,
+from tests.test_guests import (FILE_SIZE, IP_A, IP_B, Pair, assert_ping, transfer,
                                wait_counters)
 
-pytestmark = pytest.mark.peers
+pytestmark = pytest.mark.peers("qemu")
 
 JUMBO = 9000
-
-
-@pytest.fixture(autouse=True)
-def _peers():
-    if REASON:
-        pytest.fail(f"CI=true but QEMU guests are unavailable: {REASON}", pytrace=False)
 
 
 def features_logged(vhu):

@@ -9,24 +9,12 @@ import time
 import pytest
 
 from tests.vhuproc import VhuMaster
-from vhu.testbed import missing_reason
 from vhu.testbed.dpdk import Testpmd, virtio_user_vdev
 
 Testpmd.__test__ = False   # a peer, not a test class
 
-REASON = missing_reason(("testpmd",))
-IN_CI = os.environ.get("CI", "").lower() == "true"
-if REASON and not IN_CI:
-    pytest.skip(f"dpdk-testpmd unavailable: {REASON}", allow_module_level=True)
-
-pytestmark = pytest.mark.peers
+pytestmark = pytest.mark.peers("testpmd")
 VHU_CPU, PEER_CPU = "0", 1
-
-
-@pytest.fixture(autouse=True)
-def _peers():
-    if REASON:
-        pytest.fail(f"CI=true but dpdk-testpmd is unavailable: {REASON}", pytrace=False)
 
 
 def frontend(sock, mode, queues=1, **kw):

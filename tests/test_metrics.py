@@ -1,6 +1,5 @@
 """Metrics: the Prometheus endpoint (--metrics-port) scraped during and after
 testpmd traffic, and python -m vhu.stats following the stats file."""
-import os
 import re
 import subprocess
 import sys
@@ -11,23 +10,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.vhuproc import REPO, VhuMaster
-from vhu.testbed import missing_reason
 from vhu.testbed.dpdk import Testpmd, virtio_user_vdev
 
 Testpmd.__test__ = False
 
-REASON = missing_reason(("testpmd",))
-IN_CI = os.environ.get("CI", "").lower() == "true"
-if REASON and not IN_CI:
-    pytest.skip(f"dpdk-testpmd unavailable: {REASON}", allow_module_level=True)
-
-pytestmark = pytest.mark.peers
-
-
-@pytest.fixture(autouse=True)
-def _peers():
-    if REASON:
-        pytest.fail(f"CI=true but dpdk-testpmd is unavailable: {REASON}", pytrace=False)
+pytestmark = pytest.mark.peers("testpmd")
 
 
 def scrape(url):

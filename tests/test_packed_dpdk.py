@@ -3,31 +3,18 @@ with packed_vq=1 (VIRTIO_F_RING_PACKED negotiated), as the split ring's tests.
 
 testpmd runs on CPU 1, vhu's workers on CPU 0.
 """
-import os
 import time
 
 import pytest
 
 from tests.vhuproc import VhuMaster
-from vhu.testbed import missing_reason
 from vhu.testbed.dpdk import Testpmd, virtio_user_vdev
 
 Testpmd.__test__ = False
 
-REASON = missing_reason(("testpmd",))
-IN_CI = os.environ.get("CI", "").lower() == "true"
-if REASON and not IN_CI:
-    pytest.skip(f"dpdk-testpmd unavailable: {REASON}", allow_module_level=True)
-
-pytestmark = pytest.mark.peers
+pytestmark = pytest.mark.peers("testpmd")
 VHU_CPU, PEER_CPU = "0", 1
 RING_PACKED = 1 << 34
-
-
-@pytest.fixture(autouse=True)
-def _peers():
-    if REASON:
-        pytest.fail(f"CI=true but dpdk-testpmd is unavailable: {REASON}", pytrace=False)
 
 
 def packed_frontend(sock, mode, queues=1, **kw):

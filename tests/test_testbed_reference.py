@@ -18,24 +18,10 @@ import time
 
 import pytest
 
-from vhu.testbed import missing_reason
-
-REASON = missing_reason(("testpmd", "qemu"))
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-if REASON and not IN_CI:
-    pytest.skip(f"real peers unavailable: {REASON}", allow_module_level=True)
-
-pytestmark = pytest.mark.peers
+pytestmark = pytest.mark.peers("testpmd", "qemu")
 
 # Two host cores: the reference back-end on core 0, its peer on core 1.
 BACKEND_CPU, PEER_CPU = 0, 1
-
-
-def _require_peers() -> None:
-    """Called first in every test, so that with CI=true they FAIL (not error)."""
-    if REASON:  # only reachable with CI=true
-        pytest.fail(f"CI=true but real peers are unavailable: {REASON}", pytrace=False)
 
 
 @pytest.fixture
@@ -48,7 +34,6 @@ def sockdir():
 
 def test_testpmd_virtio_user_into_net_vhost(sockdir):
     """(a) virtio-user txonly (core 1) -> net_vhost rxonly (core 0), ~2 s."""
-    _require_peers()
     from vhu.testbed.dpdk import Testpmd, vhost_vdev, virtio_user_vdev
 
     sock = os.path.join(sockdir, "be.sock")
@@ -77,7 +62,6 @@ def test_testpmd_virtio_user_into_net_vhost(sockdir):
 
 def test_two_guests_ping_through_testpmd_patch_cable(sockdir):
     """(b) two QEMU guests on the two ports of a testpmd io-forwarding back-end."""
-    _require_peers()
     from vhu.testbed.dpdk import Testpmd, vhost_vdev
     from vhu.testbed.guest import Guest
 

@@ -32,14 +32,7 @@ from vhu._barriers cimport vhu_likely, vhu_unlikely, vhu_read_once_u16
 from vhu._mem cimport GuestMemory, gpa_to_ptr
 from vhu._ring cimport (DriverRing, DrvRing, DESC_F_WRITE, drv_mem_ok, drv_add_one, drv_add_slots,
                         drv_publish_avail, drv_reclaim, drv_interrupts_off, drv_interrupts_on)
-
-cdef extern from "<poll.h>" nogil:
-    cdef struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    enum: POLLIN
+from vhu._sys cimport pollfd, poll, POLLIN, signal_eventfd, drain_eventfd, now_ns
 
 MODES = ("tx", "rx", "loop")
 POLL_MODES = ("busy", "adaptive")
@@ -88,22 +81,8 @@ cdef struct Queue:
 
 
 cdef inline void kick(int fd, uint64_t *kicks) noexcept nogil:
-    cdef uint64_t one = 1
-    if fd >= 0:
-        write(fd, &one, 8)      # an eventfd: EAGAIN only when the counter is saturated
+    if signal_eventfd(fd):
         kicks[0] += 1
-
-
-cdef inline void drain(int fd) noexcept nogil:
-    cdef uint64_t v
-    if fd >= 0:
-        read(fd, &v, 8)         # non-blocking eventfd
-
-
-cdef inline uint64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
 
 
 cdef inline void put_u64(char *p, uint64_t v) noexcept nogil:
@@ -506,7 +485,7 @@ cdef class Traffic:
                 ms = 100
             poll(fds, nfds, ms)
         for i in range(nfds):
-            drain(fds[i].fd)
+            drain_eventfd(fds[i].fd)
         for i in range(self.nq):
             drv_interrupts_off(self.q[i].tx)
             drv_interrupts_off(self.q[i].rx)

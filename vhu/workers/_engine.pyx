@@ -49,31 +49,9 @@ from vhu._ring cimport (DeviceRing, DevRing, Seg, ChainInfo, dev_pop_batch, dev_
                         C_TX_FRAMES, C_TX_BYTES, C_TX_SHORT, C_RX_NO_ROOM, C_KICKS,
                         C_DROP_FILTERED, C_DROP_NO_PORT, C_DROP_STAGE, C_DROP_STAGE_ERROR,
                         C_RX_FRAMES, C_RX_BYTES, C_RX_TOO_BIG, C_COUNT)
-
-cdef extern from "<sys/epoll.h>" nogil:
-    ctypedef union epoll_data_t:
-        void *ptr
-        int fd
-        uint32_t u32
-        uint64_t u64
-    cdef struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-    enum: EPOLLIN, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CLOEXEC
-
-cdef extern from "<sched.h>" nogil:
-    int sched_yield()
-
-cdef extern from "<poll.h>" nogil:
-    cdef struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    enum: POLLIN
+from vhu._sys cimport (epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLL_CTL_ADD,
+                       EPOLL_CTL_DEL, EPOLL_CLOEXEC, pollfd, poll, POLLIN, sched_yield,
+                       signal_eventfd, drain_eventfd)
 
 log = logging.getLogger("vhu.workers.engine")
 
@@ -164,19 +142,6 @@ cdef struct Capture:
     char *buf
     uint64_t records
     uint64_t write_errors
-
-
-cdef inline void signal_eventfd(int fd) noexcept nogil:
-    cdef uint64_t one = 1
-    if fd >= 0:
-        write(fd, &one, 8)
-
-
-cdef inline uint64_t drain_eventfd(int fd) noexcept nogil:
-    cdef uint64_t value = 0
-    if fd >= 0 and read(fd, &value, 8) == 8:
-        return value
-    return 0
 
 
 cdef inline double now() noexcept nogil:
