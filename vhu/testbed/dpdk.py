@@ -51,11 +51,27 @@ from typing import Dict, List, Optional, Sequence, Union
 log = logging.getLogger(__name__)
 
 PROMPT = "testpmd> "
+# Lines testpmd's other threads print at any moment, even in the middle of
+# the prompt ("t" + log line + "estpmd> " was seen in CI): vhost library
+# logs, and the "\nPort N: link state change event\n" callbacks.
+ASYNC_LINE = re.compile(r"(?:VHOST_CONFIG|VHOST_DATA): [^\n]*\n|\nPort \d+: [a-z ]+ event\n")
 FORWARD_MODES = ("io", "mac", "macswap", "rxonly", "txonly", "flowgen", "csum", "icmpecho")
 
 _counter = itertools.count()
 
 PortStats = Dict[str, int]
+
+
+def command_reply(text: str) -> Optional[str]:
+    """The reply to an interactive command, from the console text after it
+    was sent: cmdline echoes the line, prints the reply, then a fresh
+    prompt. Async lines (ASYNC_LINE) may land anywhere in that, the prompt
+    included, and are taken out. None while the prompt has not come back."""
+    if "\n" not in text:
+        return None
+    body = ASYNC_LINE.sub("", text.split("\n", 1)[1])
+    end = body.find(PROMPT)
+    return None if end < 0 else body[:end]
 
 
 class TestpmdError(RuntimeError):
@@ -448,15 +464,9 @@ class Testpmd:
                 self.proc.stdin.flush()
             except (BrokenPipeError, OSError) as exc:
                 raise TestpmdError(f"cannot write to testpmd: {exc}\n{self.tail()}") from exc
-            # cmdline echoes the line, prints the output, then a fresh prompt.
-            # Async event lines (link state, VHOST_CONFIG logs) may follow the
-            # prompt, so look for the prompt anywhere after the echoed line.
-            def done(b: str) -> bool:
-                return "\n" in b and PROMPT in b.split("\n", 1)[1]
-
-            text = self._wait_for(done, timeout, f"'{line}'", start)
-            body = text.split("\n", 1)[1]
-            return body[: body.find(PROMPT)]
+            text = self._wait_for(lambda b: command_reply(b) is not None, timeout,
+                                  f"'{line}'", start)
+            return command_reply(text)
 
     def port_stats(self) -> Dict[int, PortStats]:
         """``show port stats all`` -> {port: {rx_packets, rx_bytes, tx_packets, ...}}."""
