@@ -694,17 +694,10 @@ cdef void drv_make_available(DrvRing *r, uint16_t head, uint16_t ndesc) noexcept
 
 cdef int drv_add_one(DrvRing *r, uint64_t gpa, uint32_t length, uint16_t flags) noexcept nogil:
     """One single-descriptor chain (flags: 0 readable or DESC_F_WRITE).
-    Returns its head, or -1 when the ring is full."""
-    cdef uint16_t head
-    if r.packed:
-        return pk_drv_add_one(r, gpa, length, flags)
-    if r.num_free == 0:     # the caller checked drv_mem_ok for this batch
+    Returns its head (split) or buffer id (packed), or -1 when the ring is full."""
+    cdef uint16_t head = <uint16_t>r.free_head      # the one drv_add_slots takes
+    if drv_add_slots(r, gpa, 0, length, flags, 1) == 0:
         return -1
-    head = <uint16_t>r.free_head
-    r.free_head = r.free_next[head]
-    r.num_free -= 1
-    write_desc(r.desc + 16 * <uint32_t>head, gpa, length, flags, 0)
-    drv_make_available(r, head, 1)
     return head
 
 
@@ -712,9 +705,9 @@ cdef uint32_t drv_add_slots(DrvRing *r, uint64_t base_gpa, uint32_t slot_bytes, 
                            uint16_t flags, uint32_t max_chains) noexcept nogil:
     """Up to max_chains single-descriptor chains, as many as there is room
     for, over a front-end's fixed buffer slots: the chain with head (split)
-    or buffer id (packed) h gets the buffer at base_gpa + h * slot_bytes.
-    Returns how many were added. As for drv_add_one, the caller checked
-    drv_mem_ok for this batch."""
+    or buffer id (packed) h gets the buffer at base_gpa + h * slot_bytes
+    (slot_bytes 0: every chain gets base_gpa). Returns how many were added.
+    The caller checked drv_mem_ok for this batch."""
     cdef uint32_t n = 0, head
     # Locals: stores into the shared ring could alias the struct's fields.
     cdef uint32_t free_head = r.free_head, num_free = r.num_free
@@ -722,12 +715,6 @@ cdef uint32_t drv_add_slots(DrvRing *r, uint64_t base_gpa, uint32_t slot_bytes, 
     cdef char *desc = r.desc
     cdef char *avail = r.avail
     cdef uint16_t *free_next = r.free_next
-    cdef uint16_t *chain_len = r.chain_len
-    if r.in_order:
-        while n < max_chains and drv_add_one(r, base_gpa + <uint64_t>r.free_head * slot_bytes,
-                                             length, flags) >= 0:
-            n += 1
-        return n
     if r.packed:
         return pk_drv_add_slots(r, base_gpa, slot_bytes, length, flags, max_chains)
     while n < max_chains and num_free:
@@ -735,7 +722,7 @@ cdef uint32_t drv_add_slots(DrvRing *r, uint64_t base_gpa, uint32_t slot_bytes, 
         free_head = free_next[head]
         num_free -= 1
         write_desc(desc + 16 * head, base_gpa + <uint64_t>head * slot_bytes, length, flags, 0)
-        chain_len[head] = 1           # in flight, one descriptor
+        drv_track(r, <uint16_t>head, 1)
         vhu_write_once_u16(avail_entry(avail, shadow & mask), <uint16_t>head)
         shadow += 1
         n += 1
@@ -770,7 +757,7 @@ cdef int drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items)
     cdef int n = 0, rc = 0
     cdef char *e
     cdef char *used
-    cdef uint32_t head, nd, tail, free_head, num_free, size = r.size
+    cdef uint32_t head, nd, free_head, num_free, size = r.size
     cdef uint16_t *chain_len = r.chain_len
     cdef uint16_t *free_next = r.free_next
     if not drv_mem_ok(r):
@@ -784,7 +771,7 @@ cdef int drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items)
     last_used = r.last_used
     free_head = r.free_head
     num_free = r.num_free
-    used_idx = vhu_load_acquire_u16(r.used + RING_IDX)
+    used_idx = vhu_load_acquire_u16(used + RING_IDX)
     while last_used != used_idx and n < max_items:
         e = used_entry(used, last_used & mask)
         VHU_ASSERT(num_free <= size)
@@ -794,16 +781,9 @@ cdef int drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items)
             break
         heads[n] = <uint16_t>head
         lens[n] = vhu_read_once_u32(e + 4)
-        # The chain's descriptors were linked head..tail through free_next
-        # when added: splice them back onto the free list.
         nd = chain_len[head]
-        tail = head
-        while nd > 1:
-            tail = free_next[tail]
-            nd -= 1
-        free_next[tail] = <uint16_t>free_head
-        free_head = head
-        num_free += chain_len[head]
+        free_head = free_list_splice(free_next, <uint16_t>head, nd, free_head)
+        num_free += nd
         chain_len[head] = 0     # no longer in flight
         last_used += 1
         n += 1
@@ -813,19 +793,26 @@ cdef int drv_reclaim(DrvRing *r, uint16_t *heads, uint32_t *lens, int max_items)
     return rc if rc < 0 else n
 
 
+cdef inline uint32_t free_list_splice(uint16_t *free_next, uint16_t head, uint32_t ndesc,
+                                      uint32_t free_head) noexcept nogil:
+    """Split ring: put the chain head..tail (ndesc descriptors, linked
+    through free_next when added) in front of free_head; the new free head."""
+    cdef uint32_t tail = head
+    while ndesc > 1:
+        tail = free_next[tail]
+        ndesc -= 1
+    free_next[tail] = <uint16_t>free_head
+    return head
+
+
 cdef inline void drv_free_chain(DrvRing *r, uint16_t head) noexcept nogil:
-    cdef uint32_t ndesc = r.chain_len[head], nd = ndesc, tail = head
+    cdef uint32_t ndesc = r.chain_len[head]
     if r.packed:
         # Packed: descriptors belong to ring positions; the id alone is freed.
         r.free_next[head] = <uint16_t>r.free_head
+        r.free_head = head
     else:
-        # Split: the chain's descriptors were linked head..tail through
-        # free_next when added; splice them back onto the free list.
-        while nd > 1:
-            tail = r.free_next[tail]
-            nd -= 1
-        r.free_next[tail] = <uint16_t>r.free_head
-    r.free_head = head
+        r.free_head = free_list_splice(r.free_next, head, ndesc, r.free_head)
     r.num_free += ndesc
     r.chain_len[head] = 0           # no longer in flight
 

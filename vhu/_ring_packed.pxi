@@ -152,7 +152,7 @@ cdef int pk_pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
     cdef RegionHit hit
     # Locals: stores through guest pointers could alias the struct's
     # fields, so the compiler would reload them every iteration.
-    cdef char *desc = r.desc
+    cdef char *desc
     cdef ChainInfo *chains = r.chains
     cdef Seg *segs = r.segs
     cdef uint16_t *id_ndesc = r.id_ndesc
@@ -313,34 +313,16 @@ cdef void pk_unpop(DevRing *r, uint32_t first_unused) noexcept nogil:
 
 # -- driver side --------------------------------------------------------------
 
-cdef int pk_drv_add_one(DrvRing *r, uint64_t gpa, uint32_t length, uint16_t flags) noexcept nogil:
-    cdef uint16_t buf_id, pos = r.shadow_avail
-    cdef char *d
-    if r.num_free == 0:
-        return -1
-    buf_id = <uint16_t>r.free_head
-    r.free_head = r.free_next[buf_id]
-    r.num_free -= 1
-    d = r.desc + 16 * <uint32_t>pos
-    vhu_write_once_u64(d, gpa)
-    vhu_write_once_u32(d + 8, length)
-    vhu_write_once_u16(d + 12, buf_id)
-    pk_drv_defer_flags(r, pos, flags)
-    pk_advance(&r.shadow_avail, &r.avail_wrap, 1, r.size)
-    drv_track(r, buf_id, 1)
-    return buf_id
-
-
 cdef uint32_t pk_drv_add_slots(DrvRing *r, uint64_t base_gpa, uint32_t slot_bytes, uint32_t length,
                               uint16_t flags, uint32_t max_chains) noexcept nogil:
-    """drv_add_slots for a packed ring (not IN_ORDER): buffer id h's buffer
-    at base_gpa + h * slot_bytes; flags wait for publish, as in pk_drv_add_one."""
+    """drv_add_slots for a packed ring: buffer id h's buffer at base_gpa +
+    h * slot_bytes, at the next ring positions. Flags, which make a
+    descriptor available, wait for publish (pk_drv_publish)."""
     cdef uint32_t n = 0, buf_id
     # Locals: stores into the shared ring could alias the struct's fields.
     cdef uint32_t free_head = r.free_head, num_free = r.num_free, size = r.size, npend = r.npend
     cdef uint16_t pos = r.shadow_avail, wrap = r.avail_wrap
     cdef uint16_t *free_next = r.free_next
-    cdef uint16_t *chain_len = r.chain_len
     cdef uint16_t *pend_pos = r.pend_pos
     cdef uint16_t *pend_flags = r.pend_flags
     cdef char *desc = r.desc
@@ -357,7 +339,7 @@ cdef uint32_t pk_drv_add_slots(DrvRing *r, uint64_t base_gpa, uint32_t slot_byte
         pend_flags[npend] = flags | (PK_F_AVAIL if wrap else PK_F_USED)
         npend += 1
         pk_advance(&pos, &wrap, 1, size)
-        chain_len[buf_id] = 1           # in flight, one descriptor
+        drv_track(r, <uint16_t>buf_id, 1)
         n += 1
     r.free_head = free_head
     r.num_free = num_free
