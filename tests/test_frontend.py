@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.vhuproc import REPO, VhuMaster
+from tests.vhuproc import REPO, VhuMaster, frontend_process
 from vhu._mem import live_mappings
 from vhu.frontend import Frontend, FrontendError
 from vhu.frontend.__main__ import UsageError, parse_args
@@ -216,16 +216,10 @@ def test_adaptive_poll_sleeps_when_idle_and_still_moves_frames(tmp_path):
 
 def test_listen_for_a_client_mode_backend(tmp_path):
     sock = tmp_path / "fe.sock"
-    fe = subprocess.Popen([sys.executable, "-m", "vhu.frontend", "--socket", str(sock), "--listen",
-                           "--mode", "loop", "--count", "20000", "--duration", "30", "--quiet"],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with frontend_process("--socket", sock, "--listen", "--mode", "loop", "--count", 20000,
+                          "--duration", 30, "--quiet") as fe:
         with VhuMaster(tmp_path, "--client", "--app", "echo", sockets=("fe.sock",)):
             out, err = fe.communicate(timeout=60)
-    finally:
-        if fe.poll() is None:
-            fe.kill()
-            fe.wait()
     assert fe.returncode == 0, err
     mode, tx, _, rx, _, errors = summary(out)
     assert (mode, tx, rx, errors) == ("loop", 20000, 20000, 0)
@@ -281,18 +275,12 @@ def test_cli_runs_until_sigterm_then_summarizes(tmp_path):
     import signal
     import time as _time
     with VhuMaster(tmp_path, "--app", "sink") as vhu:
-        p = subprocess.Popen([sys.executable, "-m", "vhu.frontend", "--socket", vhu.sockets[0]],
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
+        with frontend_process("--socket", vhu.sockets[0]) as p:
             deadline = _time.monotonic() + 30
             while vhu.port()["rx_packets"] == 0 and _time.monotonic() < deadline:
                 _time.sleep(0.1)
             p.send_signal(signal.SIGTERM)
             out, err = p.communicate(timeout=30)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
         assert p.returncode == 0, err
         _, tx, _, _, _, errors = summary(out)
         assert tx > 0 and errors == 0

@@ -4,12 +4,11 @@ Needs dpdk-testpmd (scripts/setup-peers.sh). Missing: skipped with the reason,
 or failed under CI=true. testpmd runs on CPU 0 without hugepages.
 """
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
+from tests.vhuproc import frontend_process
 from vhu.frontend import Frontend
 from vhu.protocol.messages import VirtioFeature as VF
 from vhu.testbed.dpdk import Testpmd, vhost_vdev
@@ -71,10 +70,8 @@ def test_loop_through_io_forwarding(sock, kw):
 
 def test_listen_for_net_vhost_in_client_mode(sock):
     """--listen: testpmd's net_vhost0 with client=1 connects to us."""
-    fe = subprocess.Popen([sys.executable, "-m", "vhu.frontend", "--socket", sock, "--listen",
-                           "--mode", "tx", "--count", "50000", "--duration", "30", "--quiet"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with frontend_process("--socket", sock, "--listen", "--mode", "tx", "--count", 50000,
+                          "--duration", 30, "--quiet") as fe:
         with Testpmd([vhost_vdev(sock, client=True)], forward_mode="rxonly", cpus=0,
                      huge=False) as tp:
             tp.start()
@@ -82,10 +79,6 @@ def test_listen_for_net_vhost_in_client_mode(sock):
             # Port counters: testpmd's start drops what arrived before it
             # (flush_fwd_rx_queues), which its forward statistics miss.
             got = tp.port_stats()[0]["rx_packets"]
-    finally:
-        if fe.poll() is None:
-            fe.kill()
-            fe.wait()
     assert fe.returncode == 0, err
     assert "tx 50000 packets 3200000 bytes" in out
     assert got == 50000

@@ -1,4 +1,6 @@
-"""Run `python -m vhu.master` as users do, for end-to-end tests."""
+"""Run `python -m vhu.master` and `python -m vhu.frontend` as users do, for
+end-to-end tests."""
+import contextlib
 import json
 import os
 import signal
@@ -7,6 +9,20 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def frontend_process(*args):
+    """`python -m vhu.frontend ARGS` running in the background, text pipes;
+    use .communicate() for its output. Killed if still running at exit; its
+    pipes are closed and it is reaped either way."""
+    with subprocess.Popen([sys.executable, "-m", "vhu.frontend", *map(str, args)], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 class VhuMaster:
