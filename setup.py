@@ -24,12 +24,12 @@ directives = {
 
 def ext(module):
     path = module.replace(".", "/") + ".pyx"
-    return Extension(module, [path], include_dirs=["vhu"],
+    return Extension(module, [path], include_dirs=["vhu", "vhu/workers"],
                      define_macros=macros, extra_compile_args=cflags)
 
 
 setup(
     ext_modules=cythonize([ext("vhu._mem"), ext("vhu._ring"), ext("vhu.workers._engine"),
-                           ext("vhu.frontend._traffic")], compiler_directives=directives,
+                           ext("vhu.workers._guard"), ext("vhu.frontend._traffic")], compiler_directives=directives,
                           compile_time_env={"VHU_DEBUG": DEBUG}),
 )

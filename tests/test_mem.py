@@ -72,6 +72,8 @@ def test_buffer_crossing_regions_is_split_never_overrun(fd):
     ([(2**64 - 0x1000, 0x2000, 0, 0)], "guest_phys_addr .* wraps"),
     ([(0, 0x2000, 2**64 - 0x1000, 0)], "userspace_addr .* wraps"),
     ([(0, 0x2000, 0, 2**64 - 0x1000)], "mmap_offset .* wraps"),
+    ([(0, 0x1000, 0, 2**64 - 0x1000)], "mmap_offset .* wraps"),     # ends at exactly 2**64
+    ([(2**64 - 0x1000, 0x1000, 0, 0)], "guest_phys_addr .* wraps"),
     ([(0, 0x2000, 0x10000, 0), (0x1000, 0x1000, 0x20000, 0)], "overlap in guest_phys_addr"),
     ([(0, 0x1000, 0x10000, 0), (0x1000, 0x1000, 0x10800, 0)], "overlap in userspace_addr"),
     ([(i * 0x1000, 0x1000, i * 0x1000, 0) for i in range(MAX_REGIONS + 1)], "at most 509"),

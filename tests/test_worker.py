@@ -10,7 +10,10 @@ import pytest
 from vhu._mem import GuestMemory
 from vhu._ring import COUNTER_NAMES, DeviceRing, DriverRing
 from vhu.workers._engine import Engine
-from vhu.workers.process import RingSetup, WorkerHandle, counter_offset
+from vhu.workers.process import RingSetup
+from vhu.workers.supervisor import WorkerError
+
+from tests.workerpool import PoolThread
 
 VERSION_1, MRG_RXBUF, EVENT_IDX = 1 << 32, 1 << 15, 1 << 29
 FEATURES = VERSION_1 | MRG_RXBUF | EVENT_IDX
@@ -193,29 +196,16 @@ def test_racing_buffers_are_seen_before_sleeping(guest):
 @pytest.fixture(scope="module", autouse=True)
 def warm_multiprocessing():
     """multiprocessing keeps a helper fd or two for the life of the process
-    after the first spawn; start one worker first so fd counts compare like
+    after the first spawn; start one pool first so fd counts compare like
     with like."""
-    fd = os.memfd_create("stats")
-    os.ftruncate(fd, 1 << 16)
-    WorkerHandle(99, dict(app="sink", poll="epoll", batch=32, rings_per_port=16), fd).stop()
-    os.close(fd)
+    PoolThread(1).close()
 
 
-@pytest.fixture
-def stats():
-    fd = os.memfd_create("stats")
-    os.ftruncate(fd, 1 << 16)
-    m = mmap.mmap(fd, 1 << 16)
-    yield fd, np.frombuffer(m, dtype=np.uint64)
-    os.close(fd)
+def ring_counters(stats, port, ring):
+    return dict(zip(COUNTER_NAMES, (int(x) for x in stats.array[port, ring])))
 
 
-def ring_counters(arr, port, ring):
-    o = counter_offset(port, ring, 16) // 8
-    return dict(zip(COUNTER_NAMES, (int(x) for x in arr[o:o + len(COUNTER_NAMES)])))
-
-
-def wait_for(cond, timeout=5.0):
+def wait_for(cond, timeout=10.0):
     t = time.monotonic() + timeout
     while time.monotonic() < t:
         if cond():
@@ -224,12 +214,11 @@ def wait_for(cond, timeout=5.0):
     return False
 
 
-def test_worker_process_echo_survives_memory_table_change(guest, stats):
+def test_worker_process_echo_survives_memory_table_change(guest):
     """DPDK virtio-user sends SET_MEM_TABLE again while rings run: the worker
     remaps between batches and no frame is lost or duplicated."""
-    stats_fd, arr = stats
     fds_before = len(os.listdir("/proc/self/fd"))
-    w = WorkerHandle(0, dict(app="echo", poll="adaptive", batch=32, rings_per_port=16), stats_fd)
+    w = PoolThread(1, app="echo", poll="adaptive")
     try:
         w.call("mem", 0, [(0, GUEST * 3 // 4, UVA, 0)], fds=[os.dup(guest.fd)])
         (rx, rxs), (tx, txs) = guest.rings(0)
@@ -252,42 +241,40 @@ def test_worker_process_echo_survives_memory_table_change(guest, stats):
             assert wait_for(lambda: got.extend(guest.received(rx, 0)) or len(got) == len(sent))
         assert got == sent
         assert w.call("ring_stop", 0, 1) == 320
-        assert ring_counters(arr, 0, 1)["tx_frames"] == 320
-        assert ring_counters(arr, 0, 0)["rx_frames"] == 320
+        assert ring_counters(w.stats, 0, 1)["tx_frames"] == 320
+        assert ring_counters(w.stats, 0, 0)["rx_frames"] == 320
         assert w.call("port_reset", 0) is True
         for k in kicks:
             os.close(k)
     finally:
-        w.stop()
+        w.close()
     assert len(os.listdir("/proc/self/fd")) == fds_before
 
 
-def test_worker_reports_bad_ring_setup_and_keeps_serving(guest, stats):
-    stats_fd, arr = stats
-    w = WorkerHandle(0, dict(app="sink", poll="epoll", batch=32, rings_per_port=16), stats_fd)
+def test_worker_reports_bad_ring_setup_and_keeps_serving(guest):
+    w = PoolThread(1)
     try:
         w.call("mem", 0, [(0, GUEST, UVA, 0)], fds=[os.dup(guest.fd)])
         bad = RingSetup(256, UVA + GUEST, UVA, UVA, 0, FEATURES, True, True, True)
-        with pytest.raises(Exception, match="not inside guest memory"):
+        with pytest.raises(WorkerError, match="not inside guest memory"):
             w.call("ring_start", 0, 1, bad, fds=[os.eventfd(0), os.eventfd(0)])
         (_, _), (tx, txs) = guest.rings(0)
         kick = os.eventfd(0, os.EFD_NONBLOCK)
         w.call("ring_start", 0, 1, txs, fds=[os.dup(kick), os.eventfd(0)])
         guest.send(tx, 0, frames(7))
         os.eventfd_write(kick, 1)
-        assert wait_for(lambda: ring_counters(arr, 0, 1)["tx_frames"] == 7)
+        assert wait_for(lambda: ring_counters(w.stats, 0, 1)["tx_frames"] == 7)
         os.close(kick)
     finally:
-        w.stop()
+        w.close()
 
 
-def test_ring_restarts_where_the_used_ring_is_not_at_a_stale_base(guest, stats):
+def test_ring_restarts_where_the_used_ring_is_not_at_a_stale_base(guest):
     """A front-end that lost its back-end may send a SET_VRING_BASE ahead of
     the used ring (QEMU sends used->idx; others keep their own count). The
     worker resumes at used->idx: the driver gets exactly its chains back, in
     order, and nothing past what was written."""
-    stats_fd, arr = stats
-    w = WorkerHandle(0, dict(app="sink", poll="epoll", batch=32, rings_per_port=16), stats_fd)
+    w = PoolThread(1)
     try:
         w.call("mem", 0, [(0, GUEST, UVA, 0)], fds=[os.dup(guest.fd)])
         (_, _), (tx, txs) = guest.rings(0)
@@ -307,7 +294,7 @@ def test_ring_restarts_where_the_used_ring_is_not_at_a_stale_base(guest, stats):
         time.sleep(0.1)
         assert tx.get_used() == [] and len(done) == 3
         assert w.call("ring_stop", 0, 1) == 8
-        assert ring_counters(arr, 0, 1)["tx_frames"] == 8
+        assert ring_counters(w.stats, 0, 1)["tx_frames"] == 8
         os.close(kick)
     finally:
-        w.stop()
+        w.close()

@@ -29,11 +29,13 @@ from posix.unistd cimport sysconf, _SC_PAGESIZE
 from libc.errno cimport errno
 from libc.string cimport strerror
 
+from vhu import regions as _regions
+
 __all__ = ["GuestMemory", "GuestMemoryError", "MAX_REGIONS", "check_region_table",
            "live_mappings"]
 
 MAX_REGIONS = VHU_MAX_REGIONS
-cdef uint64_t U64_MAX = 0xFFFFFFFFFFFFFFFF
+assert MAX_REGIONS == _regions.MAX_REGIONS, "vhu._mem's table holds what vhu.regions allows"
 cdef long _live_mappings = 0
 
 
@@ -47,34 +49,11 @@ def live_mappings():
 
 
 def check_region_table(regions):
-    """Validate (gpa, size, uva, mmap_offset) tuples as one table, arithmetic only.
-
-    Raises GuestMemoryError with the first reason found. The protocol layer
-    calls this before it touches an fd; GuestMemory calls it again.
-    """
-    cdef list rs = [tuple(int(x) for x in r) for r in regions]
-    if len(rs) > MAX_REGIONS:
-        raise GuestMemoryError(f"{len(rs)} regions, at most {MAX_REGIONS}")
-    for i, (gpa, size, uva, off) in enumerate(rs):
-        for name, v in (("guest_phys_addr", gpa), ("memory_size", size),
-                        ("userspace_addr", uva), ("mmap_offset", off)):
-            if v < 0 or v > U64_MAX:
-                raise GuestMemoryError(f"region {i}: {name} {v:#x} is not a u64")
-        if size == 0:
-            raise GuestMemoryError(f"region {i}: memory_size is 0")
-        if gpa + size - 1 > U64_MAX:
-            raise GuestMemoryError(f"region {i}: guest_phys_addr {gpa:#x} + size {size:#x} wraps")
-        if uva + size - 1 > U64_MAX:
-            raise GuestMemoryError(f"region {i}: userspace_addr {uva:#x} + size {size:#x} wraps")
-        if off + size - 1 > U64_MAX:
-            raise GuestMemoryError(f"region {i}: mmap_offset {off:#x} + size {size:#x} wraps")
-    for key, what in ((0, "guest_phys_addr"), (2, "userspace_addr")):
-        order = sorted(range(len(rs)), key=lambda j: rs[j][key])
-        for a, b in zip(order, order[1:]):
-            if rs[a][key] + rs[a][1] > rs[b][key]:
-                raise GuestMemoryError(
-                    f"regions {a} and {b} overlap in {what} "
-                    f"([{rs[a][key]:#x}, +{rs[a][1]:#x}) and [{rs[b][key]:#x}, +{rs[b][1]:#x}))")
+    """vhu.regions' rule (its one owner), raising GuestMemoryError."""
+    try:
+        _regions.check_region_table(regions, MAX_REGIONS)
+    except _regions.RegionTableError as e:
+        raise GuestMemoryError(str(e)) from None
 
 
 cdef class Mapping:
@@ -265,6 +244,12 @@ cdef class GuestMemory:
         return [(self.table.regions[i].gpa, self.table.regions[i].size,
                  self.table.regions[i].uva, self.table.regions[i].mmap_offset)
                 for i in range(self.table.n)]
+
+    def host_ranges(self):
+        """(address, length) of every mapping in the current table: where in
+        this process the front-end's memory lies (fault attribution)."""
+        cdef Mapping m
+        return [(<uintptr_t>m.base, m.length) for m in self.mappings[:self.table.n]]
 
     cdef object _mapping_of(self, char *p):
         cdef int i

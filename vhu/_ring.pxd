@@ -31,8 +31,9 @@ cdef enum:  # Counter
     C_DROP_NO_PORT          # the chosen output port has no ready receive ring
     C_DROP_STAGE            # a pipeline stage's verdict was drop
     C_DROP_STAGE_ERROR      # a pipeline stage raised: its batch is dropped
+    C_TX_TOO_BIG            # a chain whose frame is over MAX_FRAME_LEN: dropped, never delivered
+    C_POSITION              # not a counter: the ring's published position (see dev_publish_used)
     C_BROKEN_FIRST          # one counter per Broken reason follows
-    C_COUNT = C_BROKEN_FIRST + 16
 
 cdef enum:  # Broken
     B_OK = 0
@@ -51,7 +52,16 @@ cdef enum:  # Broken
     B_BAD_ID                # packed: buffer id >= queue size
     B_CHAIN_NOT_AVAILABLE   # packed: a chain continues into a descriptor not made available
     B_INDIRECT_IN_CHAIN     # packed: an indirect descriptor inside a NEXT chain
+    B_MEMORY_FAULT          # the port's memory faulted a worker (set by the master)
+    B_KICK_FD_ERROR         # the kick fd reported an error or hang-up
     B_COUNT
+
+cdef enum:
+    C_COUNT = C_BROKEN_FIRST + B_COUNT
+    # virtio-net's largest frame (also TSO's): an Ethernet frame, without the
+    # virtio-net header, is at most 65535 bytes. A chain that carries more is
+    # dropped (C_TX_TOO_BIG); the device never builds or delivers a bigger one.
+    MAX_FRAME_LEN = 65535
 
 cdef struct Seg:
     char *ptr

@@ -58,6 +58,8 @@ _BROKEN = [
     ("BAD_ID", "buffer id >= queue size"),
     ("CHAIN_NOT_AVAILABLE", "chain continues into a descriptor that is not available"),
     ("INDIRECT_IN_CHAIN", "indirect descriptor inside a chain of descriptors"),
+    ("MEMORY_FAULT", "the front-end's memory faulted the worker (shrunk or unmapped under it)"),
+    ("KICK_FD_ERROR", "the kick fd reported an error or hang-up"),
 ]
 assert len(_BROKEN) == B_COUNT
 for _name, _text in _BROKEN[1:]:
@@ -67,7 +69,8 @@ for _name, _text in _BROKEN[1:]:
 COUNTER_NAMES = (["popped", "pushed", "published", "notify", "notify_suppressed",
                   "rx_frames", "rx_bytes", "rx_no_room", "rx_too_big",
                   "tx_frames", "tx_bytes", "tx_short", "kicks", "drop_filtered",
-                  "drop_no_port", "drop_stage", "drop_stage_error", "broken_ok_unused"]
+                  "drop_no_port", "drop_stage", "drop_stage_error", "tx_too_big", "state_position",
+                  "broken_ok_unused"]
                  + ["broken_" + n.lower() for n, _ in _BROKEN[1:]])
 assert len(COUNTER_NAMES) == C_COUNT
 
@@ -497,6 +500,8 @@ cdef bint dev_publish_used(DevRing *r) noexcept nogil:
     # Release: every used element written above is visible before the index.
     vhu_store_release_u16(r.used + RING_IDX, new)
     r.published_used = new
+    # Where a replacement worker resumes (vhu.workers.supervisor).
+    r.counters[C_POSITION] = new
     r.counters[C_PUSHED] += <uint16_t>(new - old)
     r.counters[C_PUBLISHED] += 1
     # Store (used->idx) then load (used_event / flags): needs a full fence,
@@ -1046,6 +1051,33 @@ cdef class DeviceRing:
         self.r.shadow_used = value
         self.r.published_used = value
         self.r.notify_valid = False
+        self.r.counters[C_POSITION] = value | (<uint64_t>self.r.used_wrap << 15 if self.r.packed else 0)
+
+    def resume(self):
+        """A replacement worker takes over this ring at the position its
+        predecessor last published (C_POSITION). A packed ring can hold used
+        descriptors past that position if the predecessor died inside a
+        publish (after writing later slots, before the first slot's flags
+        and the position): the device would wait there forever, since those
+        slots no longer look available. Skip them, one slot each (exact for
+        one-descriptor chains, what virtio-net drivers post). Returns the
+        number of slots skipped; split rings resume at used->idx instead."""
+        cdef uint32_t skipped = 0
+        cdef uint16_t flags
+        if not self.r.packed or not dev_mem_ok(&self.r):
+            return 0
+        while skipped < self.r.size:
+            flags = vhu_read_once_u16(self.r.desc + 16 * <uint32_t>self.r.last_avail + 14)
+            if not pk_used(flags, self.r.avail_wrap):
+                break
+            pk_advance(&self.r.last_avail, &self.r.avail_wrap, 1, self.r.size)
+            skipped += 1
+        if skipped:
+            self.r.shadow_used = self.r.last_avail
+            self.r.published_used = self.r.last_avail
+            self.r.used_wrap = self.r.avail_wrap
+            self.r.counters[C_POSITION] = self.r.last_avail | (<uint64_t>self.r.avail_wrap << 15)
+        return skipped
 
     @property
     def used_idx(self):

@@ -282,6 +282,9 @@ cdef bint pk_publish_used(DevRing *r) noexcept nogil:
     r.shadow_used = pos
     r.used_wrap = wrap
     r.npend = 0
+    # Where a replacement worker resumes (vhu.workers.supervisor): every
+    # chain before this position is used, none after it is in flight.
+    r.counters[C_POSITION] = pos | (<uint64_t>wrap << 15)
     r.counters[C_PUSHED] += n
     r.counters[C_PUBLISHED] += 1
     # Store (used flags) then load (driver event suppression): full fence.

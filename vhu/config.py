@@ -6,10 +6,11 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from vhu.protocol.backend import MAX_QUEUE_PAIRS
+
 APPS = ("sink", "echo", "source", "patch", "switch", "pcap")
 PCAP_BESIDE = ("patch", "switch", "pcap")     # apps --pcap DIR may tap
 POLL_MODES = ("busy", "epoll", "adaptive")
-MAX_QUEUE_PAIRS = 64
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -33,6 +34,7 @@ class MasterConfig:
     socket_mode: int = 0o600
     batch: int = 32
     pcap_dir: str | None = None   # capture every port, both directions (vhu.workers.process.pcap_path)
+    pcap_mode: int = 0o600        # mode of the capture files (guest traffic: not for every user)
     snaplen: int = 65535
     mac_ageing: float = 300.0     # switch: seconds a learned MAC stays valid
     metrics_port: int | None = None
@@ -103,6 +105,8 @@ def build_parser():
     p.add_argument("--pcap", default=None, metavar="DIR",
                    help="capture each port and direction to DIR/<port>-<rx|tx>.pcap "
                         "(--app pcap, or beside --app patch|switch)")
+    p.add_argument("--pcap-mode", default="0600", metavar="OCTAL",
+                   help="mode of created capture files")
     p.add_argument("--snaplen", type=int, default=65535, metavar="N", help="pcap: bytes kept per frame")
     p.add_argument("--mac-ageing", type=float, default=300.0, metavar="SECONDS",
                    help="switch: forget a MAC address not seen for this long")
@@ -111,6 +115,16 @@ def build_parser():
     p.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
                    help="address the metrics endpoint listens on")
     return p
+
+
+def _octal_mode(flag, text):
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r} is not an octal mode") from None
+    if not 0 <= mode <= 0o777:
+        raise UsageError(f"{flag} must be 000..777")
+    return mode
 
 
 def parse_args(argv):
@@ -150,17 +164,14 @@ def parse_args(argv):
     level = a.log_level.upper()
     if level not in LOG_LEVELS:
         raise UsageError(f"--log-level: {a.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-    try:
-        mode = int(a.socket_mode, 8)
-    except ValueError:
-        raise UsageError(f"--socket-mode: {a.socket_mode!r} is not an octal mode") from None
-    if not 0 <= mode <= 0o777:
-        raise UsageError("--socket-mode must be 000..777")
+    mode = _octal_mode("--socket-mode", a.socket_mode)
+    pcap_mode = _octal_mode("--pcap-mode", a.pcap_mode)
     cpus = parse_cpus(a.cpus) if a.cpus is not None else ()
     return MasterConfig(sockets=tuple(a.socket), client=a.client, workers=a.workers,
                         queues=a.queues, app=a.app, poll=a.poll, cpus=cpus,
                         stats_interval=a.stats_interval, stats_file=a.stats_file,
                         log_level=level, pkt_size=a.pkt_size, socket_mode=mode, batch=a.batch,
-                        pcap_dir=a.pcap, snaplen=a.snaplen, mac_ageing=a.mac_ageing,
+                        pcap_dir=a.pcap, pcap_mode=pcap_mode, snaplen=a.snaplen,
+                        mac_ageing=a.mac_ageing,
                         metrics_port=a.metrics_port, metrics_addr=a.metrics_addr,
                         taps=tuple(a.tap))

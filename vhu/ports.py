@@ -1,12 +1,30 @@
 """One vhost-user port: its socket (server or client mode), the connection to
 the current front-end, and the glue from protocol state transitions to worker
-commands. Everything here runs in the master's event loop.
+commands. Everything here runs in the master's asyncio event loop
+(vhu.control), and nothing here blocks it:
+
+* the listener, the connection and client-mode connect(2) are non-blocking
+  (a front-end whose backlog is full is retried later, never waited on);
+* each connection is one task that reads one message at a time (the framer
+  is vhu.protocol.wire's: reading exactly the bytes the current message
+  still needs keeps fds with their message), runs it through the sans-I/O
+  protocol layer, does the effects it yields (GET_VRING_BASE waits for the
+  worker to stop the ring, with the supervisor's deadline) and sends the
+  reply; a front-end that sends half a message or stops reading its replies
+  is closed after MESSAGE_TIMEOUT: one slow peer is one slow task;
+* commands for the workers are queued with the supervisor
+  (vhu.workers.supervisor) and not waited for, except before a reply: a
+  REPLY_ACK after SET_MEM_TABLE means the workers use the new table.
+
+The port keeps the desired state of its rings (WorkerHooks.running, with
+the device's memory table and fds): a replacement worker is given exactly
+that (replay()).
 """
+import asyncio
 import errno
+import fcntl
 import logging
 import os
-import select
-import selectors
 import socket
 import stat
 import time
@@ -14,19 +32,24 @@ import time
 from vhu._mem import GuestMemory
 from vhu.protocol.backend import BackendConfig, NetBackend
 from vhu.protocol.dispatch import Dispatcher
-from vhu.protocol.messages import MAX_PAYLOAD_SIZE
+from vhu.protocol.effects import StopRing
+from vhu.protocol.messages import MAX_FDS
 from vhu.protocol.wire import close_fds
-from vhu.workers.process import RingSetup, WorkerError
+from vhu.workers.process import RingSetup
+from vhu.workers.supervisor import REPLACED, WorkerError
 
 log = logging.getLogger("vhu.master.port")
 
-HEADER_SIZE = 12
-RECV_FDS = 16
 MESSAGE_TIMEOUT = 2.0
 RECONNECT_MIN, RECONNECT_MAX = 0.05, 2.0
+# A port whose memory faulted a worker is not served again for a while,
+# doubling each time: it cannot put the other ports into a crash loop.
+PENALTY_MIN, PENALTY_MAX = 1.0, 60.0
+LISTEN_BACKLOG = 4
 # What a running ring is started with; any change of these restarts it
-# (stopped first, so it restarts from the worker's real last_avail_idx).
+# (in the worker, from where it stopped).
 _RESTART_FIELDS = ("num", "desc_addr", "avail_addr", "used_addr", "features")
+_F_SEAL_SHRINK = 0x0002
 
 
 def rarp_frame(mac: bytes) -> bytes:
@@ -38,118 +61,210 @@ def rarp_frame(mac: bytes) -> bytes:
     return (eth + rarp).ljust(60, b"\0")
 
 
+def is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
 class WorkerHooks:
     """The protocol layer's state transitions (vhu.protocol.backend.DeviceHooks),
     turned into commands for the workers that own the rings."""
 
     def __init__(self, port):
         self.port = port
-        self.master = port.master
+        self.control = port.control
+        self.index = port.index
         self.running = {}          # ring index -> RingConfig the worker runs it with
+        self.closed = False
 
-    def _worker(self, index):
-        return self.master.worker_for_ring(index)
+    def _worker_of(self, ring):
+        return self.control.config.worker_of(ring // 2)
+
+    def _submit(self, worker, name, *args, fds=(), key=None):
+        # Attributed to this connection (not just the port index): a late
+        # failure must not cut off the next front-end on the same port.
+        fut = self.control.pool.submit(worker, name, self.index, *args, fds=fds, key=key,
+                                       port=self)
+        self.port.pending.append(fut)
+        return fut
+
+    def check_eventfd(self, fd):
+        if not is_eventfd(fd):
+            try:
+                kind = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                kind = "unknown"
+            raise ValueError(f"fd is not an eventfd ({kind})")
+        os.set_blocking(fd, False)
 
     def memory_table_changed(self, regions):
+        if self.closed:
+            return
         # Map it here first: an fd that cannot be mapped refuses the message
         # before any worker has switched tables.
         probe = GuestMemory()
         probe.set_table([tuple(r) for r in regions])
         probe.clear()
+        unsealed = [i for i, r in enumerate(regions) if not _shrink_sealed(r.fd)]
+        if unsealed and not self.port.told_unsealed:
+            self.port.told_unsealed = True
+            log.info("port %d: memory region(s) %s not sealed against shrinking "
+                     "(F_SEAL_SHRINK): a front-end that truncates them faults a worker, and "
+                     "is then cut off", self.index, ", ".join(map(str, unsealed)))
         specs = [tuple(r)[1:] for r in regions]
-        for w in self.master.workers:
-            w.call("mem", self.port.index, specs, fds=[os.dup(r.fd) for r in regions])
+        for w in range(self.control.pool.count):
+            self._submit(w, "mem", specs, fds=[os.dup(r.fd) for r in regions])
 
     def ring_changed(self, index, cfg):
+        if self.closed:
+            return
         was = self.running.get(index)
         if not cfg.ready:
             if was is not None:
-                self.ring_stop(index)
+                self.running.pop(index)
+                self._submit(self._worker_of(index), "ring_stop", index)
             return
-        if was is not None and any(getattr(cfg, f) != getattr(was, f) for f in _RESTART_FIELDS):
-            base = self.ring_stop(index)
-            self._start(index, cfg, base)
-            return
-        if was is None:
-            self._start(index, cfg, cfg.base)
-            return
-        w, port = self._worker(index), self.port.index
-        if cfg.enabled != was.enabled:
-            w.call("ring_enable", port, index, cfg.enabled)
-        if cfg.kick_fd != was.kick_fd or cfg.polling != was.polling:
-            w.call("ring_kick", port, index, fds=self._fd_or_private(cfg.kick_fd))
-        if cfg.call_fd != was.call_fd:
-            w.call("ring_call", port, index, fds=self._fd_or_private(cfg.call_fd))
+        if was is None or any(getattr(cfg, f) != getattr(was, f) for f in _RESTART_FIELDS):
+            # base None: a running ring restarts where it stopped in its worker.
+            self._submit(self._worker_of(index), "ring_start", index,
+                         self._setup(cfg, cfg.base if was is None else None),
+                         fds=self._fds(cfg))
+        elif (cfg.enabled, cfg.kick_fd, cfg.call_fd, cfg.polling) != \
+                (was.enabled, was.kick_fd, was.call_fd, was.polling):
+            self._submit(self._worker_of(index), "ring_update", index, cfg.enabled,
+                         cfg.kick_fd < 0, fds=self._fds(cfg), key=("ring", self.index, index))
         self.running[index] = cfg
 
     @staticmethod
-    def _fd_or_private(fd):
+    def _setup(cfg, base, resume=False):
+        return RingSetup(size=cfg.num, desc=cfg.desc_addr, avail=cfg.avail_addr,
+                         used=cfg.used_addr, base=base, features=cfg.features,
+                         event_idx=cfg.event_idx, indirect=cfg.indirect, enabled=cfg.enabled,
+                         polled=cfg.kick_fd < 0, packed=cfg.packed, resume=resume)
+
+    @staticmethod
+    def _fds(cfg):
         # A ring without a kick fd is polled (and one without call fd never
         # signals): an eventfd nobody else holds keeps the worker uniform.
-        return [os.dup(fd) if fd >= 0 else os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)]
+        return [os.dup(fd) if fd >= 0 else os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                for fd in (cfg.kick_fd, cfg.call_fd)]
 
-    def _start(self, index, cfg, base):
-        setup = RingSetup(size=cfg.num, desc=cfg.desc_addr, avail=cfg.avail_addr,
-                          used=cfg.used_addr, base=base, features=cfg.features,
-                          event_idx=cfg.event_idx, indirect=cfg.indirect, enabled=cfg.enabled,
-                          polled=cfg.kick_fd < 0, packed=cfg.packed)
-        fds = self._fd_or_private(cfg.kick_fd) + self._fd_or_private(cfg.call_fd)
-        self._worker(index).call("ring_start", self.port.index, index, setup, fds=fds)
-        self.running[index] = cfg
-
-    def ring_stop(self, index):
-        """The worker's real last_avail_idx, or None if no worker ran the ring."""
+    async def stop_ring(self, index):
+        """The StopRing effect: the worker's real last_avail_idx, or None if
+        no worker ran the ring. If the worker was replaced before it
+        answered, where its last published batch left the ring."""
         if self.running.pop(index, None) is None:
             return None
-        return self._worker(index).call("ring_stop", self.port.index, index)
+        fut = self._submit(self._worker_of(index), "ring_stop", index)
+        try:
+            base = await fut
+        except WorkerError:
+            base = None
+        if base is REPLACED:
+            base = self.control.stats.position(self.index, index)
+        return base
+
+    def replay(self, worker, regions):
+        """What a replacement worker `worker` must be told to run this port's
+        rings again: (name, args, fds, port) commands."""
+        if self.closed:
+            return []
+        cmds = []
+        if regions:
+            cmds.append(("mem", (self.index, [tuple(r)[1:] for r in regions]),
+                         [os.dup(r.fd) for r in regions], self))
+        for index, cfg in sorted(self.running.items()):
+            if self._worker_of(index) != worker:
+                continue
+            # Split rings resume at the used index in guest memory; packed
+            # rings at the position their last published batch left.
+            base = self.control.stats.position(self.index, index) if cfg.packed else cfg.base
+            cmds.append(("ring_start", (self.index, index, self._setup(cfg, base, resume=True)),
+                         self._fds(cfg), self))
+        return cmds
+
+    def ring_stop(self, index):
+        raise RuntimeError("GET_VRING_BASE is performed asynchronously (StopRing)")
+
+    def command_failed(self, name, message):
+        self.port.command_failed(self, name, message)
 
     def status_changed(self, status):
-        log.info("port %d: device status %#x", self.port.index, status)
+        log.info("port %d: device status %#x", self.index, status)
 
     def send_rarp(self, mac):
         # Queue pair 0's worker sends it on as a frame from this port's guest.
-        if not self._worker(0).call("port_inject", self.port.index, rarp_frame(mac)):
-            log.warning("port %d: RARP for %s not sent: queue pair 0 is not running",
-                        self.port.index, mac.hex(":"))
+        fut = self._submit(self._worker_of(0), "port_inject", rarp_frame(mac))
+
+        def told(f):
+            if not f.cancelled() and f.exception() is None and f.result() is False:
+                log.warning("port %d: RARP for %s not sent: queue pair 0 is not running",
+                            self.index, mac.hex(":"))
+        fut.add_done_callback(told)
 
     def reset(self):
+        if self.closed:
+            return
         self.running.clear()
-        for w in self.master.workers:
-            w.call("port_reset", self.port.index)
+        for w in range(self.control.pool.count):
+            self._submit(w, "port_reset")
+
+    def close(self):
+        self.reset()
+        self.closed = True
+
+
+def _shrink_sealed(fd):
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _F_SEAL_SHRINK)
+    except OSError:
+        return False
 
 
 class Port:
-    def __init__(self, master, index, path):
-        self.master = master
-        self.config = master.config
+    def __init__(self, control, index, path, client=False):
+        self.control = control
+        self.config = control.config
         self.index = index
         self.path = path
-        # client mode: for every port (--client) or for some (Forwarder ports)
-        self.client = self.config.client or index in getattr(self.config, "client_ports", ())
+        self.client = client
         self.listener = None
         self.conn = None
         self.session = None
+        self.hooks = None
+        self.task = None
+        self.pending = []            # futures of worker commands for the current message
         self.created_inode = None
-        self.next_connect = None
-        self.backoff = RECONNECT_MIN
-        self._rx = bytearray()            # the message being read, and its fds
-        self._rx_fds = []
-        self._rx_deadline = None
-        self._tx = bytearray()            # replies not sent yet
-        self._tx_deadline = None
-        self._events = 0
+        self.closing = False
+        self.told_unsealed = False
+        self.penalty = 0.0           # seconds the port is refused after a memory fault
+        self.penalty_until = 0.0
+        self.newcomer = False        # a front-end waits in the backlog while one is served
+        self._accepting = False
 
     @property
     def connected(self):
         return self.conn is not None
 
+    @property
+    def loop(self):
+        return self.control.loop
+
     # -- sockets ------------------------------------------------------------
 
     def open(self):
-        if self.client:
-            self.next_connect = time.monotonic()
-        else:
+        """Create the listening socket (server mode); nothing is accepted
+        before serve()."""
+        if not self.client:
             self._listen()
+
+    def serve(self):
+        if self.client:
+            self.task = self.loop.create_task(self._connect_loop(), name=f"vhu-port{self.index}")
+        else:
+            self._accept_on()
 
     def _listen(self):
         path = self.path
@@ -161,8 +276,12 @@ class Port:
             if not stat.S_ISSOCK(st.st_mode):
                 raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.setblocking(False)
             try:
                 probe.connect(path)
+            except BlockingIOError:       # a live listener whose backlog is full
+                raise OSError(errno.EADDRINUSE,
+                              f"{path}: a live back-end is listening there") from None
             except OSError:
                 os.unlink(path)           # stale: left by a vhu that was killed
                 log.info("%s: removed a stale socket file", path)
@@ -171,203 +290,261 @@ class Port:
             finally:
                 probe.close()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o777)             # no window where the socket is wider than asked
+        # The file gets its mode at bind (through the umask), never by path
+        # afterwards: a chmod by path could follow a symlink put there.
+        old = os.umask(0o777 & ~self.config.socket_mode)
         try:
             s.bind(path)
+        except OSError:
+            s.close()
+            raise
         finally:
             os.umask(old)
-        os.chmod(path, self.config.socket_mode)
         self.created_inode = os.lstat(path).st_ino
-        s.listen(4)
+        s.listen(LISTEN_BACKLOG)
         s.setblocking(False)
         self.listener = s
-        self.master.selector.register(s, selectors.EVENT_READ, self._on_accept)
         log.info("port %d: listening on %s", self.index, path)
 
-    def _on_accept(self, events):
-        if self.conn is not None and self._drain():
-            # The current front-end still has messages (and maybe its EOF) to
-            # handle: leave the newcomer in the backlog until they are done.
+    def _accept_on(self):
+        if self.listener is not None and not self._accepting and not self.closing:
+            self.loop.add_reader(self.listener.fileno(), self._on_accept)
+            self._accepting = True
+
+    def _accept_off(self):
+        if self._accepting:
+            self.loop.remove_reader(self.listener.fileno())
+            self._accepting = False
+
+    def _on_accept(self):
+        if time.monotonic() < self.penalty_until:
+            # Cut off after a memory fault: the backlog waits.
+            self._accept_off()
+            self.loop.call_at(self._loop_time(self.penalty_until), self._accept_on)
+            return
+        if self.conn is not None:
+            # The current front-end may have gone already (its EOF not read
+            # yet): let its task finish what it sent, then see.
+            self.newcomer = True
+            self._accept_off()
             return
         try:
             conn, _ = self.listener.accept()
-        except BlockingIOError:
-            return
-        if self.conn is not None:
-            log.warning("port %d: %s already has a front-end; refusing another", self.index, self.path)
-            conn.close()
+        except (BlockingIOError, InterruptedError):
             return
         self._attach(conn)
 
-    def _drain(self, limit=64):
-        """Handle what the current front-end has already sent (at most `limit`
-        messages); True if it still has more. A restarted front-end may connect
-        before the event loop has seen its predecessor's EOF: that EOF is read
-        here first, so the newcomer is served, not refused."""
-        for _ in range(limit):
-            if self.conn is not None and self._tx:
-                self._flush()
-                if self.conn is not None and self._tx:
-                    return True       # it is not reading its replies yet
-                continue
-            if self.conn is None or not select.select([self.conn], [], [], 0)[0]:
-                return False
-            self._on_readable(selectors.EVENT_READ)
-        return self.conn is not None
+    def _loop_time(self, monotonic):
+        return self.loop.time() + (monotonic - time.monotonic())
 
-    def timer_due(self):
-        due = 3600.0 if self.next_connect is None else self.next_connect - time.monotonic()
-        for deadline in (self._rx_deadline, self._tx_deadline):
-            if deadline is not None:
-                due = min(due, deadline - time.monotonic())
-        return max(0.0, due)
-
-    def on_timer(self, now):
-        if self._rx_deadline is not None and now >= self._rx_deadline:
-            self._detach(f"message incomplete after {MESSAGE_TIMEOUT:g} s")
-        if self._tx_deadline is not None and now >= self._tx_deadline:
-            self._detach(f"replies not read for {MESSAGE_TIMEOUT:g} s")
-        if self.next_connect is None or now < self.next_connect or self.conn is not None:
-            return
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def _refuse_newcomer(self):
+        """A second front-end while the first is still served: refused."""
+        self.newcomer = False
         try:
-            s.connect(self.path)
-        except OSError as exc:
-            s.close()
-            self.next_connect = now + self.backoff
-            if self.backoff == RECONNECT_MIN:
-                log.info("port %d: waiting for a front-end at %s (%s)", self.index, self.path,
-                         exc.strerror)
-            self.backoff = min(self.backoff * 2, RECONNECT_MAX)
-            return
-        self.next_connect = None
-        self.backoff = RECONNECT_MIN
-        self._attach(s)
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            conn = None
+        if conn is not None:
+            log.warning("port %d: %s already has a front-end; refusing another",
+                        self.index, self.path)
+            conn.close()
+        self._accept_on()
 
-    def _attach(self, conn):
+    async def _connect_loop(self):
+        """Client mode: connect (non-blocking), serve, reconnect with backoff."""
+        backoff = RECONNECT_MIN
+        told = False
+        while not self.closing:
+            wait = self.penalty_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(self.path)
+            except OSError as exc:
+                s.close()
+                if not told:
+                    why = ("its backlog is full" if isinstance(exc, BlockingIOError)
+                           else exc.strerror)
+                    log.info("port %d: waiting for a front-end at %s (%s)", self.index,
+                             self.path, why)
+                    told = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RECONNECT_MAX)
+                continue
+            backoff, told = RECONNECT_MIN, False
+            self._attach(s, own_task=False)
+            try:
+                await self._serve(s)
+            finally:
+                self._detach("connection ended")
+            await asyncio.sleep(RECONNECT_MIN)
+
+    def _attach(self, conn, own_task=True):
         conn.setblocking(False)
         self.conn = conn
-        device = NetBackend(BackendConfig(max_queue_pairs=self.config.queues), WorkerHooks(self))
+        self.hooks = WorkerHooks(self)
+        device = NetBackend(BackendConfig(max_queue_pairs=self.config.queues), self.hooks)
         self.session = Dispatcher(device)
-        self.master.selector.register(conn, selectors.EVENT_READ, self._on_readable)
-        self._events = selectors.EVENT_READ
         log.info("port %d: front-end connected on %s", self.index, self.path)
+        if own_task:
+            self.task = self.loop.create_task(self._serve_and_detach(conn),
+                                              name=f"vhu-port{self.index}")
 
-    def _read_message(self):
-        """One whole message and its fds, read without blocking the event loop.
+    async def _serve_and_detach(self, conn):
+        reason = "front-end closed the connection"
+        try:
+            reason = await self._serve(conn) or reason
+        finally:
+            if self.conn is conn:
+                self._detach(reason)
 
-        The 12-byte header comes first with recvmsg (the fds ride on a
-        message's first bytes), then exactly its payload. Reading message by
-        message, as QEMU and DPDK do, keeps fds with their message: a larger
-        read could join earlier messages to the one carrying fds. What has
-        arrived of a message is kept across calls (BlockingIOError until it is
-        whole), so a peer that sends half a message stalls only itself; the
-        timer closes its connection after MESSAGE_TIMEOUT. Returns (None, [])
-        at a clean EOF."""
-        buf = self._rx
-        while True:
-            need = HEADER_SIZE - len(buf)
-            if need <= 0:
-                size = int.from_bytes(buf[8:12], "little")
-                # Larger than the cap: the dispatcher refuses the header alone.
-                need = HEADER_SIZE + (size if size <= MAX_PAYLOAD_SIZE else 0) - len(buf)
-            if need <= 0:
-                fds, self._rx_fds = self._rx_fds, []
-                data = bytes(buf)
-                buf.clear()
-                self._rx_deadline = None
-                return data, fds
-            data, fds, flags, _ = socket.recv_fds(self.conn, need, RECV_FDS)
-            self._rx_fds += fds
+    # -- one connection ---------------------------------------------------------
+
+    async def _serve(self, conn):
+        """Read, handle, reply until the connection ends; the reason it ended."""
+        deadline = None               # a message is being received: it must be whole by then
+        while self.conn is conn:
+            reader = self.session.reader
+            try:
+                data, fds, flags, _ = socket.recv_fds(conn, max(reader.needed(), 1), MAX_FDS)
+            except (BlockingIOError, InterruptedError):
+                if self.newcomer and reader.buffered == 0:
+                    self._refuse_newcomer()
+                if not await self._wait(conn, False, deadline):
+                    return f"message incomplete after {MESSAGE_TIMEOUT:g} s"
+                continue
+            except OSError as exc:
+                return f"receive failed: {exc}"
             if flags & socket.MSG_CTRUNC:
-                raise ConnectionError("too many fds in one message (control data truncated)")
+                close_fds(fds)
+                return "too many fds in one message (control data truncated)"
             if not data:
-                if buf:
-                    raise ConnectionError("front-end closed the connection mid-message")
-                return None, []
-            if not buf:
-                self._rx_deadline = time.monotonic() + MESSAGE_TIMEOUT
-            buf += data
+                close_fds(fds)
+                return ("front-end closed the connection mid-message" if reader.buffered
+                        else "front-end closed the connection")
+            outcome = await self._handle(data, fds)
+            if self.conn is not conn:
+                return None            # cut off while handling (a fault, shutdown)
+            deadline = (None if self.session.reader.buffered == 0 else
+                        deadline or self.loop.time() + MESSAGE_TIMEOUT)
+            if outcome.reply:
+                if self.pending:
+                    # The reply says the message took effect: in the workers too.
+                    await asyncio.gather(*self.pending, return_exceptions=True)
+                    if self.conn is not conn:
+                        return None
+                failed = await self._send(conn, outcome.reply)
+                if failed:
+                    return failed
+            self.pending = []
+            if outcome.close:
+                return outcome.close
+        return None
 
-    def _drop_partial(self):
-        close_fds(self._rx_fds)
-        self._rx_fds = []
-        self._rx.clear()
-        self._rx_deadline = None
+    async def _handle(self, data, fds):
+        """Run the bytes through the protocol layer, doing its effects."""
+        steps = self.session.steps(data, fds)
+        try:
+            effect = next(steps)
+            while True:
+                if isinstance(effect, StopRing):
+                    answer = await self.hooks.stop_ring(effect.index)
+                else:
+                    raise TypeError(f"unknown effect {effect!r}")
+                effect = steps.send(answer)
+        except StopIteration as stop:
+            return stop.value
 
-    def _on_readable(self, events):
-        if self._tx:                      # writable again: queued replies first
-            self._flush()
-            return
-        try:
-            data, fds = self._read_message()
-        except BlockingIOError:
-            return
-        except (OSError, ConnectionError) as exc:
-            self._detach(f"receive failed: {exc}")
-            return
-        if data is None:
-            self._detach("front-end closed the connection")
-            return
-        try:
-            outcome = self.session.receive(data, fds)
-        except WorkerError as exc:
-            self._detach(f"worker failed: {exc}")
-            return
-        if outcome.reply:
-            self._tx += outcome.reply
-            if not self._flush():
-                return
-        if outcome.close:
-            self._detach(outcome.close)
+    async def _send(self, conn, data):
+        """Send without blocking the loop; a reason string if it failed."""
+        view = memoryview(data)
+        deadline = self.loop.time() + MESSAGE_TIMEOUT
+        while view:
+            try:
+                view = view[conn.send(view):]
+            except (BlockingIOError, InterruptedError):
+                if not await self._wait(conn, True, deadline):
+                    return f"replies not read for {MESSAGE_TIMEOUT:g} s"
+            except OSError as exc:
+                return f"send failed: {exc}"
+        return None
 
-    def _flush(self):
-        """Send queued replies without blocking; False if the connection failed.
-        While replies are queued the port waits for the socket to be writable
-        and reads no further request: a peer that does not read its replies is
-        no longer read either (nothing piles up), stalls only itself, and is
-        closed after MESSAGE_TIMEOUT."""
+    async def _wait(self, conn, writable, deadline):
+        """Until conn is readable (writable); False if the deadline passed."""
+        fut = self.loop.create_future()
+        fd = conn.fileno()
+
+        def ready():
+            if not fut.done():
+                fut.set_result(True)
+        (self.loop.add_writer if writable else self.loop.add_reader)(fd, ready)
         try:
-            while self._tx:
-                del self._tx[:self.conn.send(self._tx)]
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            self._detach(f"send failed: {exc}")
+            timeout = None if deadline is None else max(0.0, deadline - self.loop.time())
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except asyncio.TimeoutError:
             return False
-        events = selectors.EVENT_WRITE if self._tx else selectors.EVENT_READ
-        if events != self._events:
-            self.master.selector.modify(self.conn, events, self._on_readable)
-            self._events = events
-        if not self._tx:
-            self._tx_deadline = None
-        elif self._tx_deadline is None:
-            self._tx_deadline = time.monotonic() + MESSAGE_TIMEOUT
-        return True
+        finally:
+            (self.loop.remove_writer if writable else self.loop.remove_reader)(fd)
 
     def _detach(self, reason):
-        if self.conn is None:
+        """The connection is over: release its state now (synchronously: a
+        replacement worker must not be given a port that was cut off)."""
+        conn, self.conn = self.conn, None
+        if conn is None:
             return
         log.info("port %d: disconnected: %s", self.index, reason)
-        self._drop_partial()
-        self._tx.clear()
-        self._tx_deadline = None
-        self.master.selector.unregister(self.conn)
-        self.conn.close()
-        self.conn = None
         session, self.session = self.session, None
+        hooks, self.hooks = self.hooks, None
+        self.pending = []
         try:
-            session.close()               # releases every fd it kept; stops rings
-        except WorkerError as exc:
-            log.error("port %d: reset after disconnect failed: %s", self.index, exc)
-        if self.client and not self.master.stopping:
-            self.next_connect = time.monotonic() + RECONNECT_MIN
+            session.close()               # releases every fd it kept; resets the rings
+        finally:
+            hooks.closed = True
+            conn.close()
+        task = self.task
+        if task is not None and task is not asyncio.current_task() and not self.client:
+            task.cancel()
+        if not self.client:
+            self.task = None
+            if self.newcomer:
+                self.newcomer = False
+            self._accept_on()
+
+    # -- what the control loop asks ---------------------------------------------
+
+    def replay(self, worker):
+        if self.hooks is None or self.session is None:
+            return []
+        return self.hooks.replay(worker, self.session.device.regions)
+
+    def memory_fault(self, sig, addr):
+        """Guest memory of this port killed a worker: count it on every ring,
+        cut the front-end off, refuse it for a while."""
+        rings = self.config.rings_per_port
+        for ring in range(rings):
+            self.control.stats.count(self.index, ring, "broken_memory_fault")
+        self.penalty = min(max(self.penalty * 2, PENALTY_MIN), PENALTY_MAX)
+        self.penalty_until = time.monotonic() + self.penalty
+        self._detach(f"its memory faulted a worker (signal {sig} at {addr:#x}); not served "
+                     f"for {self.penalty:g} s")
+
+    def command_failed(self, hooks, name, message):
+        """A worker refused a command of connection `hooks` (if it is still the current one)."""
+        if hooks is self.hooks:
+            self._detach(f"worker refused {name}: {message}")
 
     def close(self):
+        self.closing = True
         self._detach("shutting down")
-        self.next_connect = None
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
         if self.listener is not None:
-            self.master.selector.unregister(self.listener)
+            self._accept_off()
             self.listener.close()
             self.listener = None
             try:

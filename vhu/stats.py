@@ -9,7 +9,9 @@ the front-end (the guest's TX ring), tx = frames vhu put into the front-end
 import json
 import mmap
 import os
+import tempfile
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,21 +19,59 @@ from vhu._ring import COUNTER_NAMES
 
 _INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 BROKEN_NAMES = [n for n in COUNTER_NAMES if n.startswith("broken_") and n != "broken_ok_unused"]
+COUNTERS_PER_RING = len(COUNTER_NAMES)
+POSITION = _INDEX["state_position"]     # a ring's published position, not a counter
+
+
+class Layout(NamedTuple):
+    """The shape of the shared memory: what the master creates and every
+    worker maps. Counters of (port, ring), then one slot per worker."""
+    ports: int
+    rings_per_port: int
+    workers: int
+
+    @property
+    def counters_bytes(self):
+        return self.ports * self.rings_per_port * COUNTERS_PER_RING * 8
+
+    @property
+    def size(self):
+        return max(self.counters_bytes + self.workers * WorkerSlot.SIZE, mmap.PAGESIZE)
+
+
+def counter_offset(port, ring, rings_per_port):
+    """Byte offset of (port, ring)'s counters in the shared stats memory."""
+    return ((port * rings_per_port) + ring) * COUNTERS_PER_RING * 8
+
+
+class WorkerSlot:
+    """A worker's slot: written by the worker (and its fault guard), read by
+    the supervisor. One cache line each, so workers never share one."""
+    SIZE = 64
+    HEARTBEAT = 0           # u64 the engine bumps about every millisecond
+    FAULT = 8               # u64 x 3: signal, faulting address, port + 1 (vhu.workers._guard)
+
+    @staticmethod
+    def offset(layout, worker):
+        return Layout(*layout).counters_bytes + worker * WorkerSlot.SIZE
 
 
 class StatsMemory:
     """The shared counter array: created by the master, handed to workers as an fd."""
 
-    def __init__(self, ports, rings_per_port):
+    def __init__(self, ports, rings_per_port, workers=0):
+        self.layout = Layout(ports, rings_per_port, workers)
         self.ports = ports
         self.rings_per_port = rings_per_port
-        self.size = max(ports * rings_per_port * len(COUNTER_NAMES) * 8, mmap.PAGESIZE)
+        self.size = self.layout.size
         self.fd = os.memfd_create("vhu-stats", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, self.size)
         self._map = mmap.mmap(self.fd, self.size)
-        self.array = np.frombuffer(self._map, dtype=np.uint64).reshape(-1)[
-            : ports * rings_per_port * len(COUNTER_NAMES)].reshape(
-            ports, rings_per_port, len(COUNTER_NAMES))
+        words = np.frombuffer(self._map, dtype=np.uint64)
+        self.array = words[: ports * rings_per_port * COUNTERS_PER_RING].reshape(
+            ports, rings_per_port, COUNTERS_PER_RING)
+        self.slots = words[self.layout.counters_bytes // 8:][
+            : workers * WorkerSlot.SIZE // 8].reshape(workers, WorkerSlot.SIZE // 8)
 
     def dup_fd(self):
         return os.dup(self.fd)
@@ -39,8 +79,30 @@ class StatsMemory:
     def snapshot(self):
         return self.array.copy()
 
+    def heartbeat(self, worker):
+        return int(self.slots[worker, WorkerSlot.HEARTBEAT // 8])
+
+    def fault(self, worker):
+        """(signal, address, port or None) the worker's fault guard recorded, or None."""
+        w = WorkerSlot.FAULT // 8
+        sig, addr, port = (int(x) for x in self.slots[worker, w:w + 3])
+        return (sig, addr, port - 1 if port else None) if sig else None
+
+    def clear_slot(self, worker):
+        self.slots[worker, :] = 0
+
+    def position(self, port, ring):
+        """Where the ring's last published batch left it (split: used idx;
+        packed: position | wrap << 15)."""
+        return int(self.array[port, ring, POSITION])
+
+    def count(self, port, ring, name, n=1):
+        """Add to a counter from the master (only while no worker runs the ring)."""
+        self.array[port, ring, _INDEX[name]] += n
+
     def close(self):
         self.array = None
+        self.slots = None
         self._map.close()
         os.close(self.fd)
 
@@ -55,6 +117,7 @@ DROP_REASONS = {
     "no_port": ("drop_no_port",),           # a verdict named a port not served here
     "stage": ("drop_stage",),               # a pipeline stage said drop
     "stage_error": ("drop_stage_error",),   # a pipeline stage raised on the batch
+    "tx_too_big": ("tx_too_big",),          # a chain over virtio-net's 65535-byte frame bound
 }
 
 
@@ -108,12 +171,23 @@ def rate_line(now, before, dt):
 
 
 def write_json(path, ports):
-    """Atomically replace path with the stats document."""
+    """Atomically replace path with the stats document. The temporary is
+    created in the same directory with O_EXCL | O_NOFOLLOW and an
+    unpredictable name (mkstemp), and rename(2) replaces a symlink at path
+    rather than following it: nobody can make us write elsewhere."""
     doc = {"time": time.time(), "ports": ports}
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _read(path):

@@ -1,5 +1,5 @@
 """TAP ports: a Linux TAP device as a vhu port, so a VM reaches the host's
-kernel network stack (--tap NAME, or vhu.workers.TapPort in a Forwarder).
+kernel network stack (--tap NAME, or vhu.workers.TapDevice in a Forwarder).
 
 The master creates the device (TUNSETIFF, IFF_TAP | IFF_NO_PI: plain
 Ethernet frames, one per read/write) and hands a duplicate of its fd to the
@@ -13,8 +13,6 @@ import fcntl
 import logging
 import os
 import struct
-
-from vhu.workers.process import WorkerError
 
 log = logging.getLogger("vhu.tap")
 
@@ -38,47 +36,50 @@ def open_tap(name):
 
 
 class TapPort:
-    """The master's side of a TAP port (same interface as vhu.ports.Port)."""
+    """The master's side of a TAP port (the control loop's port interface,
+    as vhu.ports.Port)."""
 
-    def __init__(self, master, index, name):
-        self.master = master
+    def __init__(self, control, index, name):
+        self.control = control
         self.index = index
         self.name = name
         self.path = f"tap:{name}"
         self.fd = None
-        self.handed = False
 
     @property
     def connected(self):
         return self.fd is not None
 
+    def _worker(self):
+        return self.control.config.worker_of(0)
+
     def open(self):
         self.fd = open_tap(self.name)
         log.info("port %d: TAP %s", self.index, self.name)
 
-    def timer_due(self):
-        return 0.0 if (self.fd is not None and not self.handed and self.master.workers) else 3600.0
+    def serve(self):
+        self.control.pool.submit(self._worker(), "tap", self.index, fds=[os.dup(self.fd)],
+                                 port=self)
 
-    def on_timer(self, now):
-        # Workers are spawned after the ports are opened: hand the fd over
-        # on the first loop turn.
-        if self.fd is None or self.handed or not self.master.workers:
-            return
-        self.handed = True
-        try:
-            self.master.workers[self.master.config.worker_of(0)].call(
-                "tap", self.index, fds=[os.dup(self.fd)])
-        except WorkerError as exc:        # the port stays down; the others go on
-            log.error("port %d: TAP %s not handed to its worker: %s", self.index, self.name, exc)
+    def replay(self, worker):
+        if self.fd is None or worker != self._worker():
+            return []
+        return [("tap", (self.index,), [os.dup(self.fd)], self)]
+
+    def memory_fault(self, sig, addr):          # a TAP has no guest memory
+        pass
+
+    def command_failed(self, name, message):
+        # The port stays down; the others go on.
+        log.error("port %d: TAP %s: worker refused %s: %s", self.index, self.name, name, message)
+        self._drop()
+
+    def _drop(self):
+        if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
     def close(self):
-        if self.fd is not None:
-            if self.handed:
-                try:
-                    self.master.workers[self.master.config.worker_of(0)].call("tap_close", self.index)
-                except Exception as exc:      # the worker may be gone already
-                    log.debug("TAP %s: %s", self.name, exc)
-            os.close(self.fd)
-            self.fd = None
+        if self.fd is not None and self.control.pool is not None:
+            self.control.pool.submit(self._worker(), "tap_close", self.index, port=None)
+        self._drop()

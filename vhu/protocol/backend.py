@@ -21,26 +21,31 @@ overlap). A refused message leaves the state as it was. The device owns every
 fd it keeps (regions, kick/call/err, the back-end channel) and closes a
 replaced one once the hooks have heard of the change, and all of them on
 RESET_OWNER and close(); fds it does not keep are closed by the dispatcher.
-Nothing here maps memory: the hooks do, and may refuse a table they cannot
-map (ValueError/OSError), which refuses the message.
+Nothing here maps memory or looks at an fd: the hooks do, and may refuse a
+table they cannot map or an fd that is not an eventfd (ValueError/OSError),
+which refuses the message.
+
+Effects. A request whose answer depends on the I/O side's work
+(GET_VRING_BASE: where did the worker stop the ring?) yields an effect
+(dispatch.StopRing) instead of calling a hook, so the I/O side can do that
+work without blocking and send the answer back; with synchronous hooks the
+device performs its effects itself (perform()).
 """
 import logging
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Protocol, Sequence
 
+from vhu import regions as region_rules
+
+from .effects import StopRing
 from .messages import (
-    VIRTQUEUE_MAX_SIZE, VHOST_MEMORY_BASELINE_NREGIONS, U64_MAX, MemoryTable, ProtocolError,
+    VIRTQUEUE_MAX_SIZE, VHOST_MEMORY_BASELINE_NREGIONS, MemoryTable, ProtocolError,
     ProtocolFeature as PF, SingleMemoryRegion, U64, VirtioFeature as VF, VringAddr, VringFile,
     VringState, mask,
 )
 from .wire import Message, close_fds
 
 log = logging.getLogger(__name__)
-
-try:                                  # the compiled core's check, when it is built
-    from vhu._mem import check_region_table as _core_check_region_table
-except ImportError:                   # pragma: no cover - depends on the build
-    _core_check_region_table = None
 
 SUPPORTED_FEATURES = mask(VF.VERSION_1, VF.MRG_RXBUF, VF.EVENT_IDX, VF.INDIRECT_DESC, VF.MQ,
                           VF.PROTOCOL_FEATURES, VF.RING_PACKED, VF.IN_ORDER, VF.NET_MTU)
@@ -49,8 +54,11 @@ SUPPORTED_FEATURES = mask(VF.VERSION_1, VF.MRG_RXBUF, VF.EVENT_IDX, VF.INDIRECT_
 SUPPORTED_PROTOCOL_FEATURES = mask(PF.MQ, PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIGURE_MEM_SLOTS,
                                    PF.STATUS, PF.MTU, PF.RARP)
 MTU_MIN, MTU_MAX = 68, 65535          # virtio-net config mtu: a u16, at least IPv4's minimum
-MAX_MEM_SLOTS = 509                   # the most the spec's front-ends use (vhu._mem.MAX_REGIONS)
-MAX_QUEUE_PAIRS = 128                 # ring index is 8 bits in SET_VRING_KICK/CALL/ERR
+MAX_MEM_SLOTS = region_rules.MAX_REGIONS
+# The most queue pairs a port may have: what GET_QUEUE_NUM answers at most
+# (--queues, Forwarder(queues=)). The wire allows 128 (ring index is 8 bits
+# in SET_VRING_KICK/CALL/ERR); the worker engine's tables are sized to this.
+MAX_QUEUE_PAIRS = 64
 _F_PROTOCOL = 1 << VF.PROTOCOL_FEATURES
 _F_PACKED = 1 << VF.RING_PACKED
 
@@ -74,36 +82,11 @@ class Region(NamedTuple):
 
 
 def validate_regions(regions, max_regions: int = MAX_MEM_SLOTS) -> None:
-    """Check (guest_phys_addr, memory_size, userspace_addr, mmap_offset) tuples as one table.
-
-    Arithmetic only: the count, every field a u64, no size 0, no region
-    wrapping past 2**64 in any of its three address spaces, no two regions
-    overlapping in guest-physical or in front-end user addresses.
-    Raises ProtocolError with the first reason found.
-    """
-    rs = [tuple(int(x) for x in r) for r in regions]
-    if len(rs) > max_regions:
-        raise ProtocolError(f"{len(rs)} memory regions, at most {max_regions}")
-    for i, (gpa, size, uva, off) in enumerate(rs):
-        for name, v in (("guest_phys_addr", gpa), ("memory_size", size),
-                        ("userspace_addr", uva), ("mmap_offset", off)):
-            if not 0 <= v <= U64_MAX:
-                raise ProtocolError(f"region {i}: {name} {v:#x} is not a u64")
-        if size == 0:
-            raise ProtocolError(f"region {i}: memory_size is 0")
-        for name, v in (("guest_phys_addr", gpa), ("userspace_addr", uva), ("mmap_offset", off)):
-            if v + size - 1 > U64_MAX:
-                raise ProtocolError(f"region {i}: {name} {v:#x} + size {size:#x} wraps")
-    for key, name in ((0, "guest_phys_addr"), (2, "userspace_addr")):
-        order = sorted(range(len(rs)), key=lambda j: rs[j][key])
-        for a, b in zip(order, order[1:]):
-            if rs[a][key] + rs[a][1] > rs[b][key]:
-                raise ProtocolError(f"regions {a} and {b} overlap in {name}")
-    if _core_check_region_table is not None:
-        try:
-            _core_check_region_table(rs)
-        except ValueError as e:
-            raise ProtocolError(str(e)) from None
+    """vhu.regions' rule for a table (its one owner), raising ProtocolError."""
+    try:
+        region_rules.check_region_table(regions, max_regions)
+    except region_rules.RegionTableError as e:
+        raise ProtocolError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -169,7 +152,13 @@ class DeviceHooks(Protocol):
 
     def ring_stop(self, index: int) -> Optional[int]:
         """GET_VRING_BASE on a started ring: stop processing it now and return its real
-        last_avail_idx (None: nobody processed it, the device's own base is right)."""
+        last_avail_idx (None: nobody processed it, the device's own base is right).
+        Only called by perform() (synchronous hooks); an asynchronous I/O side
+        answers the StopRing effect itself."""
+
+    def check_eventfd(self, fd: int) -> None:
+        """A kick, call or err fd the front-end sent: raise ValueError unless it
+        is an eventfd (vhu signals and drains them as such, non-blocking)."""
 
     def status_changed(self, status: int) -> None:
         """SET_STATUS changed the virtio device status byte."""
@@ -189,6 +178,7 @@ class NullHooks:
     def memory_table_changed(self, regions): pass
     def ring_changed(self, index, ring): pass
     def ring_stop(self, index): return None
+    def check_eventfd(self, fd): pass
     def status_changed(self, status): pass
     def send_rarp(self, mac): pass
     def reset(self): pass
@@ -307,6 +297,12 @@ class NetBackend:
                           r.kick, r.call, r.err, r.polling, r.started, r.enabled, mapped,
                           self.acked_features)
 
+    def perform(self, effect):
+        """Carry out an effect with the (synchronous) hooks: see the module docstring."""
+        if isinstance(effect, StopRing):
+            return self.hooks.ring_stop(effect.index)
+        raise TypeError(f"unknown effect {effect!r}")
+
     def after_message(self) -> None:
         """Recompute each ring's config; tell the hooks what changed; close replaced fds."""
         try:
@@ -364,15 +360,19 @@ class NetBackend:
             f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x} uva {r.userspace_addr:#x} "
             f"off {r.mmap_offset:#x}" for r in regions) or "empty")
 
-    @staticmethod
-    def _vring_fd(msg: Message, f: VringFile) -> int:
-        """The fd of SET_VRING_KICK/CALL/ERR, taken; -1 with the no-fd flag."""
+    def _vring_fd(self, msg: Message, f: VringFile) -> int:
+        """The fd of SET_VRING_KICK/CALL/ERR, taken; -1 with the no-fd flag.
+        Anything but an eventfd is refused before the ring changes."""
         if f.nofd:
             if msg.fds:
                 raise ProtocolError("no-fd flag set but an fd is attached")
             return -1
         if len(msg.fds) != 1:
             raise ProtocolError("no fd attached and the no-fd flag is not set")
+        try:
+            self.hooks.check_eventfd(msg.fds[0])
+        except (ValueError, OSError) as e:
+            raise ProtocolError(f"{msg.name} ring {f.index}: {e}") from None
         return msg.take_fds()[0]
 
     def _replace(self, old: int, new: int) -> int:
@@ -392,6 +392,13 @@ class NetBackend:
             raise ProtocolError(f"feature bits {extra:#x} were not offered")
         if features != self.acked_features and any(r.started for r in self.rings):
             raise ProtocolError("features changed while rings are started")
+        if not features & _F_PACKED:
+            # A ring size set while RING_PACKED was on (any size) must still
+            # be one a split ring can have.
+            for i, r in enumerate(self.rings):
+                if r.num & (r.num - 1):
+                    raise ProtocolError(f"ring {i}: size {r.num} is not a power of two, "
+                                        f"needed without RING_PACKED")
         self.acked_features = features
         log.info("virtio features %#x (net header %d bytes)", features, vnet_header_size(features))
         if not features & _F_PROTOCOL:
@@ -571,12 +578,13 @@ class NetBackend:
                 raise ProtocolError(f"ring {s.index}: base {s.num:#x} has reserved bits set")
             r.base = s.num
 
-    def get_vring_base(self, msg: Message) -> bytes:
-        """Stop the ring ("Ring states") and reply its next avail index."""
+    def get_vring_base(self, msg: Message):
+        """Stop the ring ("Ring states") and reply its next avail index (a
+        generator: the I/O side answers the StopRing effect)."""
         s = VringState.unpack(msg.payload)      # s.num is reserved; ignored
         r = self._ring(s.index)
         if r.started:
-            base = self.hooks.ring_stop(s.index)
+            base = yield StopRing(s.index)
             if base is not None:
                 if not 0 <= base <= 0xFFFF:
                     log.error("ring %d: ring_stop returned %r; masked to 16 bits", s.index, base)

@@ -16,11 +16,19 @@ peer cannot make us leak descriptors. A bad message costs the peer its
 message (logged, a failure reply if it asked for one); only a broken byte
 stream, or a refused request the peer would wait forever for a reply to,
 costs it its connection, never anyone else's.
+
+Two ways to drive it: receive() runs a message to its end, and the device
+performs any effect a handler yields (synchronous hooks: tests, tools);
+steps() is a generator that yields those effects (effects.StopRing) to the
+caller and takes their answers back, so an event loop can do the work
+without blocking (vhu.ports).
 """
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
+from .effects import StopRing  # noqa: F401  (re-exported: what steps() yields)
 from .messages import (
     FLAG_REPLY, FLAGS_KNOWN, VERSION, VERSION_MASK, ProtocolError, ProtocolFeature, U64,
 )
@@ -48,6 +56,9 @@ class Device(Protocol):
     def after_message(self) -> None:
         """Called after every message, accepted or not: publish state transitions."""
 
+    def perform(self, effect):
+        """Carry out an effect a handler yielded, synchronously; its answer."""
+
     def close(self) -> None:
         """The connection is gone: release everything (fds included)."""
 
@@ -70,7 +81,13 @@ class Dispatcher:
         self.reader = reader if reader is not None else MessageReader()
 
     def receive(self, data: bytes, fds=()) -> Outcome:
-        """Bytes and fds just read from the socket -> bytes to send back (and maybe close)."""
+        """Bytes and fds just read from the socket -> bytes to send back (and
+        maybe close); effects are performed by the device."""
+        return self._run(self.steps(data, fds))
+
+    def steps(self, data: bytes, fds=()):
+        """As receive(), as a generator: yields each effect a handler needs
+        done, expects its answer sent back, returns the Outcome."""
         try:
             messages = self.reader.feed(data, fds)
         except FramingError as e:
@@ -79,13 +96,22 @@ class Dispatcher:
         out = bytearray()
         for i, msg in enumerate(messages):
             try:
-                out += self.dispatch(msg)
+                out += yield from self._dispatch(msg)
             except CloseConnection as e:
                 for rest in messages[i + 1:]:
                     rest.close_fds()
                 log.warning("closing connection: %s", e.reason)
                 return Outcome(bytes(out), e.reason)
         return Outcome(bytes(out))
+
+    def _run(self, gen):
+        """Drive a steps()/_dispatch() generator, the device performing its effects."""
+        try:
+            effect = next(gen)
+            while True:
+                effect = gen.send(self.device.perform(effect))
+        except StopIteration as stop:
+            return stop.value
 
     def close(self) -> None:
         """The connection is gone: drop partial input and everything the device holds."""
@@ -118,6 +144,9 @@ class Dispatcher:
         Raises CloseConnection when the connection must go. Whatever the
         outcome, the fds the handler did not take are closed on return.
         """
+        return self._run(self._dispatch(msg))
+
+    def _dispatch(self, msg: Message):
         row = TABLE.get(msg.request)
         try:
             try:
@@ -127,7 +156,10 @@ class Dispatcher:
                     raise ProtocolError("not supported by this back-end")
                 log.debug("%s flags=%#x size=%d fds=%d", msg.name, msg.flags,
                           len(msg.payload), len(msg.fds))
-                result, status = handler(msg), ACK_OK
+                result = handler(msg)
+                if inspect.isgenerator(result):
+                    result = yield from result
+                status = ACK_OK
             except ProtocolError as e:
                 log.warning("%s refused: %s", msg.name, e)
                 if row is not None and row.reply:

@@ -102,6 +102,15 @@ class MessageReader:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def needed(self) -> int:
+        """Bytes still missing from the message being assembled (its header
+        first). A stream reader that reads exactly this much never takes the
+        next message's first bytes, and so never its fds, with this one."""
+        if len(self._buf) < HEADER.size:
+            return HEADER.size - len(self._buf)
+        _, _, size = HEADER.unpack_from(self._buf, 0)
+        return max(HEADER.size + min(size, self.max_payload) - len(self._buf), 0)
+
     def close(self) -> None:
         close_fds(self._pending)
         self._pending = []

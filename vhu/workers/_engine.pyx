@@ -5,7 +5,7 @@ No Python runs per packet here: Python (vhu.workers.process) binds rings and
 fds, then calls Engine.run(), which returns only when the control socket has
 something to say (or a time limit passes). The one exception is a user
 pipeline stage (vhu.workers.Forwarder): it is called once per batch, with the
-GIL, and sees the batch as numpy views of guest memory.
+GIL, and sees the batch as numpy views of private copies of its frames.
 
 Apps (what happens to a frame the guest sends on its TX ring):
   sink    count and drop
@@ -23,6 +23,18 @@ A worker owns queue pair i of every port (see MasterConfig.worker_of), so
 the bindings with the same queue index form a group, and patch, switch and
 stage verdicts only ever move frames inside a group: no hand-off between
 workers, no locks.
+
+Decisions are made on private copies (STYLE.md pattern 14): the guest can
+rewrite its buffers while we look at them, so the bytes a decision reads are
+copied out of guest memory first and the copy is what gets delivered. The
+switch copies each frame's first HEAD_COPY bytes (every header it reads) and
+delivers that copy followed by the rest of the frame; a Python stage sees,
+edits and sends whole copies. echo, patch and sink decide nothing per frame
+and copy a frame once, guest buffer to guest buffer (or not at all).
+
+A frame is at most MAX_FRAME_LEN bytes (virtio-net's bound, vhu._ring): a
+chain that carries more is dropped and counted (tx_too_big) before any byte
+of it is read.
 
 Poll modes:
   busy      spin, never sleep
@@ -42,16 +54,16 @@ from libc.errno cimport errno, EINTR, EAGAIN
 from posix.unistd cimport read, write, close
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC, CLOCK_REALTIME
 from vhu._barriers cimport vhu_likely, vhu_unlikely
-from vhu._mem cimport GuestMemory, MemTable, Region, make_view
 from vhu._ring cimport (DeviceRing, DevRing, Seg, ChainInfo, dev_pop_batch, dev_push_popped,
                         dev_publish_used, dev_notifications_on, dev_notifications_off,
-                        dev_rx_enqueue, dev_avail_pending, copy_segs,
-                        C_TX_FRAMES, C_TX_BYTES, C_TX_SHORT, C_RX_NO_ROOM, C_KICKS,
+                        dev_rx_enqueue, dev_avail_pending, dev_mark_broken, copy_segs,
+                        C_TX_FRAMES, C_TX_BYTES, C_TX_SHORT, C_TX_TOO_BIG, C_RX_NO_ROOM, C_KICKS,
                         C_DROP_FILTERED, C_DROP_NO_PORT, C_DROP_STAGE, C_DROP_STAGE_ERROR,
-                        C_RX_FRAMES, C_RX_BYTES, C_RX_TOO_BIG, C_COUNT)
-from vhu._sys cimport (epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLL_CTL_ADD,
-                       EPOLL_CTL_DEL, EPOLL_CLOEXEC, pollfd, poll, POLLIN, sched_yield,
-                       signal_eventfd, drain_eventfd)
+                        C_RX_FRAMES, C_RX_BYTES, C_RX_TOO_BIG, C_COUNT, C_BROKEN_FIRST,
+                        B_KICK_FD_ERROR, MAX_FRAME_LEN)
+from vhu._sys cimport (epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLLERR,
+                       EPOLLHUP, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CLOEXEC, pollfd, poll,
+                       POLLIN, sched_yield, signal_eventfd, drain_eventfd)
 
 log = logging.getLogger("vhu.workers.engine")
 
@@ -82,6 +94,11 @@ cdef enum:
     MAC_PROBES = 8            # linear-probe window: a full window evicts its oldest
     MAX_CAPTURES = 256
     CAP_BUF = 1 << 18         # bytes of pcap records buffered per file before write(2)
+    HEAD_COPY = 64            # switch: bytes of each frame copied out before deciding
+    HEAD_SEGS = 8             # ... a frame in more guest segments than this is copied whole
+    KIND_RX_KICK = 0          # epoll tags: binding << 2 | kind
+    KIND_TX_KICK = 1
+    KIND_TAP = 2
 
 # Verdicts a pipeline stage returns per frame (>= 0: output port index).
 cdef enum:
@@ -202,7 +219,8 @@ cdef class Engine:
     cdef uint64_t fskip[MAX_BATCH]
     cdef int64_t flen[MAX_BATCH]           # -1: not a frame (short chain)
     cdef int verdict[MAX_BATCH]
-    cdef Seg gathered[MAX_BATCH]           # frames gathered into `scratch` for a stage
+    cdef Seg gathered[MAX_BATCH]           # frames copied into `scratch` for a stage
+    cdef int stage_index[MAX_BATCH]        # stage row -> frame of the batch
     cdef char *tap_in                      # batch x MAX_FRAME: frames read from a TAP
     cdef char *tap_out                     # one frame gathered for write(2) to a TAP
     cdef char *injected                    # a frame sent on a guest's behalf (inject)
@@ -214,10 +232,19 @@ cdef class Engine:
     cdef Meta *meta
     cdef object scratch_arr
     cdef char *scratch
-    cdef dict views                       # id(GuestMemory) -> (generation, [views])
     cdef readonly uint64_t stage_errors
     cdef double last_error_log
     cdef uint64_t errors_unlogged
+    # private copies a decision reads (see the module docstring)
+    cdef char *heads                       # MAX_BATCH x HEAD_COPY
+    cdef Seg psegs[MAX_BATCH * (HEAD_SEGS + 1)]
+    cdef char *whole                       # MAX_BATCH x MAX_FRAME, for many-segment frames
+    cdef Seg whole_segs[MAX_BATCH]
+    # liveness: bumped about every millisecond while the loop runs (the
+    # master's supervisor presumes a worker whose beat stops hung)
+    cdef volatile uint64_t *beat
+    cdef object beat_owner
+    cdef uint64_t own_beat
 
     def __cinit__(self):
         self.epfd = -1
@@ -225,8 +252,10 @@ cdef class Engine:
         self.macs = <MacEntry *>calloc(MAC_SLOTS, sizeof(MacEntry))
         self.tap_out = <char *>malloc(MAX_FRAME)
         self.injected = <char *>malloc(MAX_FRAME)
+        self.heads = <char *>malloc(MAX_BATCH * HEAD_COPY)
+        self.beat = &self.own_beat
         if (self.frame == NULL or self.macs == NULL or self.tap_out == NULL
-                or self.injected == NULL):
+                or self.injected == NULL or self.heads == NULL):
             raise MemoryError()
 
     def __init__(self, app="sink", poll="adaptive", batch=32, idle_spins=20000,
@@ -249,16 +278,32 @@ cdef class Engine:
         self.keep = []
         self.nbind = 0
         self.mac_ageing = mac_ageing
-        self.views = {}
         self.set_frame(frame)
         self.stage = stage
         if stage is not None:
-            # Frames split over descriptors are gathered here for the stage
-            # (and forwarded from here, so its edits count).
+            # Every frame is copied here for the stage (and forwarded from
+            # here, so its edits count and the guest's later ones do not).
             self.meta_arr = np.zeros(MAX_BATCH, dtype=META_DTYPE)
             self.meta = <Meta *><size_t>self.meta_arr.ctypes.data
             self.scratch_arr = np.zeros(batch * MAX_FRAME, dtype=np.uint8)
             self.scratch = <char *><size_t>self.scratch_arr.ctypes.data
+        elif self.app == APP_SWITCH:
+            # Address space only: touched by frames in many segments.
+            self.whole = <char *>malloc(<size_t>batch * MAX_FRAME)
+            if self.whole == NULL:
+                raise MemoryError()
+
+    def set_heartbeat(self, buffer, Py_ssize_t offset):
+        """Bump the u64 at buffer[offset] about every millisecond while running."""
+        cdef unsigned char[::1] mv = buffer
+        if offset < 0 or offset % 8 or offset + 8 > mv.shape[0]:
+            raise ValueError("the heartbeat must be an aligned u64 inside the buffer")
+        self.beat_owner = buffer
+        self.beat = <volatile uint64_t *>&mv[offset]
+
+    def heartbeat(self):
+        """One beat from Python (the worker's command loop)."""
+        self.beat[0] += 1
 
     def __dealloc__(self):
         cdef int i
@@ -271,6 +316,8 @@ cdef class Engine:
         free(self.tap_in)
         free(self.tap_out)
         free(self.injected)
+        free(self.heads)
+        free(self.whole)
 
     def inject(self, int port, const uint8_t[:] frame):
         """Send `frame` (no virtio-net header) as if the guest on `port` had
@@ -433,7 +480,6 @@ cdef class Engine:
             self.members[g][self.nmembers[g]] = i
             self.nmembers[g] += 1
         self.keep = keep
-        self.views = {}           # no region view outlives its bindings
         self.nbind = len(pairs)
         if self.epfd >= 0:
             close(self.epfd)
@@ -441,20 +487,52 @@ cdef class Engine:
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1")
         # epoll data: fd in the low half, binding << 2 | kind in the high half
-        # (0 RX kick, 1 TX kick, 2 TAP readable), so a wake-up is charged as a
+        # (KIND_RX_KICK, KIND_TX_KICK, KIND_TAP), so a wake-up is charged as a
         # kick to the right ring, and a TAP is left for forward_tap to read.
         tags = {}
         for i, p in enumerate(pairs):
-            for kind, key in ((0, "rx_kick"), (1, "tx_kick"), (2, "tap_fd")):
+            for kind, key in ((KIND_RX_KICK, "rx_kick"), (KIND_TX_KICK, "tx_kick"),
+                              (KIND_TAP, "tap_fd")):
                 if p.get(key, -1) >= 0:
                     tags[p[key]] = (i << 2) | kind
         if self.ctrl_fd >= 0:
             tags[self.ctrl_fd] = CTRL_TAG
         for fd, tag in tags.items():
-            ev.events = EPOLLIN
-            ev.data.u64 = (<uint64_t>tag << 32) | <uint32_t>fd
-            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
+            if self.watch(fd, tag) != 0:
                 raise OSError(errno, f"epoll_ctl ADD {fd}")
+
+    cdef int watch(self, int fd, uint32_t tag) noexcept:
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        ev.data.u64 = (<uint64_t>tag << 32) | <uint32_t>fd
+        return epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev)
+
+    def update_ring(self, int port, int queue, int kind, bint enabled, int kick, int call):
+        """One ring's enable flag, kick fd (-1: polled) and call fd (-1: none),
+        changed in place: no other binding is touched. kind 0 is the queue
+        pair's RX ring (the guest's receive queue), 1 its TX ring. Raises
+        (and changes nothing) if the ring is not bound here or the new kick
+        fd cannot be watched; the caller keeps fd ownership either way."""
+        cdef int bi = (self.port_bind[queue][port]
+                       if 0 <= port < MAX_PORTS and 0 <= queue < MAX_GROUPS else -1)
+        cdef Binding *b
+        cdef int old_kick
+        cdef epoll_event ev
+        if bi < 0 or kind not in (KIND_RX_KICK, KIND_TX_KICK):
+            raise KeyError(f"port {port} queue {queue} is not bound here")
+        b = &self.bindings[bi]
+        if (b.rx if kind == KIND_RX_KICK else b.tx) == NULL:
+            raise KeyError(f"port {port} queue {queue}: ring {kind} not started")
+        old_kick = b.rx_kick if kind == KIND_RX_KICK else b.tx_kick
+        if kick != old_kick:
+            if kick >= 0 and self.watch(kick, <uint32_t>((bi << 2) | kind)) != 0:
+                raise OSError(errno, f"epoll_ctl ADD {kick}")
+            if old_kick >= 0:
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, old_kick, &ev)
+        if kind == KIND_RX_KICK:
+            b.rx_enabled, b.rx_kick, b.rx_call = enabled, kick, call
+        else:
+            b.tx_enabled, b.tx_kick, b.tx_call = enabled, kick, call
 
     # -- captures -----------------------------------------------------------
 
@@ -602,6 +680,7 @@ cdef class Engine:
         cdef double t = 0
         cdef timespec ts
         cdef int *members
+        cdef bint decide = self.app == APP_SWITCH and self.stage is None
         if n <= 0:
             return 0
         if self.ncap:
@@ -620,11 +699,17 @@ cdef class Engine:
                 tx.counters[C_TX_SHORT] += 1
                 self.flen[i] = -1
                 continue
+            if vhu_unlikely(c.read_len - hdr > MAX_FRAME_LEN):
+                tx.counters[C_TX_TOO_BIG] += 1    # never read, never delivered
+                self.flen[i] = -1
+                continue
             self.flen[i] = c.read_len - hdr
             frames += 1
             nbytes += c.read_len - hdr
+            if decide:
+                self.privatize(i)
             if b.cap_rx >= 0:
-                self.capture(b.cap_rx, self.fsrc[i], c.nread, hdr, c.read_len - hdr)
+                self.capture(b.cap_rx, self.fsrc[i], self.fnsrc[i], self.fskip[i], self.flen[i])
         tx.counters[C_TX_FRAMES] += frames
         tx.counters[C_TX_BYTES] += nbytes
         self.dispatch(bi, n, <int>frames, tx.counters, t)
@@ -632,6 +717,40 @@ cdef class Engine:
         if dev_publish_used(tx):
             signal_eventfd(b.tx_call)
         return <uint32_t>n
+
+    cdef void privatize(self, int i) noexcept nogil:
+        """Frame i's first HEAD_COPY bytes (every byte the switch decides
+        on) copied out of guest memory; from now on the frame is that copy
+        followed by the rest of its guest segments, so what was decided on
+        is what gets delivered. A frame in more than HEAD_SEGS segments is
+        copied whole instead."""
+        cdef uint64_t flen = <uint64_t>self.flen[i]
+        cdef uint64_t head = flen if flen < HEAD_COPY else HEAD_COPY
+        cdef uint64_t skip = self.fskip[i] + head
+        cdef Seg *src = self.fsrc[i]
+        cdef uint32_t nsrc = self.fnsrc[i], s = 0, k = 1
+        cdef Seg *out = &self.psegs[i * (HEAD_SEGS + 1)]
+        out[0].ptr = self.heads + i * HEAD_COPY
+        out[0].len = <uint32_t>head
+        while s < nsrc and skip >= src[s].len:
+            skip -= src[s].len
+            s += 1
+        if nsrc - s > HEAD_SEGS:
+            out = &self.whole_segs[i]
+            out[0].ptr = self.whole + <size_t>i * MAX_FRAME
+            out[0].len = <uint32_t>flen
+            copy_segs(out, 1, 0, src, nsrc, self.fskip[i], flen)
+        else:
+            copy_segs(out, 1, 0, src, nsrc, self.fskip[i], head)
+            while s < nsrc:
+                out[k].ptr = src[s].ptr + skip
+                out[k].len = <uint32_t>(src[s].len - skip)
+                skip = 0
+                k += 1
+                s += 1
+        self.fsrc[i] = out
+        self.fnsrc[i] = k if out != &self.whole_segs[i] else 1
+        self.fskip[i] = 0
 
     cdef uint32_t forward_tap(self, int bi) noexcept nogil:
         """Read up to a batch of frames from binding bi's TAP and send each
@@ -647,6 +766,9 @@ cdef class Engine:
             r = read(b.tap_fd, self.tap_in + <size_t>n * MAX_FRAME, MAX_FRAME)
             if r <= 0:
                 break                 # EAGAIN: nothing more now
+            if r > MAX_FRAME_LEN:     # cut to the buffer by read(2): not a whole frame
+                cnt[C_TX_TOO_BIG] += 1
+                continue
             self.tap_segs[n].ptr = self.tap_in + <size_t>n * MAX_FRAME
             self.tap_segs[n].len = <uint32_t>r
             self.fsrc[n] = &self.tap_segs[n]
@@ -721,32 +843,6 @@ cdef class Engine:
                 if dev_publish_used(self.bindings[m].rx):
                     signal_eventfd(self.bindings[m].rx_call)
 
-    cdef list region_views(self, int bi):
-        """uint8 views of every region of the memory bi's TX ring reads,
-        rebuilt only when the memory table changes."""
-        cdef DeviceRing ring = None
-        cdef GuestMemory mem
-        cdef MemTable *t
-        cdef int k
-        if self.bindings[bi].tx == NULL:
-            return []                 # a TAP: its frames are gathered into scratch
-        for obj in self.keep:
-            if isinstance(obj, DeviceRing) and (<DeviceRing>obj).ring() == self.bindings[bi].tx:
-                ring = <DeviceRing>obj
-                break
-        mem = ring.mem
-        cached = self.views.get(id(mem))
-        if cached is not None and cached[0] == mem.generation and cached[1] is mem:
-            return cached[2]
-        t = mem.table
-        views = []
-        for k in range(t.n):
-            owner = mem._mapping_of(t.regions[k].host)
-            views.append(np.frombuffer(make_view(t.regions[k].host, t.regions[k].size, owner),
-                                       dtype=np.uint8))
-        self.views[id(mem)] = (mem.generation, mem, views)
-        return views
-
     cdef void call_stage(self, int bi, int n, int nframes) noexcept:
         """Run the Python stage on the batch (GIL held). A raising or
         misbehaving stage drops the batch, is logged (rate-limited) and never
@@ -771,57 +867,23 @@ cdef class Engine:
             else:
                 self.errors_unlogged += 1
 
-    cdef int run_stage(self, int bi, int n) except -1:
-        """Fill the metadata, call the stage once, read its verdicts."""
+    cdef int stage_gather(self, int bi, int n) noexcept nogil:
+        """Copy every frame of the batch into the stage's scratch (the
+        stage decides on, edits and sends these copies, never live guest
+        memory) and fill its metadata. Returns the number of frames."""
         cdef Binding *b = &self.bindings[bi]
-        cdef DevRing *tx = b.tx
-        cdef MemTable *t = tx.table_ref[0] if tx != NULL else NULL
-        cdef uint64_t *cnt = tx.counters if tx != NULL else b.tap_cnt + C_COUNT
-        cdef int i, j = 0, k, r
-        cdef uint32_t s
-        cdef uint64_t skip, soff = 0
-        cdef Seg *segs
-        cdef char *p
+        cdef int i, j = 0
+        cdef uint64_t soff = 0
         cdef Meta *m
-        cdef long long[:] verdicts
-        cdef int index[MAX_BATCH]
-        views = self.region_views(bi)
-        nregions = len(views)
         for i in range(n):
             if self.flen[i] < 0:
                 continue
             m = &self.meta[j]
-            index[j] = i
+            self.stage_index[j] = i
             j += 1
             m.port = b.port
             m.queue = b.group
             m.length = <uint32_t>self.flen[i]
-            # Find where the frame starts, past the header.
-            segs = self.fsrc[i]
-            skip = self.fskip[i]
-            s = 0
-            while s < self.fnsrc[i] and skip >= segs[s].len:
-                skip -= segs[s].len
-                s += 1
-            if self.flen[i] == 0 or (s < self.fnsrc[i] and segs[s].len - skip >= <uint64_t>self.flen[i]):
-                p = segs[s].ptr + skip if s < self.fnsrc[i] else NULL
-                m.buf = nregions
-                m.offset = 0
-                for k in range(t.n if t != NULL else 0):
-                    if p != NULL and t.regions[k].host <= p < t.regions[k].host + t.regions[k].size:
-                        m.buf = k
-                        m.offset = <uint64_t>(p - t.regions[k].host)
-                        break
-                if m.buf != nregions or p == NULL:
-                    header_fields(m, <uint8_t *>p, self.flen[i])
-                    continue
-            # Split over descriptors (or not found): gather into scratch and
-            # forward from there, so the stage's edits are what is sent.
-            if self.flen[i] > MAX_FRAME:
-                self.flen[i] = -1
-                cnt[C_DROP_STAGE] += 1
-                j -= 1
-                continue
             self.gathered[i].ptr = self.scratch + soff
             self.gathered[i].len = <uint32_t>self.flen[i]
             copy_segs(&self.gathered[i], 1, 0, self.fsrc[i], self.fnsrc[i], self.fskip[i],
@@ -829,13 +891,21 @@ cdef class Engine:
             self.fsrc[i] = &self.gathered[i]
             self.fnsrc[i] = 1
             self.fskip[i] = 0
-            m.buf = nregions
+            m.buf = 0
             m.offset = soff
             header_fields(m, <uint8_t *>self.gathered[i].ptr, self.flen[i])
-            soff += MAX_FRAME
+            soff += (<uint64_t>self.flen[i] + 63) & ~<uint64_t>63   # frames on their own lines
+        return j
+
+    cdef int run_stage(self, int bi, int n) except -1:
+        """Call the stage once on the gathered batch, read its verdicts."""
+        cdef int j, k
+        cdef long long[:] verdicts
+        with nogil:
+            j = self.stage_gather(bi, n)
         if j == 0:
             return 0
-        out = self.stage(self.meta_arr[:j], views + [self.scratch_arr])
+        out = self.stage(self.meta_arr[:j], [self.scratch_arr])
         if out is None:
             return 0
         verdicts = np.ascontiguousarray(out, dtype=np.longlong).reshape(-1)
@@ -845,7 +915,7 @@ cdef class Engine:
             if verdicts[k] < -2 or verdicts[k] >= MAX_PORTS:
                 raise ValueError(f"verdict {verdicts[k]} (frame {k}) is not -2, -1 or a port")
         for k in range(j):
-            self.verdict[index[k]] = <int>verdicts[k]
+            self.verdict[self.stage_index[k]] = <int>verdicts[k]
         return 0
 
     cdef uint32_t generate(self, Binding *b) noexcept nogil:
@@ -911,18 +981,24 @@ cdef class Engine:
                 if tag == CTRL_TAG:
                     ctrl = True
                     continue
-                if (tag & 3) == 2:
-                    continue                  # a TAP with frames: read by forward_tap
-                kicks = drain_eventfd(<int><uint32_t>events[i].data.u64)
                 b = NULL
                 if (tag >> 2) < <uint32_t>self.nbind:
                     b = &self.bindings[tag >> 2]
+                if events[i].events & (EPOLLERR | EPOLLHUP):
+                    # Level-triggered: left in the set, this fd would wake
+                    # us at once, forever (a spinning idle worker).
+                    self.fd_failed(b, tag & 3, <int><uint32_t>events[i].data.u64)
+                    continue
+                if (tag & 3) == KIND_TAP:
+                    continue                  # a TAP with frames: read by forward_tap
+                kicks = drain_eventfd(<int><uint32_t>events[i].data.u64)
                 if b != NULL:
-                    if (tag & 3) == 1 and b.tx != NULL:
+                    if (tag & 3) == KIND_TX_KICK and b.tx != NULL:
                         b.tx.counters[C_KICKS] += kicks
-                    elif (tag & 3) == 0 and b.rx != NULL:
+                    elif (tag & 3) == KIND_RX_KICK and b.rx != NULL:
                         b.rx.counters[C_KICKS] += kicks
             self.wakeups += 1
+            self.beat[0] += 1
         for i in range(self.nbind):
             b = &self.bindings[i]
             if b.tx != NULL:
@@ -930,6 +1006,24 @@ cdef class Engine:
             if b.rx != NULL:
                 dev_notifications_off(b.rx)
         return ctrl
+
+    cdef void fd_failed(self, Binding *b, uint32_t kind, int fd) noexcept nogil:
+        """A kick or TAP fd reported an error or hang-up: stop watching it
+        and stop what it fed (a kick fd's ring is broken: the front-end gave
+        us something that is not a working notifier)."""
+        cdef epoll_event ev
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, &ev)
+        if b == NULL:
+            return
+        if kind == KIND_TX_KICK and b.tx != NULL:
+            dev_mark_broken(b.tx, B_KICK_FD_ERROR)
+            b.tx_kick = -1
+        elif kind == KIND_RX_KICK and b.rx != NULL:
+            dev_mark_broken(b.rx, B_KICK_FD_ERROR)
+            b.rx_kick = -1
+        elif kind == KIND_TAP and b.tap_cnt != NULL:
+            b.tap_cnt[C_BROKEN_FIRST + B_KICK_FD_ERROR] += 1
+            b.tap_fd = -1                     # the TAP port stops; the master closes it
 
     def run(self, double max_seconds=1.0):
         """Process the bound queues until the control fd is readable or
@@ -975,6 +1069,7 @@ cdef class Engine:
                     t = now()
                     if t >= next_ctrl_check:
                         next_ctrl_check = t + CTRL_CHECK_SECONDS
+                        self.beat[0] += 1
                         pfd.revents = 0
                         if self.ctrl_fd >= 0 and poll(&pfd, 1, 0) > 0:
                             break

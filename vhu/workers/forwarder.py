@@ -27,7 +27,8 @@ The pipeline is a list of stages:
   "pcap" (capture sink; needs pcap_dir). Frames whose verdict is APP go to
   it; without one, APP frames are dropped (a sink). Built-in apps are
   compiled: a frame they forward is copied once, guest buffer to guest
-  buffer, with no Python object made for it.
+  buffer, with no Python object made for it (the switch first copies the
+  header bytes it decides on out of guest memory, and sends that copy).
 
 Verdicts: a numpy integer array, one per frame: DROP (-1), APP (-2: the
 built-in app decides) or an output port index (the frame goes into that
@@ -40,20 +41,27 @@ with a batch of 32 that is a few microseconds per batch, so expect well under
 a million frames per second per worker with a Python stage, against several
 million for the compiled apps alone. Raise ``batch`` to amortise it.
 
+A stage sees private copies: every frame of a batch is copied out of guest
+memory before the first stage runs, and what the stages leave in those
+copies is what gets sent. A guest that rewrites its buffer while a stage
+looks at it changes nothing (a filter cannot be bypassed that way).
+
 A stage that raises: the traceback is logged (at most once a second per
 worker, with a count of failures in between), the frames of that batch are
-dropped and counted as drop_stage_error, and the worker keeps running.
+dropped and counted as drop_stage_error, and the worker keeps running. A
+stage that takes longer than a second on one batch is presumed hung: its
+worker is replaced (vhu.workers.supervisor).
 """
+import asyncio
 import logging
 import os
-import selectors
-import socket
 import threading
 
 import numpy as np
 
-from vhu import stats as stats_mod
-from vhu.config import APPS, MAX_QUEUE_PAIRS, POLL_MODES, MasterConfig
+from vhu.config import APPS, POLL_MODES, MasterConfig
+from vhu.control import ControlLoop
+from vhu.protocol.backend import MAX_QUEUE_PAIRS
 from vhu.workers._engine import META_DTYPE, VERDICT_APP, VERDICT_DROP
 
 log = logging.getLogger("vhu.forwarder")
@@ -89,7 +97,7 @@ class TapDevice:
 
 
 class Batch:
-    """One batch of frames as a stage sees it: zero-copy views of guest memory.
+    """One batch of frames as a stage sees it: views of private copies.
 
     meta     numpy structured array (vhu.workers._engine.META_DTYPE), one row
              per frame: port, queue, length, buf, offset, and ethertype,
@@ -97,11 +105,11 @@ class Batch:
              that rewrites a MAC does not update them).
     bufs     uint8 numpy arrays; frame i is
              ``bufs[meta["buf"][i]][meta["offset"][i]:][:meta["length"][i]]``,
-             the Ethernet frame without the virtio-net header. The views are
-             guest memory (one per memory region), so writing to them edits
-             the frame in place; a frame split over several descriptors is
-             gathered into the last buffer (a per-worker scratch area) and
-             forwarded from there, so edits to it count too.
+             the Ethernet frame without the virtio-net header. Each frame was
+             copied out of guest memory into a per-worker scratch area before
+             the stages run, and is forwarded from there: writing to the
+             views edits what is sent, and the guest can no longer change
+             what a stage decided on.
     verdicts int64 array, DROP / APP / port per frame.
 
     Views are valid only during the call: do not keep them.
@@ -228,12 +236,13 @@ class Forwarder:
     pipeline   see the module documentation; default ["sink"]
     batch      frames per ring per round (1..256), also the stage's batch size
     pcap_dir   capture every port and direction (see vhu.workers.process.pcap_path)
+    pcap_mode  mode of the capture files (default 0o600)
     cpus       pin worker i to cpus[i % len(cpus)]
     stats_file, stats_interval, metrics_port, log_level: as the CLI's flags
     """
 
     def __init__(self, ports=(), *, workers=1, queues=1, poll="adaptive", pipeline=("sink",),
-                 batch=32, pcap_dir=None, snaplen=65535, mac_ageing=300.0, cpus=(),
+                 batch=32, pcap_dir=None, pcap_mode=0o600, snaplen=65535, mac_ageing=300.0, cpus=(),
                  stats_file=None, stats_interval=1.0, metrics_port=None,
                  metrics_addr="127.0.0.1", log_level="INFO", socket_mode=0o600,
                  pkt_size=64, config=None):
@@ -241,17 +250,18 @@ class Forwarder:
             self.config = config
         else:
             self.config = self._config(ports, workers, queues, poll, pipeline, batch, pcap_dir,
-                                       snaplen, mac_ageing, cpus, stats_file, stats_interval,
+                                       pcap_mode, snaplen, mac_ageing, cpus, stats_file, stats_interval,
                                        metrics_port, metrics_addr, log_level, socket_mode,
                                        pkt_size)
-        self.master = None
+        self.control = None
         self.metrics = None
+        self.error = None             # what ended a start()ed loop, if not stop()
         self._thread = None
-        self._wake = None
         self._lock = threading.Lock()
 
     @staticmethod
-    def _config(ports, workers, queues, poll, pipeline, batch, pcap_dir, snaplen, mac_ageing,
+    def _config(ports, workers, queues, poll, pipeline, batch, pcap_dir, pcap_mode, snaplen,
+                mac_ageing,
                 cpus, stats_file, stats_interval, metrics_port, metrics_addr, log_level,
                 socket_mode, pkt_size):
         ports = [p if isinstance(p, (VhostUserPort, TapDevice)) else VhostUserPort(p)
@@ -287,97 +297,94 @@ class Forwarder:
             client_ports=clients, workers=workers, queues=queues, app=app, poll=poll,
             cpus=tuple(cpus), stats_interval=stats_interval, stats_file=stats_file,
             log_level=log_level, pkt_size=pkt_size, socket_mode=socket_mode, batch=batch,
-            pcap_dir=os.fspath(pcap_dir) if pcap_dir else None, snaplen=snaplen,
+            pcap_dir=os.fspath(pcap_dir) if pcap_dir else None, pcap_mode=pcap_mode,
+            snaplen=snaplen,
             mac_ageing=mac_ageing, metrics_port=metrics_port, metrics_addr=metrics_addr,
             stage=StageRunner(stages) if stages else None, taps=tuple(taps))
 
     # -- life cycle -----------------------------------------------------------
 
-    def _open(self):
-        from vhu.master import Master
-        self.master = Master(self.config)
-        # A socketpair in the event loop's selector lets stop() wake it at once.
-        self._wake = socket.socketpair()
-        self._wake[0].setblocking(False)
-        self.master.selector.register(self._wake[0], selectors.EVENT_READ, self._on_wake)
-        try:
-            self.master.start()
-            if self.config.metrics_port is not None:
-                from vhu.metrics import MetricsServer
-                self.metrics = MetricsServer(self, self.config.metrics_port,
-                                             self.config.metrics_addr)
-                log.info("metrics: http://%s:%d/metrics", self.config.metrics_addr,
-                         self.metrics.port)
-        except BaseException:
-            self._close()
-            raise
+    def _metrics_on(self):
+        if self.config.metrics_port is not None:
+            from vhu.metrics import MetricsServer
+            self.metrics = MetricsServer(self, self.config.metrics_port, self.config.metrics_addr)
+            log.info("metrics: http://%s:%d/metrics", self.config.metrics_addr, self.metrics.port)
 
-    def _on_wake(self, events):
-        try:
-            self._wake[0].recv(64)
-        except BlockingIOError:
-            pass
-
-    def _close(self):
+    def _metrics_off(self):
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
-        if self.master is not None:
-            self.master.close()
-        if self._wake is not None:
-            for s in self._wake:
-                s.close()
-            self._wake = None
 
     def start(self):
-        """Open the sockets, spawn the workers and serve in a background thread."""
+        """Open the sockets, spawn the workers and serve in a background
+        thread; returns once the ports listen (or raises why they cannot)."""
         with self._lock:
-            if self.master is not None:
+            if self.control is not None:
                 raise RuntimeError("Forwarder already started")
-            self._open()
-            self._thread = threading.Thread(target=self._serve, name="vhu-master", daemon=True)
+            self.control = ControlLoop(self.config)
+            started = threading.Event()
+            failure = []
+
+            def on_started(exc):
+                failure.append(exc)
+                started.set()
+
+            def serve():
+                try:
+                    asyncio.run(self.control.run(started=on_started))
+                except BaseException as exc:          # reported to start() or logged
+                    if not started.is_set():
+                        on_started(exc)
+                    elif not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                        log.exception("vhu event loop failed")
+                    self.error = exc
+            self._thread = threading.Thread(target=serve, name="vhu-control", daemon=True)
             self._thread.start()
+            started.wait()
+            if failure and failure[0] is not None:
+                self._thread.join()
+                self._thread, self.control = None, None
+                raise failure[0]
+            try:
+                self._metrics_on()
+            except BaseException:
+                self.stop()
+                raise
         return self
 
-    def _serve(self):
-        try:
-            self.master.run()
-        except Exception:
-            log.exception("vhu event loop failed")
-            self.master.stopping = True
-
     def run(self):
-        """Serve in the calling thread until stop() (e.g. from a signal handler)."""
+        """Serve in the calling thread until stop() (e.g. from a signal
+        handler). Returns after stop(); raises if the loop ended for an error."""
         with self._lock:
-            if self.master is not None:
+            if self.control is not None:
                 raise RuntimeError("Forwarder already started")
-            self._open()
+            self.control = ControlLoop(self.config)
+
+        def on_started(exc):
+            if exc is None:
+                self._metrics_on()
         try:
-            self.master.run()
+            asyncio.run(self.control.run(started=on_started))
         finally:
-            self._close()
+            self._metrics_off()
+            self.control = None
 
     def stop(self):
         """Stop serving: close connections, stop workers, remove socket files.
         Safe from a signal handler (run()) and from any thread (start())."""
-        master = self.master
-        if master is None:
+        control = self.control
+        if control is None:
             return
-        master.stopping = True
-        if self._wake is not None:
-            try:
-                self._wake[1].send(b"x")
-            except OSError:
-                pass
+        control.stop()
         if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join()
             self._thread = None
-            self._close()
-            self.master = None
+            self._metrics_off()
+            self.control = None
 
     @property
     def running(self):
-        return self.master is not None and not self.master.stopping
+        return self.control is not None and not self.control.stopping
 
     def __enter__(self):
         return self.start()
@@ -385,16 +392,22 @@ class Forwarder:
     def __exit__(self, *exc):
         self.stop()
 
+    def worker_pids(self):
+        """The worker processes' pids (they change when a worker is replaced)."""
+        return self.control.worker_pids() if self.control is not None else []
+
     # -- statistics -----------------------------------------------------------
+
+    def _serving(self):
+        control = self.control
+        if control is None or control.stats is None or control.stopping:
+            raise RuntimeError("Forwarder not running")
+        return control
 
     def snapshot(self):
         """The raw counters: uint64 array [port, ring, counter] (COUNTER_NAMES)."""
-        if self.master is None:
-            raise RuntimeError("Forwarder not running")
-        return self.master.stats.snapshot()
+        return self._serving().stats.snapshot()
 
     def stats(self):
         """Per-port statistics as in the JSON stats file (vhu.stats.port_stats)."""
-        snap = self.snapshot()
-        return [stats_mod.port_stats(snap, i, self.config.queues, p.path, p.connected)
-                for i, p in enumerate(self.master.ports)]
+        return self._serving().port_stats()

@@ -1,45 +1,46 @@
 """Worker processes: each owns some queue pairs and runs the compiled loop.
 
-The master starts workers with an explicit multiprocessing context (spawn:
-nothing is inherited but what is passed) and talks to each over its own
-SOCK_SEQPACKET socketpair: one pickled command per packet, region fds and
-kick/call eventfds riding along with SCM_RIGHTS. A worker is told only when
-a queue's state changes; between commands it stays inside Engine.run(),
-which returns as soon as the control socket is readable. So a command (a new
-memory table, say) is applied between two batches: the rings are quiescent,
-no chain is half-processed, nothing is lost or duplicated.
+The master's supervisor (vhu.workers.supervisor) starts workers with an
+explicit multiprocessing context (spawn: nothing is inherited but what is
+passed) and talks to each over its own channel (vhu.workers.channel): packets
+of commands, region fds and kick/call eventfds riding along with SCM_RIGHTS.
+A worker is told only when a queue's state changes; between packets it stays
+inside Engine.run(), which returns as soon as the channel is readable. So a
+command (a new memory table, say) is applied between two batches: the rings
+are quiescent, no chain is half-processed, nothing is lost or duplicated.
+A packet's commands are applied in order and the engine's bindings are
+rebuilt at most once per packet, and only when the set of rings changed:
+an enable toggle or a new call fd changes one binding in place.
+
+What the master watches: a heartbeat the engine bumps about every
+millisecond, the ring positions the engine publishes into the shared stats
+memory with every batch (a replacement worker resumes there), and a fault
+slot the fault guard (vhu.workers._guard) fills if guest memory kills us.
 
 Ring numbering is virtio-net's: ring 2i is queue pair i's RX (we fill it),
 ring 2i+1 its TX (the guest sends on it).
 """
 import logging
 import mmap
-import multiprocessing
 import os
-import pickle
 import signal
 import socket
 import struct
-import traceback
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
 from vhu._mem import GuestMemory
-from vhu._ring import COUNTER_NAMES, DeviceRing
+from vhu._ring import DeviceRing
+from vhu.stats import COUNTERS_PER_RING, WorkerSlot, counter_offset
+from vhu.workers import _guard, channel
 from vhu.workers._engine import Engine
 
 log = logging.getLogger(__name__)
 
-MAX_MSG = 1 << 16
-MAX_FDS = 16
-CONTROL_TIMEOUT = 10.0
-COUNTERS_PER_RING = len(COUNTER_NAMES)
-
-
-def counter_offset(port, ring, rings_per_port):
-    """Byte offset of (port, ring)'s counters in the shared stats memory."""
-    return ((port * rings_per_port) + ring) * COUNTERS_PER_RING * 8
+__all__ = ["RingSetup", "WorkerState", "worker_main", "pcap_path", "PCAP_HEADER",
+           "counter_offset"]
 
 
 @dataclass
@@ -49,13 +50,14 @@ class RingSetup:
     desc: int
     avail: int
     used: int
-    base: int
+    base: Optional[int]         # None: where this ring stopped in this worker (a restart)
     features: int
     event_idx: bool
     indirect: bool
     enabled: bool
     polled: bool = False        # no kick fd: the ring is polled, never slept on
     packed: bool = False        # VIRTIO_F_RING_PACKED: base carries the wrap counter in bit 15
+    resume: bool = False        # a replacement worker takes the ring over (see DeviceRing.resume)
 
 
 @dataclass
@@ -81,21 +83,87 @@ def _close(fd):
             pass
 
 
+def _nonblocking(fd):
+    """Kick and call eventfds are used non-blocking (a full eventfd counter
+    must never block the worker). The file description is the front-end's
+    too; QEMU and DPDK create theirs non-blocking anyway."""
+    if fd >= 0:
+        os.set_blocking(fd, False)
+    return fd
+
+
+# Commands: name -> handler (a WorkerState method named cmd_<name>, taking
+# the command's args and fds=[the fds that came with it]; returns the reply).
+COMMANDS = {}
+
+
+def command(fn):
+    COMMANDS[fn.__name__[len("cmd_"):]] = fn
+    return fn
+
+
 class WorkerState:
     """The worker side: applies commands, keeps the engine's bindings current."""
 
-    def __init__(self, index, config, stats_fd):
-        self.index = index
+    def __init__(self, config, stats_fd):
         self.config = config
+        self.index = None
         self.ports = {}
         self.stats_map = mmap.mmap(stats_fd, 0) if stats_fd >= 0 else None
         _close(stats_fd)
         self.engine = None
         self.captures = {}          # port -> (rx slot, tx slot, [fds])
         self.taps = {}              # port -> TAP fd (vhu.tap)
+        self.dirty = False          # the set of rings changed: rebind after the packet
+        self.quit = False
 
-    # Each command is a method named after it; returns the reply value.
+    def run_packet(self, commands, fds):
+        """Apply a packet's commands in order; their (status, value) replies."""
+        results, fds = [], list(fds)
+        for name, args, nfds in commands:
+            mine, fds = fds[:nfds], fds[nfds:]
+            handler = COMMANDS.get(name)
+            try:
+                if handler is None:
+                    raise ValueError(f"unknown command {name!r}")
+                results.append((channel.OK, handler(self, *args, fds=mine)))
+            except (ValueError, KeyError, OSError) as exc:
+                # Expected refusals (a table that no longer maps, an fd the
+                # engine cannot watch): one line, no traceback.
+                log.warning("command %s refused: %s", name, exc)
+                for fd in mine:
+                    _close(fd)
+                results.append((channel.ERROR, f"{type(exc).__name__}: {exc}"))
+            except Exception as exc:
+                log.exception("command %s failed", name)
+                for fd in mine:
+                    _close(fd)
+                results.append((channel.ERROR, f"{type(exc).__name__}: {exc}"))
+        for fd in fds:                 # more fds than the commands claimed
+            _close(fd)
+        if self.dirty:
+            self.dirty = False
+            self._rebind()
+        return results
 
+    # -- commands -------------------------------------------------------------
+
+    @command
+    def cmd_assign(self, index, cpu, fds):
+        """Become worker `index` (heartbeat and fault slot), pinned to cpu."""
+        self.index = index
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        if self.stats_map is not None:
+            slot = WorkerSlot.offset(self.config["stats_layout"], index)
+            self.engine.set_heartbeat(self.stats_map, slot + WorkerSlot.HEARTBEAT)
+            _guard.install(self.stats_map, slot + WorkerSlot.FAULT)
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(
+                f"%(asctime)s vhu.worker{index} %(levelname)s %(message)s"))
+        return os.getpid()
+
+    @command
     def cmd_mem(self, port, regions, fds):
         """A new memory table for port: regions (gpa, size, uva, offset), one fd each."""
         p = self.ports.setdefault(port, _Port())
@@ -104,34 +172,48 @@ class WorkerState:
         finally:
             for fd in fds:
                 _close(fd)
+        self._guard_ranges()
         # Rings re-translate on their next batch (generation check); a ring
         # that no longer maps is marked broken there.
         return p.mem.nregions
 
+    @command
     def cmd_ring_start(self, port, index, setup, fds):
-        """Start ring `index` of port (fds: [kick or -1, call or -1])."""
+        """Start ring `index` of port (fds: [kick, call], -1 not sent)."""
         p = self.ports.setdefault(port, _Port())
         kick, call = (list(fds) + [-1, -1])[:2]
-        self._stop(p, index)
+        old = p.rings.get(index)
+        base = setup.base
+        if base is None:
+            base = old.ring.last_avail_idx if old is not None else 0
         try:
             ring = DeviceRing(p.mem, setup.size, setup.desc, setup.avail, setup.used,
                               addr_space="uva", event_idx=setup.event_idx,
                               indirect=setup.indirect, features=setup.features,
                               packed=setup.packed)
+            if self.stats_map is not None:
+                # Counters (and the position) survive a restart of the ring.
+                ring.bind_counters(self.stats_map, counter_offset(
+                    port, index, self.config["rings_per_port"]))
+            ring.last_avail_idx = self._start_index(p.mem, index, setup, base)
         except Exception:
             _close(kick)
             _close(call)
             raise
-        ring.last_avail_idx = self._start_index(p.mem, index, setup)
-        if self.stats_map is not None:
-            ring.bind_counters(self.stats_map,
-                               counter_offset(port, index, self.config["rings_per_port"]))
-        p.rings[index] = _Ring(ring, kick, call, setup.enabled, setup.polled)
-        self._rebind()
+        if setup.resume:
+            skipped = ring.resume()
+            if skipped:
+                log.warning("port %d ring %d: %d used descriptors past the last published "
+                            "position skipped (the previous worker died while publishing)",
+                            port, index, skipped)
+        self._stop(p, index)
+        p.rings[index] = _Ring(ring, _nonblocking(kick), _nonblocking(call), setup.enabled,
+                               setup.polled)
+        self.dirty = True
         return True
 
     @staticmethod
-    def _start_index(mem, index, setup):
+    def _start_index(mem, index, setup, base):
         """SET_VRING_BASE's index, unless a split ring's used->idx says otherwise.
 
         vhu keeps no inflight state, so a ring (re)starts with nothing in
@@ -144,58 +226,61 @@ class WorkerState:
         used->idx after losing its back-end, so then they agree. Packed rings
         have no such index: the base (with its wrap counter) is used as is."""
         if setup.packed:
-            return setup.base
+            return base
         used_idx = int.from_bytes(bytes(mem.view_uva(setup.used + 2, 2)), "little")
-        if used_idx != setup.base:
+        if used_idx != base and not setup.resume:
             log.warning("ring %d: base %d but used->idx is %d: resuming at %d (frames in "
-                        "flight may be sent again)", index, setup.base, used_idx, used_idx)
+                        "flight may be sent again)", index, base, used_idx, used_idx)
         return used_idx
 
-    def cmd_ring_enable(self, port, index, enabled):
+    @command
+    def cmd_ring_update(self, port, index, enabled, polled, fds):
+        """A running ring's enable flag and its kick and call fds ([kick, call],
+        -1 for none), changed in place: nothing else is rebound."""
+        kick, call = (list(fds) + [-1, -1])[:2]
         r = self.ports.get(port, _Port()).rings.get(index)
-        if r is not None:
-            r.enabled = bool(enabled)
-            self._rebind()
-        return True
-
-    def cmd_ring_kick(self, port, index, fds):
-        r = self.ports.get(port, _Port()).rings.get(index)
-        new = fds[0] if fds else -1
         if r is None:
-            _close(new)
-            return False
-        _close(r.kick)
-        r.kick = new
-        self._rebind()
+            _close(kick)
+            _close(call)
+            raise KeyError(f"port {port} ring {index} is not running here")
+        _nonblocking(kick)
+        _nonblocking(call)
+        if not self.dirty:
+            try:
+                self.engine.update_ring(port, index // 2, index % 2, bool(enabled),
+                                        -1 if polled else kick, call)
+            except (KeyError, OSError):
+                _close(kick)
+                _close(call)
+                raise
+        old_kick, old_call = r.kick, r.call
+        r.kick, r.call, r.enabled, r.polled = kick, call, bool(enabled), bool(polled)
+        _close(old_kick)
+        _close(old_call)
         return True
 
-    def cmd_ring_call(self, port, index, fds):
-        r = self.ports.get(port, _Port()).rings.get(index)
-        new = fds[0] if fds else -1
-        if r is None:
-            _close(new)
-            return False
-        _close(r.call)
-        r.call = new
-        self._rebind()
-        return True
-
-    def cmd_ring_stop(self, port, index):
+    @command
+    def cmd_ring_stop(self, port, index, fds):
         """GET_VRING_BASE: stop the ring; reply its real last_avail_idx."""
         p = self.ports.get(port)
         base = self._stop(p, index) if p else None
-        self._rebind()
+        if base is not None:
+            self.dirty = True
         return base
 
-    def cmd_port_reset(self, port):
+    @command
+    def cmd_port_reset(self, port, fds):
         p = self.ports.pop(port, None)
         if p is not None:
             for index in list(p.rings):
                 self._stop(p, index)
+            self.dirty = True
+            self._rebind()            # before the mappings go: the engine still points there
             p.mem.clear()
-        self._rebind()
+            self._guard_ranges()
         return True
 
+    @command
     def cmd_tap(self, port, fds):
         """A TAP device as port `port` (queue pair 0): fds = [its fd]."""
         if len(fds) != 1:
@@ -204,24 +289,43 @@ class WorkerState:
             raise ValueError("tap: one fd")
         _close(self.taps.pop(port, None))
         self.taps[port] = fds[0]
-        self._rebind()
+        self.dirty = True
         return True
 
-    def cmd_tap_close(self, port):
+    @command
+    def cmd_tap_close(self, port, fds):
         fd = self.taps.pop(port, None)
-        self._rebind()
-        _close(fd)
+        if fd is not None:
+            self._rebind()
+            _close(fd)
         return True
 
-    def cmd_port_inject(self, port, frame):
+    @command
+    def cmd_port_inject(self, port, frame, fds):
         """A frame as if port's guest had sent it on queue pair 0 (SEND_RARP)."""
+        if self.dirty:
+            self.dirty = False
+            self._rebind()
         return self.engine is not None and self.engine.inject(port, frame)
 
-    def cmd_ring_status(self, port, index):
+    @command
+    def cmd_ring_status(self, port, index, fds):
         r = self.ports.get(port, _Port()).rings.get(index)
         if r is None:
             return None
         return {"last_avail_idx": r.ring.last_avail_idx, "broken": r.ring.broken_reason}
+
+    @command
+    def cmd_quit(self, fds):
+        self.quit = True
+        return True
+
+    # -- internals ------------------------------------------------------------
+
+    def _guard_ranges(self):
+        """Tell the fault guard where each port's memory lies in this process."""
+        _guard.set_ranges([(addr, length, port) for port, p in self.ports.items()
+                           for addr, length in p.mem.host_ranges()])
 
     def _stop(self, p, index):
         r = p.rings.pop(index, None)
@@ -234,6 +338,7 @@ class WorkerState:
 
     def _rebind(self):
         """Rebuild the engine's queue-pair table from the started rings."""
+        self.dirty = False
         pairs, where = [], {}
         for port in sorted(self.ports):
             rings = self.ports[port].rings
@@ -271,14 +376,19 @@ class WorkerState:
     def _capture(self, port):
         """The port's pcap files (vhu's rx and tx), opened on first use: see
         pcap_path. The engine appends records with write(2); we write the
-        classic libpcap header (microsecond timestamps, DLT_EN10MB)."""
+        classic libpcap header (microsecond timestamps, DLT_EN10MB). Created
+        with --pcap-mode (default 0600: guest traffic is not for every user),
+        never through a symlink."""
         if port not in self.captures:
             slots, fds = [], []
             snaplen = self.config.get("snaplen", 65535)
+            mode = self.config.get("pcap_mode", 0o600)
             for direction in ("rx", "tx"):
-                path = pcap_path(self.config["pcap_dir"], port, direction, self.index,
+                path = pcap_path(self.config["pcap_dir"], port, direction, self.index or 0,
                                  self.config.get("pcap_per_worker", False))
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                             | os.O_NOFOLLOW, mode)
+                os.fchmod(fd, mode)       # an existing file keeps its mode otherwise
                 fds.append(fd)
                 os.write(fd, PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, snaplen, 1))
                 slots.append(self.engine.add_capture(fd, snaplen))
@@ -287,17 +397,21 @@ class WorkerState:
 
     def close(self):
         for port in list(self.ports):
-            self.cmd_port_reset(port)
+            self.cmd_port_reset(port, fds=[])
         for port in list(self.taps):
-            self.cmd_tap_close(port)
+            self.cmd_tap_close(port, fds=[])
         if self.engine is not None:
             self.engine.flush()
         for _, _, fds in self.captures.values():
             for fd in fds:
                 _close(fd)
         self.captures = {}
+        self.engine = None
         if self.stats_map is not None:
-            self.stats_map.close()
+            try:
+                self.stats_map.close()
+            except BufferError:       # a ring still holds a view: the process is ending anyway
+                pass
 
 
 PCAP_HEADER = struct.Struct("<IHHiIII")
@@ -311,109 +425,43 @@ def pcap_path(directory, port, direction, worker=0, per_worker=False):
     return os.path.join(directory, f"{port}-{direction}{suffix}.pcap")
 
 
-def worker_main(index, sock, config, stats_sock):
-    """Entry point of a worker process (spawned: inherits nothing implicit)."""
+def worker_main(sock, config, stats_sock):
+    """Entry point of a worker process (spawned: inherits nothing implicit).
+    It has no index until the supervisor's first command (assign) gives it
+    one: a spare worker waits, already started, to replace one that dies."""
     logging.basicConfig(level=config.get("log_level", "INFO"),
-                        format=f"%(asctime)s vhu.worker{index} %(levelname)s %(message)s")
+                        format="%(asctime)s vhu.worker %(levelname)s %(message)s")
     # The master decides when we stop (a signal to our process group must not
     # kill a worker mid-command); we exit when its control socket closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if config.get("cpu") is not None:
-        os.sched_setaffinity(0, {config["cpu"]})
     _, stats_fds, _, _ = socket.recv_fds(stats_sock, 16, 1)
     stats_sock.close()
-    state = WorkerState(index, config, stats_fds[0] if stats_fds else -1)
+    state = WorkerState(config, stats_fds[0] if stats_fds else -1)
     state.engine = Engine(app=config["app"], poll=config["poll"], batch=config["batch"],
                           ctrl_fd=sock.fileno(), frame=config.get("frame", b""),
                           stage=config.get("stage"), mac_ageing=config.get("mac_ageing", 300.0))
     state._rebind()
     sock.setblocking(False)
     try:
-        while True:
+        while not state.quit:
             state.engine.run(0.5)
-            while True:
+            state.engine.heartbeat()
+            while not state.quit:
                 try:
-                    data, fds, _, _ = socket.recv_fds(sock, MAX_MSG, MAX_FDS)
+                    (seq, commands), fds = channel.recv(sock)
                 except BlockingIOError:
                     break
-                if not data:
+                except channel.ChannelClosed:
                     return          # the master went away
-                name, args = pickle.loads(data)
-                if name == "quit":
-                    sock.setblocking(True)
-                    sock.send(pickle.dumps(("ok", True)))
-                    return
-                try:
-                    handler = getattr(state, "cmd_" + name)
-                    if fds or name in ("mem", "ring_start", "ring_call", "ring_kick", "tap"):
-                        result = ("ok", handler(*args, fds=list(fds)))
-                    else:
-                        result = ("ok", handler(*args))
-                except Exception as exc:
-                    log.error("command %s failed: %s", name, exc)
-                    for fd in fds:
-                        _close(fd)
-                    result = ("error", f"{type(exc).__name__}: {exc}",
-                              traceback.format_exc())
+                results = state.run_packet(commands, fds)
+                state.engine.heartbeat()
                 sock.setblocking(True)
-                sock.send(pickle.dumps(result))
+                try:
+                    channel.send(sock, channel.encode(seq, results))
+                except OSError:
+                    return          # the master went away
                 sock.setblocking(False)
     finally:
         state.close()
         sock.close()
-
-
-class WorkerError(RuntimeError):
-    pass
-
-
-class WorkerHandle:
-    """The master's side of one worker process."""
-
-    def __init__(self, index, config, stats_fd, ctx=None):
-        self.index = index
-        self.config = config
-        ctx = ctx or multiprocessing.get_context("spawn")
-        self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        stats_parent, stats_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.process = ctx.Process(target=worker_main, name=f"vhu-worker{index}",
-                                   args=(index, child, config, stats_child), daemon=True)
-        self.process.start()
-        child.close()
-        stats_child.close()
-        socket.send_fds(stats_parent, [b"stats"], [stats_fd] if stats_fd >= 0 else [])
-        stats_parent.close()
-        self.sock.settimeout(CONTROL_TIMEOUT)
-
-    def call(self, name, *args, fds=()):
-        """Run a command in the worker; its reply value, or WorkerError.
-        The fds are handed over: this process's copies are closed once sent."""
-        data = pickle.dumps((name, args))
-        try:
-            socket.send_fds(self.sock, [data], list(fds)) if fds else self.sock.send(data)
-            reply = self.sock.recv(MAX_MSG)
-        except (OSError, socket.timeout) as exc:
-            raise WorkerError(f"worker {self.index}: {name}: {exc}") from exc
-        finally:
-            for fd in fds:
-                _close(fd)
-        if not reply:
-            raise WorkerError(f"worker {self.index} exited (code {self.process.exitcode})")
-        status, value, *rest = pickle.loads(reply)
-        if status != "ok":
-            raise WorkerError(f"worker {self.index}: {name}: {value}")
-        return value
-
-    def stop(self, timeout=5.0):
-        if self.process.is_alive():
-            try:
-                self.call("quit")
-            except WorkerError:
-                pass
-            self.process.join(timeout)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join(timeout)
-        self.sock.close()
-        self.process.close() if self.process.exitcode is not None else None

@@ -1,0 +1,409 @@
+"""Workers, supervised: spawned, commanded with deadlines, watched, replaced.
+
+Erlang's one_for_one, for vhu's data path. The master keeps the desired
+state of every worker (which rings it runs, with which memory and fds: the
+ports own it, see vhu.ports) and this pool only carries commands:
+
+* Commands are queued per worker and sent as packets (vhu.workers.channel),
+  one packet in flight at a time: while a worker is busy with one, later
+  commands wait and coalesce (a ring updated twice is sent once), so a
+  front-end that toggles a ring 10 000 times costs the worker a handful of
+  returns from its loop, not 10 000. Every packet carries a sequence number
+  and its reply is matched to it alone; a reply to a packet the pool gave up
+  on is dropped, never taken for a later one's.
+* Nothing here blocks the event loop: sockets are non-blocking, and a worker
+  that leaves a packet unanswered for WORKER_DEADLINE, or whose heartbeat
+  (bumped by its engine about every millisecond, vhu.stats.WorkerSlot)
+  stands still that long, is presumed hung.
+* A worker that dies (any signal, any exit) or hangs is killed and replaced
+  at once by a spare that is already started, and the ports replay into it
+  the state it should have: memory tables, and every ring it ran, resumed
+  where the dead worker's last published batch left it (the positions live
+  in shared memory). The guests see a pause, not a disconnect; the other
+  workers never stop. Commands the dead worker had not answered are settled
+  with REPLACED: their effect is part of the replayed state.
+* If the fault guard (vhu.workers._guard) recorded that guest memory killed
+  the worker, on_fault(port, ...) is told first, so that port is cut off
+  before the replacement is given anything: one hostile port cannot put
+  the others into a crash loop.
+"""
+import asyncio
+import collections
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from vhu.workers import channel
+from vhu.workers.process import worker_main
+
+log = logging.getLogger(__name__)
+
+# A packet unanswered, or a heartbeat unchanged, this long: the worker is hung.
+WORKER_DEADLINE = 1.0
+# A new worker's first answer may take this long (a spawned interpreter imports
+# numpy and vhu; on a loaded host that can take seconds).
+START_DEADLINE = 30.0
+WATCH_INTERVAL = 0.1
+STOP_TIMEOUT = 5.0
+
+
+class WorkerError(RuntimeError):
+    """A worker refused or failed a command (the message says why)."""
+
+
+class _Replaced:
+    """The answer of a command whose worker was replaced before it answered."""
+
+    def __repr__(self):
+        return "REPLACED"
+
+
+REPLACED = _Replaced()
+
+
+@dataclass(eq=False)
+class _Command:
+    name: str
+    args: tuple
+    fds: list
+    future: asyncio.Future
+    key: object = None           # coalescing key: a later command with the same key replaces it
+    port: object = None          # the port it is for (its failure disconnects that port)
+    followers: list = field(default_factory=list)   # futures of commands this one replaced
+
+
+class WorkerHandle:
+    """One worker process and the master's end of its channel."""
+
+    def __init__(self, ctx, config, stats_fd):
+        self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        stats_parent, stats_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.process = ctx.Process(target=worker_main, name="vhu-worker",
+                                   args=(child, config, stats_child), daemon=True)
+        try:
+            self.process.start()
+        finally:
+            child.close()
+            stats_child.close()
+        try:
+            socket.send_fds(stats_parent, [b"stats"], [stats_fd] if stats_fd >= 0 else [])
+        finally:
+            stats_parent.close()
+            if stats_fd >= 0:
+                os.close(stats_fd)            # the worker has its own copy now
+        self.sock.setblocking(False)
+        self.index = None
+        self.pid = self.process.pid
+        self.queue = collections.deque()    # commands not sent yet
+        self.inflight = None                # (seq, [commands], deadline)
+        self.answered = False               # has answered a packet (imports done)
+        self.beat = None                    # last heartbeat seen, and when it last moved
+        self.beat_at = 0.0
+        self.dead = False
+        self.writing = False
+
+    def kill(self):
+        if self.process.exitcode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class WorkerPool:
+    """config: the worker configuration dict (vhu.workers.process); cpus:
+    the CPU of each worker index or (); stats: vhu.stats.StatsMemory;
+    replay(index) -> [(name, args, fds, port)]: what worker `index` must be
+    told to take over its rings; on_fault(port, signal, address): guest
+    memory of `port` killed a worker; on_error(port, name, message): a
+    command for `port` failed."""
+
+    def __init__(self, count, config, stats, *, cpus=(), replay, on_fault, on_error):
+        self.count = count
+        self.config = config
+        self.stats = stats
+        self.cpus = tuple(cpus)
+        self.replay = replay
+        self.on_fault = on_fault
+        self.on_error = on_error
+        self.ctx = multiprocessing.get_context("spawn")
+        self.workers = []
+        self.spare = None
+        self.replacements = 0
+        self.loop = None
+        self._seq = 0
+        self._watcher = None
+        self._closing = False
+        self._reaping = set()
+
+    # -- life cycle -----------------------------------------------------------
+
+    def start(self):
+        """Spawn the workers and a spare (call inside the running loop)."""
+        self.loop = asyncio.get_running_loop()
+        for index in range(self.count):
+            h = self._spawn()
+            self.workers.append(h)
+            self._assign(h, index)
+        self.spare = self._spawn()
+        self._watcher = self.loop.create_task(self._watch(), name="vhu-worker-watch")
+
+    def _spawn(self):
+        h = WorkerHandle(self.ctx, self.config, self.stats.dup_fd())
+        self.loop.add_reader(h.sock.fileno(), self._on_readable, h)
+        self.loop.add_reader(h.process.sentinel, self._on_exit, h)
+        return h
+
+    def _assign(self, h, index):
+        h.index = index
+        self.stats.clear_slot(index)
+        cpu = self.cpus[index % len(self.cpus)] if self.cpus else None
+        self._queue(h, _Command("assign", (index, cpu), [], self.loop.create_future()))
+
+    async def close(self):
+        """Ask every worker to quit, wait for them (then kill), release everything."""
+        self._closing = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+        handles = [h for h in self.workers + [self.spare] if h is not None and not h.dead]
+        for h in handles:
+            self._queue(h, _Command("quit", (), [], self.loop.create_future()))
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline and not all(h.dead for h in handles):
+            await asyncio.sleep(0.02)         # each exit is seen by _on_exit
+        for h in handles:
+            if not h.dead:
+                h.kill()
+                self._release(h)
+        for h in list(self._reaping):
+            h.process.join(STOP_TIMEOUT)
+            self._finish_reap(h)
+
+    def pids(self):
+        return [h.pid for h in self.workers]
+
+    # -- commands ---------------------------------------------------------------
+
+    def submit(self, index, name, *args, fds=(), key=None, port=None):
+        """Queue a command for worker `index`; its future (the reply value,
+        REPLACED, or WorkerError). The fds are the pool's now: closed once
+        sent (the worker has its own copies) or dropped."""
+        cmd = _Command(name, args, list(fds), self.loop.create_future(), key, port)
+        self._queue(self.workers[index], cmd)
+        return cmd.future
+
+    def _queue(self, h, cmd):
+        if h.dead:
+            self._settle(cmd, REPLACED)
+            return
+        if cmd.key is not None:
+            for i, old in enumerate(h.queue):
+                if old.key == cmd.key:
+                    # Coalesce: the later state wins; the earlier command's
+                    # waiters get the later one's answer.
+                    del h.queue[i]
+                    channel.close_all(old.fds)
+                    cmd.followers += [old.future] + old.followers
+                    break
+        h.queue.append(cmd)
+        self._pump(h)
+
+    def _pump(self, h):
+        """Send the next packet if none is in flight."""
+        if h.dead or h.inflight is not None or not h.queue or h.writing:
+            return
+        batch, fds, size = [], [], 0
+        while h.queue:
+            cmd = h.queue[0]
+            if batch and (len(fds) + len(cmd.fds) > channel.MAX_PACKET_FDS
+                          or size > channel.MAX_PACKET // 2):
+                break
+            h.queue.popleft()
+            batch.append(cmd)
+            fds += cmd.fds
+            size += 256 + sum(len(a) for a in cmd.args if isinstance(a, (bytes, bytearray)))
+        self._seq += 1
+        data = channel.encode(self._seq, [(c.name, c.args, len(c.fds)) for c in batch])
+        try:
+            channel.send(h.sock, data, fds)
+        except BlockingIOError:
+            # The worker is not reading: wait for room (the deadline still runs).
+            h.queue.extendleft(reversed(batch))
+            h.writing = True
+            self.loop.add_writer(h.sock.fileno(), self._on_writable, h)
+            self._start_deadline(h, None)
+            return
+        except OSError as exc:
+            h.queue.extendleft(reversed(batch))
+            self._replace(h, f"channel send failed: {exc}")
+            return
+        for c in batch:
+            channel.close_all(c.fds)
+            c.fds = []
+        deadline = time.monotonic() + (WORKER_DEADLINE if h.answered else START_DEADLINE)
+        h.inflight = (self._seq, batch, deadline)
+
+    def _start_deadline(self, h, _):
+        if h.inflight is None:
+            h.inflight = (None, [], time.monotonic() +
+                          (WORKER_DEADLINE if h.answered else START_DEADLINE))
+
+    def _on_writable(self, h):
+        self.loop.remove_writer(h.sock.fileno())
+        h.writing = False
+        if h.inflight is not None and h.inflight[0] is None:
+            h.inflight = None
+        self._pump(h)
+
+    def _on_readable(self, h):
+        while not h.dead:
+            try:
+                (seq, results), fds = channel.recv(h.sock)
+            except BlockingIOError:
+                return
+            except (channel.ChannelClosed, OSError, ValueError) as exc:
+                self._replace(h, f"channel closed ({exc or 'EOF'})")
+                return
+            channel.close_all(fds)
+            if h.inflight is None or seq != h.inflight[0]:
+                log.warning("worker %s: dropped a reply to packet %s (expected %s)",
+                            h.index, seq, h.inflight[0] if h.inflight else None)
+                continue
+            _, batch, _ = h.inflight
+            h.inflight = None
+            h.answered = True
+            for cmd, (status, value) in zip(batch, results):
+                if status == channel.OK:
+                    self._settle(cmd, value)
+                else:
+                    self._fail(cmd, value)
+            self._pump(h)
+
+    def _settle(self, cmd, value):
+        for fut in [cmd.future] + cmd.followers:
+            if not fut.done():
+                fut.set_result(value)
+
+    def _fail(self, cmd, message):
+        err = WorkerError(f"{cmd.name}: {message}")
+        for fut in [cmd.future] + cmd.followers:
+            if not fut.done():
+                fut.set_exception(err)
+                fut.exception()          # retrieved: nobody need await a fire-and-forget command
+        if cmd.port is not None and not self._closing:
+            self.on_error(cmd.port, cmd.name, message)
+
+    # -- watching and replacing ----------------------------------------------------
+
+    def _on_exit(self, h):
+        if h.dead:
+            return
+        if self._closing:
+            self._release(h)
+            return
+        if h is self.spare:
+            self._release(h)
+            self.spare = None if self._closing else self._spawn()
+            log.warning("spare worker (pid %d) exited (code %s); started another",
+                        h.pid, h.process.exitcode)
+            return
+        self._replace(h, f"exited ({_exit_text(h.process.exitcode)})")
+
+    async def _watch(self):
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = time.monotonic()
+            for h in list(self.workers):
+                if h.dead:
+                    continue
+                if h.inflight is not None and now > h.inflight[2]:
+                    self._replace(h, f"no answer for {now - h.inflight[2] + WORKER_DEADLINE:.1f} s")
+                    continue
+                if not h.answered:
+                    continue
+                beat = self.stats.heartbeat(h.index)
+                if beat != h.beat:
+                    h.beat, h.beat_at = beat, now
+                elif now - h.beat_at > WORKER_DEADLINE:
+                    self._replace(h, f"heartbeat stopped {now - h.beat_at:.1f} s ago")
+
+    def _replace(self, h, reason):
+        """h is dead or presumed hung: kill it, promote the spare, tell the
+        faulting port (if any), replay the rest into the new worker."""
+        if h.dead or self._closing:
+            return
+        index = h.index
+        fault = self.stats.fault(index)
+        h.kill()
+        self._release(h)
+        self.replacements += 1
+        if fault is not None:
+            sig, addr, port = fault
+            reason = (f"killed by {signal.Signals(sig).name} at {addr:#x}"
+                      + (f" in port {port}'s memory" if port is not None else
+                         " (not in any port's memory)"))
+        log.error("worker %d (pid %d) %s; replacing it", index, h.pid, reason)
+        new, self.spare = self.spare, None
+        if new is None or new.dead:
+            new = self._spawn()
+        self.workers[index] = new
+        self._assign(new, index)
+        self.spare = self._spawn()
+        # Commands the dead worker had not answered: their effect is in the
+        # state replayed below (or gone with a port that was cut off).
+        pending = list(h.queue) + (list(h.inflight[1]) if h.inflight else [])
+        h.queue.clear()
+        h.inflight = None
+        for cmd in pending:
+            channel.close_all(cmd.fds)
+            self._settle(cmd, REPLACED)
+        if fault is not None and fault[2] is not None:
+            self.on_fault(fault[2], fault[0], fault[1])
+        for name, args, fds, port in self.replay(index):
+            self._queue(new, _Command(name, args, list(fds), self.loop.create_future(),
+                                      None, port))
+
+    def _release(self, h):
+        """Stop watching h and close its channel; reap it when it is gone."""
+        if h.dead:
+            return
+        h.dead = True
+        for fd in (h.sock.fileno(), h.process.sentinel):
+            self.loop.remove_reader(fd)
+        if h.writing:
+            self.loop.remove_writer(h.sock.fileno())
+        for cmd in h.queue:
+            channel.close_all(cmd.fds)
+            self._settle(cmd, REPLACED)
+        h.queue.clear()
+        h.sock.close()
+        if h.process.exitcode is not None:
+            self._finish_reap(h)
+        else:
+            self._reaping.add(h)
+            self.loop.add_reader(h.process.sentinel, self._finish_reap, h)
+
+    def _finish_reap(self, h):
+        try:
+            self.loop.remove_reader(h.process.sentinel)
+        except (ValueError, OSError):
+            pass
+        self._reaping.discard(h)
+        h.process.join(0)
+        if h.process.exitcode is not None:
+            h.process.close()
+
+
+def _exit_text(code):
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"status {code}"
