@@ -20,4 +20,30 @@ def no_fd_leak():
     leaked = after - before
     assert not leaked, f"fds leaked: {sorted(leaked)}"
 
+@pytest.fixture(autouse=True)
+def vhu_gives_back():
+    """Every test that runs vhu in this process (a Forwarder) must leave
+    behind no worker process, fd or mapping of guest memory it did not find
+    (STYLE.md pattern 9; vhu.master subprocesses: tests.vhuproc)."""
+    from tests.balance import own_holdings, own_settled
+    from vhu import control
+    started = []
+    real_run = control.ControlLoop.run
+
+    async def counting_run(self, *args, **kwargs):
+        started.append(self)
+        return await real_run(self, *args, **kwargs)
+    before = own_holdings()
+    control.ControlLoop.run = counting_run
+    try:
+        yield
+    finally:
+        control.ControlLoop.run = real_run
+    if started:
+        after = own_settled(before)
+        names = ("worker processes", "open fds", "shared mappings")
+        diff = {n: (b, a) for n, b, a in zip(names, before, after) if a != b}
+        assert not diff, f"vhu did not give back what it took (before, after): {diff}"
+
+
 pytest_plugins = ["tests._peers_plugin"]

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+from tests.balance import assert_balanced, settled
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,10 +28,15 @@ def frontend_process(*args):
 
 
 class VhuMaster:
-    """python -m vhu.master in a subprocess; stats through --stats-file."""
+    """python -m vhu.master in a subprocess; stats through --stats-file.
+
+    Leaving the with-block (or stop()) while vhu still runs checks that it
+    gave back what it took: once its front-ends are gone, the master and its
+    workers hold as many processes, fds and shared mappings as just after
+    start (tests.balance). balance=False for a test that kills vhu itself."""
 
     def __init__(self, tmp_path, *args, sockets=("vhost.sock",), stats_interval=0.2,
-                 cpus=None, env=None):
+                 cpus=None, env=None, balance=True):
         self.tmp = tmp_path
         self.sockets = [str(tmp_path / s) for s in sockets]
         self.stats_file = str(tmp_path / "vhu-stats.json")
@@ -44,14 +51,28 @@ class VhuMaster:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
                                      env=dict(os.environ, **(env or {})))
         self.client = "--client" in args
+        self.balance = balance
+        self.baseline = None
 
     def __enter__(self):
         if not self.client:
             self.wait_sockets()
+        if self.balance:
+            # Started means the workers and the spare have answered: only
+            # then does what vhu holds stop growing.
+            self.wait_log("and a spare ready")
+            self.baseline = settled(self.proc.pid)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.check_balance()
         self.stop(check=False)
+
+    def check_balance(self):
+        """Assert that vhu holds what it held at start (front-ends gone)."""
+        if self.baseline is not None and self.proc.poll() is None:
+            assert_balanced(self.proc.pid, self.baseline)
 
     def output(self):
         with open(self.log_path) as f:
@@ -103,6 +124,8 @@ class VhuMaster:
         return last
 
     def stop(self, check=True, timeout=20):
+        if check:
+            self.check_balance()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

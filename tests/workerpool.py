@@ -51,6 +51,15 @@ class PoolThread:
         inner = self._on_loop(go)
         return asyncio.run_coroutine_threadsafe(_await(inner), self.loop)
 
+    def submit_burst(self, commands):
+        """Queue (name, args, fds, key) commands in one go, as a burst of
+        front-end messages read at once queues them; their futures."""
+        async def go():
+            return [self.pool.submit(0, name, *args, fds=fds, key=key)
+                    for name, args, fds, key in commands]
+        return [asyncio.run_coroutine_threadsafe(_await(f), self.loop)
+                for f in self._on_loop(go)]
+
     def pids(self):
         return list(self.pool.pids())
 

@@ -409,7 +409,9 @@ class Port:
         while self.conn is conn:
             reader = self.session.reader
             try:
-                data, fds, flags, _ = socket.recv_fds(conn, max(reader.needed(), 1), MAX_FDS)
+                # One fd more than a message may carry: the reader names the
+                # excess instead of the kernel dropping it silently.
+                data, fds, flags, _ = socket.recv_fds(conn, max(reader.needed(), 1), MAX_FDS + 1)
             except (BlockingIOError, InterruptedError):
                 if self.newcomer and reader.buffered == 0:
                     self._refuse_newcomer()

@@ -149,8 +149,10 @@ class WorkerState:
     # -- commands -------------------------------------------------------------
 
     @command
-    def cmd_assign(self, index, cpu, fds):
-        """Become worker `index` (heartbeat and fault slot), pinned to cpu."""
+    def cmd_assign(self, index, cpu, replacing, fds):
+        """Become worker `index` (heartbeat and fault slot), pinned to cpu;
+        replacing: an earlier worker `index` died, whose capture files we
+        continue."""
         self.index = index
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
@@ -161,6 +163,11 @@ class WorkerState:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(logging.Formatter(
                 f"%(asctime)s vhu.worker{index} %(levelname)s %(message)s"))
+        if self.config.get("pcap_dir"):
+            # Every port's files now (not on first traffic): they exist from
+            # the start, and what a worker holds does not grow with traffic.
+            for port in range(self.config["stats_layout"][0]):
+                self._capture(port, continuing=replacing)
         return os.getpid()
 
     @command
@@ -316,6 +323,11 @@ class WorkerState:
         return {"last_avail_idx": r.ring.last_avail_idx, "broken": r.ring.broken_reason}
 
     @command
+    def cmd_ping(self, fds):
+        """Answered once the worker has started (the supervisor's readiness check)."""
+        return os.getpid()
+
+    @command
     def cmd_quit(self, fds):
         self.quit = True
         return True
@@ -373,12 +385,14 @@ class WorkerState:
                 pair["peer"] = -1
         self.engine.set_bindings(pairs)
 
-    def _capture(self, port):
-        """The port's pcap files (vhu's rx and tx), opened on first use: see
-        pcap_path. The engine appends records with write(2); we write the
-        classic libpcap header (microsecond timestamps, DLT_EN10MB). Created
-        with --pcap-mode (default 0600: guest traffic is not for every user),
-        never through a symlink."""
+    def _capture(self, port, continuing=False):
+        """The port's pcap files (vhu's rx and tx): see pcap_path. The engine
+        appends records with write(2); we write the classic libpcap header
+        (microsecond timestamps, DLT_EN10MB). Created with --pcap-mode
+        (default 0600: guest traffic is not for every user), never through a
+        symlink. A replacement worker continues its predecessor's files,
+        cut after their last whole record (the predecessor may have died in
+        the middle of one)."""
         if port not in self.captures:
             slots, fds = [], []
             snaplen = self.config.get("snaplen", 65535)
@@ -386,11 +400,14 @@ class WorkerState:
             for direction in ("rx", "tx"):
                 path = pcap_path(self.config["pcap_dir"], port, direction, self.index or 0,
                                  self.config.get("pcap_per_worker", False))
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-                             | os.O_NOFOLLOW, mode)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
                 os.fchmod(fd, mode)       # an existing file keeps its mode otherwise
+                end = pcap_whole_length(fd) if continuing else 0
+                os.ftruncate(fd, end)
+                os.lseek(fd, end, os.SEEK_SET)
+                if end == 0:
+                    os.write(fd, PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, snaplen, 1))
                 fds.append(fd)
-                os.write(fd, PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, snaplen, 1))
                 slots.append(self.engine.add_capture(fd, snaplen))
             self.captures[port] = (slots[0], slots[1], fds)
         return self.captures[port]
@@ -415,6 +432,21 @@ class WorkerState:
 
 
 PCAP_HEADER = struct.Struct("<IHHiIII")
+
+
+def pcap_whole_length(fd):
+    """Bytes of a pcap file up to the end of its last whole record (0 if
+    even its header is not whole)."""
+    size = os.fstat(fd).st_size
+    if size < PCAP_HEADER.size:
+        return 0
+    off = PCAP_HEADER.size
+    while off + 16 <= size:
+        incl = int.from_bytes(os.pread(fd, 4, off + 8), "little")
+        if off + 16 + incl > size:
+            break
+        off += 16 + incl
+    return off
 
 
 def pcap_path(directory, port, direction, worker=0, per_worker=False):

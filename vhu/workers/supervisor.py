@@ -105,6 +105,7 @@ class WorkerHandle:
         self.beat_at = 0.0
         self.dead = False
         self.writing = False
+        self.pump_due = False
 
     def kill(self):
         if self.process.exitcode is None:
@@ -134,6 +135,7 @@ class WorkerPool:
         self.workers = []
         self.spare = None
         self.replacements = 0
+        self.packets = 0                 # packets sent (commands coalesce into few)
         self.loop = None
         self._seq = 0
         self._watcher = None
@@ -151,6 +153,15 @@ class WorkerPool:
             self._assign(h, index)
         self.spare = self._spawn()
         self._watcher = self.loop.create_task(self._watch(), name="vhu-worker-watch")
+        started = [self._ping(h) for h in self.workers + [self.spare]]
+
+        def all_ready(_):
+            if all(f.done() and not f.cancelled() and f.exception() is None
+                   and f.result() is not REPLACED for f in started):
+                log.info("%d worker(s) and a spare ready (pids %s)", self.count,
+                         " ".join(str(h.pid) for h in self.workers + [self.spare]))
+        gather = asyncio.gather(*started, return_exceptions=True)
+        gather.add_done_callback(all_ready)
 
     def _spawn(self):
         h = WorkerHandle(self.ctx, self.config, self.stats.dup_fd())
@@ -158,11 +169,19 @@ class WorkerPool:
         self.loop.add_reader(h.process.sentinel, self._on_exit, h)
         return h
 
-    def _assign(self, h, index):
+    def _ping(self, h):
+        fut = self.loop.create_future()
+        self._queue(h, _Command("ping", (), [], fut))
+        return fut
+
+    def _assign(self, h, index, replacing=False):
         h.index = index
         self.stats.clear_slot(index)
         cpu = self.cpus[index % len(self.cpus)] if self.cpus else None
-        self._queue(h, _Command("assign", (index, cpu), [], self.loop.create_future()))
+        fut = self.loop.create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception() or log.debug(
+            "worker %d ready (pid %s)", index, f.result()))
+        self._queue(h, _Command("assign", (index, cpu, replacing), [], fut))
 
     async def close(self):
         """Ask every worker to quit, wait for them (then kill), release everything."""
@@ -210,6 +229,15 @@ class WorkerPool:
                     cmd.followers += [old.future] + old.followers
                     break
         h.queue.append(cmd)
+        if not h.pump_due:
+            # Sent once the current callback is done: the commands of a burst
+            # of messages already read (a front-end toggling as fast as it
+            # can) leave together, in one packet.
+            h.pump_due = True
+            self.loop.call_soon(self._pump_due, h)
+
+    def _pump_due(self, h):
+        h.pump_due = False
         self._pump(h)
 
     def _pump(self, h):
@@ -241,6 +269,7 @@ class WorkerPool:
             h.queue.extendleft(reversed(batch))
             self._replace(h, f"channel send failed: {exc}")
             return
+        self.packets += 1
         for c in batch:
             channel.close_all(c.fds)
             c.fds = []
@@ -351,7 +380,7 @@ class WorkerPool:
         if new is None or new.dead:
             new = self._spawn()
         self.workers[index] = new
-        self._assign(new, index)
+        self._assign(new, index, replacing=True)
         self.spare = self._spawn()
         # Commands the dead worker had not answered: their effect is in the
         # state replayed below (or gone with a port that was cut off).
