@@ -49,6 +49,7 @@ def switch():
     guests = {}
     try:
         vhu.wait_sockets()
+        vhu.wait_started()
         for n in NAMES:
             guests[n] = Guest(d / f"{n}.sock", ip=f"{IPS[n]}/24", mac=MACS[n], cpu=GUEST_CPU,
                               name=f"vhu-sw-{n}-{os.getpid()}", log_path=d / f"{n}.console").launch()

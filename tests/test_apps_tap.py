@@ -40,6 +40,7 @@ def test_namespace_pings_guest_through_tap():
     guest = None
     try:
         vhu.wait_sockets()
+        vhu.wait_started()
         vhu.wait_log(f"TAP {tap}")
         ip("netns", "add", ns)
         ip("link", "set", tap, "netns", ns)

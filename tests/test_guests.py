@@ -62,9 +62,14 @@ class Pair:
 
     def start_vhu(self):
         args = self.vhu_args + (["--client"] if self.client else [])
-        self.vhu = VhuMaster(self.dir, *args, sockets=("a.sock", "b.sock"))
+        # Started under running guests (a restart, or QEMU listening first):
+        # no baseline to balance against, the guests are connected from the start.
+        fresh = self.a is None and not self.client
+        self.vhu = VhuMaster(self.dir, *args, sockets=("a.sock", "b.sock"), balance=fresh)
         if not self.client:
             self.vhu.wait_sockets()
+        if fresh:
+            self.vhu.wait_started()
         return self.vhu
 
     def guest(self, which, **kw):

@@ -298,3 +298,50 @@ def test_ring_restarts_where_the_used_ring_is_not_at_a_stale_base(guest):
         os.close(kick)
     finally:
         w.close()
+
+
+# -- hostile input the engine itself must survive ---------------------------------
+
+
+def test_engine_kick_fd_that_hangs_up_breaks_its_ring_without_spinning(guest):
+    """A kick fd whose other end hung up is readable (EPOLLHUP) for ever: an
+    epoll worker would wake at once, every time. The engine breaks that ring
+    (kick_fd_error), stops watching the fd and sleeps."""
+    from vhu._ring import COUNTER_NAMES as names
+    engine = Engine(app="sink", poll="epoll")
+    mem = GuestMemory()
+    mem.set_table([(guest.fd, 0, GUEST, UVA, 0)])
+    (_, _), (tx, txs) = guest.rings(0)
+    ring = guest.device_ring(mem, txs)
+    r, w = os.pipe()
+    os.close(w)
+    engine.set_bindings([dict(rx=None, tx=ring, tx_kick=r)])
+    cpu0 = time.process_time()
+    engine.run(0.5)
+    used = time.process_time() - cpu0
+    assert ring.broken_reason == "the kick fd reported an error or hang-up"
+    assert ring.stats["broken_kick_fd_error"] == 1
+    assert engine.wakeups <= 2, engine.wakeups
+    assert used < 0.2, f"{used:.2f} s of CPU in 0.5 s: the engine spun"
+    os.close(r)
+
+
+def test_engine_drops_an_oversized_chain_and_delivers_nothing(guest):
+    """200 descriptors on one 4 KiB page claim an 819 200-byte frame: the
+    chain is returned, counted tx_too_big, and no byte of it reaches the RX
+    ring (echo would have sent it back)."""
+    engine = Engine(app="echo", poll="busy")
+    drivers, pairs = bind(engine, guest, 1, [0])
+    rx, tx = drivers[0]
+    guest.post_rx(rx, 0, 64)
+    page = 0x900000
+    guest.mem.write(page, bytes(4096))
+    tx.add([(page, 4096)] * 200)
+    tx.publish()
+    guest.send(tx, 0, frames(3))
+    engine.run(0.05)
+    assert len(tx.get_used()) == 4
+    got = guest.received(rx, 0)
+    assert got == frames(3), "only the three real frames come back"
+    st = pairs[0]["tx"].stats
+    assert st["tx_too_big"] == 1 and st["tx_frames"] == 3

@@ -161,9 +161,17 @@ class ControlLoop:
         self._last_snapshot, self._last_time = ports, now
         if self.config.stats_file:
             try:
-                stats_mod.write_json(self.config.stats_file, ports)
+                stats_mod.write_json(self.config.stats_file, ports, workers=self.workers())
             except OSError as exc:
                 log.error("stats file %s: %s", self.config.stats_file, exc)
 
     def worker_pids(self):
         return self.pool.pids() if self.pool is not None else []
+
+    def workers(self):
+        """The workers as the stats file lists them: index, pid, and how many
+        times the worker of that index was replaced so far."""
+        if self.pool is None:
+            return []
+        return [{"index": i, "pid": pid, "replaced": self.pool.replaced[i]}
+                for i, pid in enumerate(self.pool.pids())]

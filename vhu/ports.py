@@ -41,7 +41,7 @@ from vhu.workers.supervisor import REPLACED, WorkerError
 log = logging.getLogger("vhu.master.port")
 
 MESSAGE_TIMEOUT = 2.0
-RECONNECT_MIN, RECONNECT_MAX = 0.05, 2.0
+RECONNECT_MIN, RECONNECT_MAX = 0.05, 1.0
 # A port whose memory faulted a worker is not served again for a while,
 # doubling each time: it cannot put the other ports into a crash loop.
 PENALTY_MIN, PENALTY_MAX = 1.0, 60.0

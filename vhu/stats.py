@@ -170,12 +170,12 @@ def rate_line(now, before, dt):
             f"drops {now['drops']} | broken {broken}")
 
 
-def write_json(path, ports):
+def write_json(path, ports, **extra):
     """Atomically replace path with the stats document. The temporary is
     created in the same directory with O_EXCL | O_NOFOLLOW and an
     unpredictable name (mkstemp), and rename(2) replaces a symlink at path
     rather than following it: nobody can make us write elsewhere."""
-    doc = {"time": time.time(), "ports": ports}
+    doc = {"time": time.time(), "ports": ports, **extra}
     directory, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
     try:

@@ -42,12 +42,14 @@ from vhu.workers.process import worker_main
 
 log = logging.getLogger(__name__)
 
-# A packet unanswered, or a heartbeat unchanged, this long: the worker is hung.
-WORKER_DEADLINE = 1.0
+# A packet unanswered, or a heartbeat unchanged, this long: the worker is hung
+# (a running engine beats about every millisecond; detection and replacement
+# together stay within a second).
+WORKER_DEADLINE = 0.5
 # A new worker's first answer may take this long (a spawned interpreter imports
 # numpy and vhu; on a loaded host that can take seconds).
 START_DEADLINE = 30.0
-WATCH_INTERVAL = 0.1
+WATCH_INTERVAL = 0.05
 STOP_TIMEOUT = 5.0
 
 
@@ -134,7 +136,8 @@ class WorkerPool:
         self.ctx = multiprocessing.get_context("spawn")
         self.workers = []
         self.spare = None
-        self.replacements = 0
+        self.replacements = 0            # in all
+        self.replaced = [0] * count      # per worker index
         self.packets = 0                 # packets sent (commands coalesce into few)
         self.loop = None
         self._seq = 0
@@ -370,6 +373,7 @@ class WorkerPool:
         h.kill()
         self._release(h)
         self.replacements += 1
+        self.replaced[index] += 1
         if fault is not None:
             sig, addr, port = fault
             reason = (f"killed by {signal.Signals(sig).name} at {addr:#x}"
