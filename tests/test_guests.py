@@ -49,13 +49,13 @@ class Short:
 class Pair:
     """vhu.master --app patch with two sockets and a guest on each."""
 
-    def __init__(self, vhu_args=(), queues=1, server=False, reconnect=None, smp=1):
+    def __init__(self, vhu_args=(), queues=1, server=False, reconnect=None, smp=1, packed=False):
         self.dir = Short()
         self.vhu_args = ["--app", "patch", "--cpus", VHU_CPU, *vhu_args]
         if queues > 1:
             self.vhu_args += ["--queues", queues, "--workers", queues]
         self.guest_kw = dict(queues=queues, server=server, reconnect=reconnect, cpu=GUEST_CPU,
-                             extra_args=["-smp", str(smp)] if smp > 1 else [])
+                             packed=packed, extra_args=["-smp", str(smp)] if smp > 1 else [])
         self.vhu = None
         self.a = self.b = None
         self.client = server         # QEMU listens: vhu connects
@@ -224,6 +224,49 @@ def test_guest_powered_off_and_booted_again_on_the_same_socket(pair):
 def test_vhu_sigkilled_and_restarted_as_server_qemu_reconnects(pair):
     """vhu listens; QEMU's chardev has reconnect=1."""
     restart_vhu_under_running_guests(pair)
+
+
+def ride_out_worker_kills(p, kills=10, every=1.5):
+    """Both guests ping each other 5 times a second while their worker is
+    SIGKILLed `kills` times: each time it is replaced and the rings resume
+    where they stood; the guests keep their link and at least 90% of the
+    pings return."""
+    count = int(kills * every / 0.2) + 25
+    for g, ip in ((p.a, IP_B), (p.b, IP_A)):
+        g.run(f"ping -c {count} -i 0.2 {ip} > /tmp/ping.log 2>&1 &", check=True)
+    time.sleep(2)
+    for k in range(kills):
+        pid = p.vhu.stats()["workers"][0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while p.vhu.stats()["workers"][0]["pid"] == pid:
+            assert time.monotonic() < deadline, f"kill {k}: worker not replaced"
+            time.sleep(0.05)
+        time.sleep(every)
+    for g in (p.a, p.b):
+        out, _ = g.run("while pidof ping >/dev/null; do sleep 0.5; done; cat /tmp/ping.log",
+                       timeout=count * 0.2 + 60)
+        m = re.search(r"(\d+) packets transmitted, (\d+) packets received", out)
+        assert m, out
+        sent, got = int(m.group(1)), int(m.group(2))
+        assert sent == count and got >= 0.9 * sent, f"{got} of {sent} pings returned:\n{out[-800:]}"
+        state, _ = g.run("cat /sys/class/net/eth0/operstate /sys/class/net/eth0/carrier")
+        assert state.split() == ["up", "1"], state
+        print(f"{got} of {sent} pings returned across {kills} worker kills")
+    assert sum(w["replaced"] for w in p.vhu.stats()["workers"]) >= kills
+    assert_ping(p.a, IP_B)
+
+
+def test_guests_ride_out_worker_kills(pair):
+    ride_out_worker_kills(pair)
+
+
+def test_guests_ride_out_worker_kills_packed():
+    p = Pair(packed=True).start()
+    try:
+        ride_out_worker_kills(p)
+    finally:
+        p.close()
 
 
 def test_client_mode_ping_and_transfer(client_pair):

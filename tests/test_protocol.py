@@ -874,3 +874,56 @@ def test_send_rarp(acked):
     for bad in (0, 0x01, 0xccbbaa005453):          # zero, multicast (group bit) addresses
         assert acked.send(R.SEND_RARP, u64(bad), need_reply=True) == ack(R.SEND_RARP, 1)
     assert len(seen) == 1
+
+
+# -- rules a later message could otherwise slip past ----------------------------
+
+
+def test_ring_size_checked_again_when_packed_is_switched_off(peer):
+    """A size any packed ring may have (100) is set while RING_PACKED is
+    negotiated; a later SET_FEATURES without it would leave a split ring
+    whose size is not a power of two: refused, features unchanged."""
+    packed = SUPPORTED_FEATURES
+    peer.negotiate(features=packed)
+    assert peer.send(R.SET_VRING_NUM, state(1, 100), need_reply=True) == ack(R.SET_VRING_NUM)
+    out = peer.send(R.SET_FEATURES, u64(packed & ~(1 << VF.RING_PACKED)), need_reply=True)
+    assert out == ack(R.SET_FEATURES, 1)
+    assert peer.dev.acked_features == packed
+
+
+@pytest.mark.parametrize("region", [
+    (0, 0x1000, 0x10000, 2**64 - 0x1000),           # mmap_offset + size == 2**64
+    (2**64 - 0x1000, 0x1000, 0x10000, 0),           # guest_phys_addr + size == 2**64
+])
+def test_region_ending_at_2_to_the_64_is_refused(peer, region):
+    peer.negotiate()
+    fd = os.memfd_create("t")
+    os.ftruncate(fd, 0x1000)
+    out = peer.send(R.SET_MEM_TABLE, table(region), [fd], need_reply=True)
+    assert out == ack(R.SET_MEM_TABLE, 1)
+    assert peer.hooks.of("mem") == []
+
+
+class EventfdOnly(Recorder):
+    """What vhu.ports checks: the I/O side refuses an fd that is not an eventfd."""
+
+    def check_eventfd(self, fd):
+        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]":
+            raise ValueError("fd is not an eventfd")
+
+
+@pytest.mark.parametrize("request_", [R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR])
+def test_ring_fd_that_is_not_an_eventfd_is_refused_and_closed(request_):
+    p = Peer()
+    p.hooks = p.dev.hooks = EventfdOnly()
+    p.negotiate()
+    r, w = os.pipe()
+    out = p.send(request_, vfile(1), [w], need_reply=True)
+    assert out == ack(request_, 1)
+    assert not p.ring(1).started and p.ring(1).kick_fd < 0 and p.ring(1).call_fd < 0
+    assert not p.dev.owned_fds()
+    with pytest.raises(OSError):
+        os.fstat(w)                  # the refused fd was closed, not kept
+    assert p.send(request_, vfile(1), [efd()], need_reply=True) == ack(request_)
+    p.close()
+    os.close(r)

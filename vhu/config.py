@@ -7,6 +7,11 @@ import os
 from dataclasses import dataclass
 
 from vhu.protocol.backend import MAX_QUEUE_PAIRS
+from vhu.workers._engine import MAX_PORT_INDEX, MAX_QUEUE_INDEX
+
+# The worker engine's tables bound what a master may serve.
+assert MAX_QUEUE_PAIRS <= MAX_QUEUE_INDEX
+MAX_PORTS = MAX_PORT_INDEX
 
 APPS = ("sink", "echo", "source", "patch", "switch", "pcap")
 PCAP_BESIDE = ("patch", "switch", "pcap")     # apps --pcap DIR may tap
@@ -137,6 +142,8 @@ def parse_args(argv):
         raise UsageError("--workers must be at least 1")
     if not 1 <= a.queues <= MAX_QUEUE_PAIRS:
         raise UsageError(f"--queues must be 1..{MAX_QUEUE_PAIRS}")
+    if len(a.socket) + len(a.tap) > MAX_PORTS:
+        raise UsageError(f"at most {MAX_PORTS} ports (--socket, --tap)")
     if a.app == "patch" and len(a.socket) + len(a.tap) != 2:
         raise UsageError("--app patch needs exactly two ports (--socket, --tap)")
     if len(set(a.tap)) != len(a.tap) or any(not 0 < len(t.encode()) < 16 or "/" in t for t in a.tap):

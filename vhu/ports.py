@@ -82,11 +82,11 @@ class WorkerHooks:
     def _worker_of(self, ring):
         return self.control.config.worker_of(ring // 2)
 
-    def _submit(self, worker, name, *args, fds=(), key=None):
+    def _submit(self, worker, name, *args, fds=(), key=None, adjacent=False):
         # Attributed to this connection (not just the port index): a late
         # failure must not cut off the next front-end on the same port.
         fut = self.control.pool.submit(worker, name, self.index, *args, fds=fds, key=key,
-                                       port=self)
+                                       adjacent=adjacent, port=self)
         self.port.pending.append(fut)
         return fut
 
@@ -115,7 +115,10 @@ class WorkerHooks:
                      "is then cut off", self.index, ", ".join(map(str, unsealed)))
         specs = [tuple(r)[1:] for r in regions]
         for w in range(self.control.pool.count):
-            self._submit(w, "mem", specs, fds=[os.dup(r.fd) for r in regions])
+            # Tables sent back to back (a front-end that sends nothing else
+            # in between) are worth only the last one.
+            self._submit(w, "mem", specs, fds=[os.dup(r.fd) for r in regions],
+                         key=("mem", self.index), adjacent=True)
 
     def ring_changed(self, index, cfg):
         if self.closed:

@@ -107,6 +107,9 @@ cdef enum:
     V_ERROR = -3              # internal: the stage failed on this batch
 VERDICT_DROP = V_DROP
 VERDICT_APP = V_APP
+# The engine's tables: ports it can tell apart, queue pairs per port.
+MAX_PORT_INDEX = MAX_PORTS
+MAX_QUEUE_INDEX = MAX_GROUPS
 
 # A stage's view of one frame: the numpy dtype META_DTYPE mirrors it.
 cdef struct Meta:

@@ -59,7 +59,7 @@ import threading
 
 import numpy as np
 
-from vhu.config import APPS, POLL_MODES, MasterConfig
+from vhu.config import APPS, MAX_PORTS, POLL_MODES, MasterConfig
 from vhu.control import ControlLoop
 from vhu.protocol.backend import MAX_QUEUE_PAIRS
 from vhu.workers._engine import META_DTYPE, VERDICT_APP, VERDICT_DROP
@@ -277,6 +277,8 @@ class Forwarder:
         paths = [os.path.abspath(p.path) for p in ports]
         if len(set(paths)) != len(paths):
             raise ValueError("the same socket path twice")
+        if len(ports) + len(taps) > MAX_PORTS:
+            raise ValueError(f"at most {MAX_PORTS} ports")
         stages, app = _split_pipeline(list(pipeline))
         if app == "patch" and len(ports) + len(taps) != 2:
             raise ValueError("patch needs exactly two ports")

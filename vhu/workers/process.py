@@ -400,7 +400,14 @@ class WorkerState:
             for direction in ("rx", "tx"):
                 path = pcap_path(self.config["pcap_dir"], port, direction, self.index or 0,
                                  self.config.get("pcap_per_worker", False))
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                                 mode)
+                except OSError as exc:     # a symlink put there, a full disk: no capture
+                    log.error("port %d: not capturing %s to %s: %s", port, direction, path,
+                              exc.strerror)
+                    slots.append(-1)
+                    continue
                 os.fchmod(fd, mode)       # an existing file keeps its mode otherwise
                 end = pcap_whole_length(fd) if continuing else 0
                 os.ftruncate(fd, end)

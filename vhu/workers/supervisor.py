@@ -74,6 +74,7 @@ class _Command:
     fds: list
     future: asyncio.Future
     key: object = None           # coalescing key: a later command with the same key replaces it
+    adjacent: bool = False       # ... only if nothing else was queued after it
     port: object = None          # the port it is for (its failure disconnects that port)
     followers: list = field(default_factory=list)   # futures of commands this one replaced
 
@@ -210,11 +211,13 @@ class WorkerPool:
 
     # -- commands ---------------------------------------------------------------
 
-    def submit(self, index, name, *args, fds=(), key=None, port=None):
+    def submit(self, index, name, *args, fds=(), key=None, adjacent=False, port=None):
         """Queue a command for worker `index`; its future (the reply value,
         REPLACED, or WorkerError). The fds are the pool's now: closed once
-        sent (the worker has its own copies) or dropped."""
-        cmd = _Command(name, args, list(fds), self.loop.create_future(), key, port)
+        sent (the worker has its own copies) or dropped. key: a later
+        command with the same key replaces this one while it waits (anywhere
+        in the queue, or with adjacent=True only right behind it)."""
+        cmd = _Command(name, args, list(fds), self.loop.create_future(), key, adjacent, port)
         self._queue(self.workers[index], cmd)
         return cmd.future
 
@@ -223,7 +226,9 @@ class WorkerPool:
             self._settle(cmd, REPLACED)
             return
         if cmd.key is not None:
-            for i, old in enumerate(h.queue):
+            candidates = (list(enumerate(h.queue))[-1:] if cmd.adjacent
+                          else enumerate(h.queue))
+            for i, old in candidates:
                 if old.key == cmd.key:
                     # Coalesce: the later state wins; the earlier command's
                     # waiters get the later one's answer.
@@ -398,7 +403,7 @@ class WorkerPool:
             self.on_fault(fault[2], fault[0], fault[1])
         for name, args, fds, port in self.replay(index):
             self._queue(new, _Command(name, args, list(fds), self.loop.create_future(),
-                                      None, port))
+                                      port=port))
 
     def _release(self, h):
         """Stop watching h and close its channel; reap it when it is gone."""
