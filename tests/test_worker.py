@@ -321,7 +321,9 @@ def test_engine_kick_fd_that_hangs_up_breaks_its_ring_without_spinning(guest):
     used = time.process_time() - cpu0
     assert ring.broken_reason == "the kick fd reported an error or hang-up"
     assert ring.stats["broken_kick_fd_error"] == 1
-    assert engine.wakeups <= 2, engine.wakeups
+    # Once the fd is gone, the engine sleeps its whole timeout each time (5
+    # wake-ups in 0.5 s); a spinning one would count thousands.
+    assert engine.wakeups <= 8, engine.wakeups
     assert used < 0.2, f"{used:.2f} s of CPU in 0.5 s: the engine spun"
     os.close(r)
 

@@ -77,6 +77,9 @@ BROKEN_TOO_MANY_SEGMENTS = "chain split into more segments than the device can h
 BROKEN_BAD_ID = "buffer id >= queue size"
 BROKEN_CHAIN_NOT_AVAILABLE = "chain continues into a descriptor that is not available"
 BROKEN_INDIRECT_IN_CHAIN = "indirect descriptor inside a chain of descriptors"
+# Set from outside a ring (the master, the worker engine), never by one:
+BROKEN_MEMORY_FAULT = "the front-end's memory faulted the worker (shrunk or unmapped under it)"
+BROKEN_KICK_FD_ERROR = "the kick fd reported an error or hang-up"
 
 # reason text -> stats key
 _BROKEN_KEYS = {text: "broken_" + name[len("BROKEN_"):].lower()
@@ -86,7 +89,8 @@ STATS_KEYS = (("popped", "pushed", "published", "notify", "notify_suppressed",
                "rx_frames", "rx_bytes", "rx_no_room", "rx_too_big",
                "tx_frames", "tx_bytes", "tx_short",
                # written by the worker engine, never by a ring: kept so the tables match
-               "kicks", "drop_filtered", "drop_no_port", "drop_stage", "drop_stage_error")
+               "kicks", "drop_filtered", "drop_no_port", "drop_stage", "drop_stage_error",
+               "tx_too_big", "state_position")
               + tuple(_BROKEN_KEYS.values()))
 
 # Split ring layout (virtio 1.x 2.7.5, 2.7.6, 2.7.8).

@@ -44,8 +44,10 @@ log = logging.getLogger(__name__)
 
 # A packet unanswered, or a heartbeat unchanged, this long: the worker is hung
 # (a running engine beats about every millisecond; detection and replacement
-# together stay within a second).
+# together stay within a second). Unless it is merely starved of CPU (it is
+# runnable and got little of it): then it has until STARVED_DEADLINE.
 WORKER_DEADLINE = 0.5
+STARVED_DEADLINE = 5.0
 # A new worker's first answer may take this long (a spawned interpreter imports
 # numpy and vhu; on a loaded host that can take seconds).
 START_DEADLINE = 30.0
@@ -106,6 +108,7 @@ class WorkerHandle:
         self.answered = False               # has answered a packet (imports done)
         self.beat = None                    # last heartbeat seen, and when it last moved
         self.beat_at = 0.0
+        self.cpu_at_beat = 0.0              # the worker's CPU time then
         self.dead = False
         self.writing = False
         self.pump_due = False
@@ -204,7 +207,9 @@ class WorkerPool:
                 self._release(h)
         for h in list(self._reaping):
             h.process.join(STOP_TIMEOUT)
-            self._finish_reap(h)
+            if h.process.exitcode is not None:
+                self._reaping.discard(h)
+                h.process.close()
 
     def pids(self):
         return [h.pid for h in self.workers]
@@ -357,16 +362,31 @@ class WorkerPool:
             for h in list(self.workers):
                 if h.dead:
                     continue
+                if h.answered:
+                    beat = self.stats.heartbeat(h.index)
+                    if beat != h.beat:
+                        h.beat, h.beat_at = beat, now
+                        h.cpu_at_beat = _proc_state(h.pid)[1]
+                    elif self._hung(h, h.beat_at, now):
+                        self._replace(h, f"heartbeat stopped {now - h.beat_at:.1f} s ago")
+                        continue
                 if h.inflight is not None and now > h.inflight[2]:
-                    self._replace(h, f"no answer for {now - h.inflight[2] + WORKER_DEADLINE:.1f} s")
-                    continue
-                if not h.answered:
-                    continue
-                beat = self.stats.heartbeat(h.index)
-                if beat != h.beat:
-                    h.beat, h.beat_at = beat, now
-                elif now - h.beat_at > WORKER_DEADLINE:
-                    self._replace(h, f"heartbeat stopped {now - h.beat_at:.1f} s ago")
+                    waited = now - h.inflight[2] + WORKER_DEADLINE
+                    if not h.answered or self._hung(h, now - waited, now):
+                        self._replace(h, f"no answer for {waited:.1f} s")
+
+    def _hung(self, h, since, now):
+        """Nothing from h since `since`: is it hung, or only starved of CPU?"""
+        still = now - since
+        if still <= WORKER_DEADLINE:
+            return False
+        state, cpu = _proc_state(h.pid)
+        if state is None or state in "TtDZXS":
+            # Stopped, dead, or asleep in some call it never returns from (a
+            # working engine's sleeps end within 0.1 s, and it beats then).
+            return True
+        spun = cpu - h.cpu_at_beat >= 0.5 * still          # running, but not beating
+        return spun or still > STARVED_DEADLINE
 
     def _replace(self, h, reason):
         """h is dead or presumed hung: kill it, promote the spare, tell the
@@ -430,10 +450,27 @@ class WorkerPool:
             self.loop.remove_reader(h.process.sentinel)
         except (ValueError, OSError):
             pass
-        self._reaping.discard(h)
         h.process.join(0)
-        if h.process.exitcode is not None:
-            h.process.close()
+        if h.process.exitcode is None:
+            # Its end of the sentinel pipe is closed, but the kernel has not
+            # made it a zombie yet: look again shortly.
+            self.loop.call_later(0.02, self._finish_reap, h)
+            return
+        self._reaping.discard(h)
+        h.process.close()
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_state(pid):
+    """(state letter, CPU seconds used) of a process, from /proc; (None, 0.0) if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None, 0.0
+    return fields[0], (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
 def _exit_text(code):
