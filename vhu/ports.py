@@ -72,6 +72,8 @@ class WorkerHooks:
             return
         if was is None:
             self._start(index, cfg, cfg.base)
+            # The stats list the queue pairs front-ends have used (vhu.stats.port_stats).
+            self.port.queue_pairs_set_up = max(self.port.queue_pairs_set_up, index // 2 + 1)
             return
         w, port = self._worker(index), self.port.index
         if cfg.enabled != was.enabled:
@@ -138,6 +140,12 @@ class Port:
         self._tx = bytearray()            # replies not sent yet
         self._tx_deadline = None
         self._events = 0
+        self.queue_pairs_set_up = 0       # the most a front-end has started on this port
+        # Front-ends in a row that left right after GET_QUEUE_NUM: QEMU with more
+        # queues= than offered does so and reconnects at once, forever. Said
+        # once; each next one is accepted (or connected to) a little later.
+        self._queue_num_leavers = 0
+        self._accept_at = None            # listener paused until then
 
     @property
     def connected(self):
@@ -217,7 +225,7 @@ class Port:
 
     def timer_due(self):
         due = 3600.0 if self.next_connect is None else self.next_connect - time.monotonic()
-        for deadline in (self._rx_deadline, self._tx_deadline):
+        for deadline in (self._rx_deadline, self._tx_deadline, self._accept_at):
             if deadline is not None:
                 due = min(due, deadline - time.monotonic())
         return max(0.0, due)
@@ -227,6 +235,9 @@ class Port:
             self._detach(f"message incomplete after {MESSAGE_TIMEOUT:g} s")
         if self._tx_deadline is not None and now >= self._tx_deadline:
             self._detach(f"replies not read for {MESSAGE_TIMEOUT:g} s")
+        if self._accept_at is not None and now >= self._accept_at and self.listener is not None:
+            self._accept_at = None
+            self.master.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
         if self.next_connect is None or now < self.next_connect or self.conn is not None:
             return
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -251,7 +262,8 @@ class Port:
         self.session = Dispatcher(device)
         self.master.selector.register(conn, selectors.EVENT_READ, self._on_readable)
         self._events = selectors.EVENT_READ
-        log.info("port %d: front-end connected on %s", self.index, self.path)
+        log.log(logging.DEBUG if self._queue_num_leavers else logging.INFO,
+                "port %d: front-end connected on %s", self.index, self.path)
 
     def _read_message(self):
         """One whole message and its fds, read without blocking the event loop.
@@ -348,7 +360,9 @@ class Port:
     def _detach(self, reason):
         if self.conn is None:
             return
-        log.info("port %d: disconnected: %s", self.index, reason)
+        pause = self._note_queue_num_leaver(self.session.device.only_asked_queue_num)
+        log.log(logging.DEBUG if self._queue_num_leavers > 1 else logging.INFO,
+                "port %d: disconnected: %s", self.index, reason)
         self._drop_partial()
         self._tx.clear()
         self._tx_deadline = None
@@ -361,13 +375,36 @@ class Port:
         except WorkerError as exc:
             log.error("port %d: reset after disconnect failed: %s", self.index, exc)
         if self.client and not self.master.stopping:
-            self.next_connect = time.monotonic() + RECONNECT_MIN
+            self.next_connect = time.monotonic() + pause
+        elif pause > RECONNECT_MIN and self.listener is not None and self._accept_at is None:
+            self.master.selector.unregister(self.listener)
+            self._accept_at = time.monotonic() + pause
+
+    def _note_queue_num_leaver(self, left_after_queue_num):
+        """Count front-ends leaving right after GET_QUEUE_NUM; the pause before
+        the next connection (RECONNECT_MIN, doubling to RECONNECT_MAX while they go on)."""
+        if not left_after_queue_num:
+            if self._queue_num_leavers > 1:
+                log.info("port %d: %d front-ends in a row had left after GET_QUEUE_NUM",
+                         self.index, self._queue_num_leavers)
+            self._queue_num_leavers = 0
+            return RECONNECT_MIN
+        self._queue_num_leavers += 1
+        if self._queue_num_leavers == 1:
+            log.warning("port %d: the front-end left right after asking how many queue pairs "
+                        "this port offers (%d): it wants more (QEMU: \"you are asking more queues "
+                        "than supported\"); give vhu.master a larger --queues. Its retries are "
+                        "logged at DEBUG and served at most every %g s", self.index,
+                        self.config.queues, RECONNECT_MAX)
+        return min(RECONNECT_MIN * 2 ** self._queue_num_leavers, RECONNECT_MAX)
 
     def close(self):
         self._detach("shutting down")
         self.next_connect = None
         if self.listener is not None:
-            self.master.selector.unregister(self.listener)
+            if self._accept_at is None:
+                self.master.selector.unregister(self.listener)
+            self._accept_at = None
             self.listener.close()
             self.listener = None
             try:
