@@ -634,6 +634,11 @@ def test_front_end_that_only_asked_the_queue_count():
     assert not p.dev.only_asked_queue_num
     assert p.send(R.GET_QUEUE_NUM) == pack_reply(R.GET_QUEUE_NUM, u64(2))
     assert p.dev.only_asked_queue_num
+    p.send(R.SET_OWNER)
+    for ring in (0, 1):                      # what QEMU 7.2 sends before it gives up
+        p.send(R.SET_VRING_CALL, vfile(ring), [efd()])
+        p.send(R.SET_VRING_ERR, vfile(ring), [efd()])
+    assert p.dev.only_asked_queue_num
     p.send(R.SET_VRING_NUM, state(0, 256))
     assert not p.dev.only_asked_queue_num
     p.close()

@@ -105,7 +105,7 @@ class Master:
     def report(self, final=False):
         snap = self.stats.snapshot()
         now = time.monotonic()
-        ports = [stats_mod.port_stats(snap, i, p.queue_pairs_set_up, p.path, p.connected)
+        ports = [stats_mod.port_stats(snap, i, p.queue_pairs_in_use, p.path, p.connected)
                  for i, p in enumerate(self.ports)]
         dt = now - self._last_time if self._last_time else 0
         for i, ps in enumerate(ports):

@@ -61,6 +61,8 @@ class WorkerHooks:
             w.call("mem", self.port.index, specs, fds=[os.dup(r.fd) for r in regions])
 
     def ring_changed(self, index, cfg):
+        if cfg.ready and cfg.enabled:     # the stats list these (vhu.stats.port_stats)
+            self.port.queue_pairs_in_use = max(self.port.queue_pairs_in_use, index // 2 + 1)
         was = self.running.get(index)
         if not cfg.ready:
             if was is not None:
@@ -72,8 +74,6 @@ class WorkerHooks:
             return
         if was is None:
             self._start(index, cfg, cfg.base)
-            # The stats list the queue pairs front-ends have used (vhu.stats.port_stats).
-            self.port.queue_pairs_set_up = max(self.port.queue_pairs_set_up, index // 2 + 1)
             return
         w, port = self._worker(index), self.port.index
         if cfg.enabled != was.enabled:
@@ -140,7 +140,7 @@ class Port:
         self._tx = bytearray()            # replies not sent yet
         self._tx_deadline = None
         self._events = 0
-        self.queue_pairs_set_up = 0       # the most a front-end has started on this port
+        self.queue_pairs_in_use = 0       # the most a front-end has started and enabled here
         # Front-ends in a row that left right after GET_QUEUE_NUM: QEMU with more
         # queues= than offered does so and reconnects at once, forever. Said
         # once; each next one is accepted (or connected to) a little later.

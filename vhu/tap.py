@@ -47,7 +47,7 @@ class TapPort:
         self.path = f"tap:{name}"
         self.fd = None
         self.handed = False
-        self.queue_pairs_set_up = 1       # one queue, served by queue pair 0's worker
+        self.queue_pairs_in_use = 1       # one queue, served by queue pair 0's worker
 
     @property
     def connected(self):

@@ -294,10 +294,13 @@ class NetBackend:
 
     @property
     def only_asked_queue_num(self) -> bool:
-        """GET_QUEUE_NUM answered and no ring touched since: a front-end that
-        leaves now wants more queue pairs than offered (QEMU: "you are asking
-        more queues than supported", and it connects again at once)."""
-        return self.queue_num_asked and all(_pristine(c) for c in self._published)
+        """GET_QUEUE_NUM answered, and no memory table nor ring size, address or
+        kick since: a front-end that leaves now wants more queue pairs than
+        offered. QEMU 7.2 sends ring 0 and 1's CALL and ERR fds, compares
+        GET_QUEUE_NUM with its queues=, says "you are asking more queues than
+        supported", closes, and connects again at once."""
+        return self.queue_num_asked and not self.regions and not any(
+            r.num or r.addr_set or r.started for r in self.rings)
 
     def admit(self, row) -> None:
         """Before each handler (dispatch.Device.admit): a refused set-up stays

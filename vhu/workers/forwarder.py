@@ -396,5 +396,5 @@ class Forwarder:
     def stats(self):
         """Per-port statistics as in the JSON stats file (vhu.stats.port_stats)."""
         snap = self.snapshot()
-        return [stats_mod.port_stats(snap, i, p.queue_pairs_set_up, p.path, p.connected)
+        return [stats_mod.port_stats(snap, i, p.queue_pairs_in_use, p.path, p.connected)
                 for i, p in enumerate(self.master.ports)]
