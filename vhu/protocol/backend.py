@@ -417,8 +417,8 @@ class NetBackend:
         if features != self.acked_features and any(r.started for r in self.rings):
             raise ProtocolError("features changed while rings are started")
         self.acked_features = features
-        log.info("virtio features %#x, protocol features %#x (net header %d bytes)", features,
-                 self.acked_protocol_features, vnet_header_size(features))
+        log.info("virtio features %#x (net header %d bytes; protocol features %#x)", features,
+                 vnet_header_size(features), self.acked_protocol_features)
         if not features & _F_PROTOCOL:
             # "Ring states": without PROTOCOL_FEATURES the back-end must enable all rings.
             for r in self.rings:
