@@ -12,6 +12,7 @@ is served (by worker i mod N), and the stats list the queue pairs in use.
   `--workers 2` and no --queues: the guest's virtio_net uses two queue pairs
   (one per CPU), ping and a TCP transfer (md5) work, vhu's stats show both.
 """
+import os
 import re
 import time
 
@@ -19,9 +20,11 @@ import numpy as np
 import pytest
 
 from tests.test_guests import MAC_A, MAC_B, Short, assert_gone, transfer
+from tests.test_master_hostile import Frontend
 from tests.vhuproc import VhuMaster
 from vhu import stats
 from vhu._ring import COUNTER_NAMES
+from vhu.protocol.messages import ProtocolFeature as PF, Request as R, U64, VringState
 from vhu.testbed.dpdk import Testpmd, TestpmdError, virtio_user_vdev
 from vhu.testbed.procs import descendants
 
@@ -103,6 +106,61 @@ def test_dpdk_with_more_queue_pairs_than_offered_is_refused_at_setup(tmp_path):
         assert vhu.wait_stable("rx_packets") == sum(sent.values())
         assert {q["queue"]: q["rx_packets"] for q in vhu.port()["queues"]} == sent
         vhu.stop()
+
+
+def qemu_wanting_more_queues(path):
+    """What QEMU 7.2 sends, as traced, before "you are asking more queues than
+    supported": then it closes the connection (and connects again)."""
+    fe = Frontend(path)
+    try:
+        fe.call(R.GET_FEATURES)
+        proto = U64.STRUCT.unpack(fe.call(R.GET_PROTOCOL_FEATURES))[0]
+        fe.send(R.SET_PROTOCOL_FEATURES, U64(proto).pack())
+        offered = U64.STRUCT.unpack(fe.call(R.GET_QUEUE_NUM))[0]
+        fe.call(R.GET_MAX_MEM_SLOTS)
+        assert proto & (1 << PF.REPLY_ACK)
+        r, w = os.pipe()
+        try:
+            assert fe.ack(R.SET_BACKEND_REQ_FD, fds=[r]) == 0
+        finally:
+            os.close(r)
+            os.close(w)
+        fe.send(R.SET_OWNER)
+        fe.call(R.GET_FEATURES)
+        for ring in (0, 1):
+            for req in (R.SET_VRING_CALL, R.SET_VRING_ERR):
+                efd = os.eventfd(0, os.EFD_CLOEXEC)
+                fe.send(req, U64(ring).pack(), fds=[efd])
+                os.close(efd)
+        fe.call(R.GET_FEATURES)               # all handled
+        return offered
+    finally:
+        fe.close()
+
+
+def test_front_end_leaving_after_queue_num_is_said_once_and_slowed(tmp_path):
+    """QEMU's retry loop without QEMU: six sessions that leave after
+    GET_QUEUE_NUM. One warning, the reconnects served after a doubling pause
+    (0.1 + 0.2 + 0.4 + 0.8 + 1.6 s), logged at DEBUG; a front-end that goes on
+    is served, and when it leaves the count of those before it is said."""
+    with VhuMaster(tmp_path, "--queues", 2) as vhu:
+        t0 = time.monotonic()
+        assert [qemu_wanting_more_queues(vhu.sockets[0]) for _ in range(6)] == [2] * 6
+        took = time.monotonic() - t0
+        fe = Frontend(vhu.sockets[0]).negotiate()
+        try:
+            assert fe.ack(R.SET_VRING_NUM, VringState(0, 256).pack()) == 0
+        finally:
+            fe.close()
+        vhu.wait_log("6 front-ends in a row had left after GET_QUEUE_NUM")
+        out = vhu.output()
+        vhu.stop()
+    warnings = [ln for ln in out.splitlines() if " WARNING " in ln]
+    assert len(warnings) == 1 and "left right after asking how many queue pairs this port " \
+        "offers (2): it wants more" in warnings[0], warnings
+    # INFO: the first connection only; while they keep leaving, connections are DEBUG
+    assert out.count("front-end connected") == 1, out
+    assert took >= 3.0, took
 
 
 class QueuesPair:

@@ -197,6 +197,8 @@ class Port:
             # The current front-end still has messages (and maybe its EOF) to
             # handle: leave the newcomer in the backlog until they are done.
             return
+        if self._accept_at is not None:
+            return                        # its EOF paused accepting (_note_queue_num_leaver)
         try:
             conn, _ = self.listener.accept()
         except BlockingIOError:

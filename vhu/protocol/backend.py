@@ -13,14 +13,16 @@ RingConfig and calls the hooks only for what actually changed.
 Security model. Everything in a message comes from a peer we do not trust.
 The dispatcher has checked the size, the flags, the fd count and the needed
 protocol feature; each handler here still validates every field before it
-changes anything: ring indices against the number of rings, ring sizes
-(1..32768, a power of two), ring addresses (alignment, and the whole
-descriptor table / avail ring / used ring inside one memory region), memory
-regions (count, no size 0, no 64-bit wrap of any address or offset, no
-overlap). A refused message leaves the state as it was. The device owns every
-fd it keeps (regions, kick/call/err, the back-end channel) and closes a
-replaced one once the hooks have heard of the change, and all of them on
-RESET_OWNER and close(); fds it does not keep are closed by the dispatcher.
+changes anything: ring indices against the number of rings (a ring beyond
+the offered queue pairs refuses the whole set-up, SetupRefused), ring sizes
+(1..32768, a power of two), ring addresses (alignment as vhu.ring_layout
+rules, and the whole descriptor table / avail ring / used ring inside one
+memory region), memory regions (count, no size 0, no 64-bit wrap of any
+address or offset, no overlap). A refused message leaves the state as it
+was. The device owns every fd it keeps (regions, kick/call/err, the back-end
+channel) and closes a replaced one once the hooks have heard of the change,
+and all of them on RESET_OWNER and close(); fds it does not keep are closed
+by the dispatcher.
 Nothing here maps memory: the hooks do, and may refuse a table they cannot
 map (ValueError/OSError), which refuses the message.
 """
