@@ -3,6 +3,9 @@
 #   * DPDK 22.11 (dpdk-testpmd with the virtio-user and vhost PMDs),
 #   * QEMU 7.2 (qemu-system-x86_64) plus a Debian kernel and busybox-static,
 #     from which vhu.testbed.guest builds a tiny guest initramfs at run time,
+#   * Open vSwitch 3.1 with DPDK (ovs-vswitchd-dpdk, ovsdb-server, ovs-vsctl):
+#     vhu.testbed.ovs runs its own in a private run directory; the system's
+#     openvswitch-switch service is neither needed nor touched,
 #   * hugepages + a hugetlbfs mount (optional: testpmd can run --no-huge).
 #
 # Idempotent and fast when everything is already there: `apt-get update` and
@@ -35,6 +38,7 @@ exec </dev/null   # never wait on a prompt
 PKGS=(
     dpdk dpdk-dev librte-net-virtio23 librte-net-vhost23 librte-mempool23 librte-mempool-ring23
     qemu-system-x86 seabios ipxe-qemu
+    openvswitch-switch-dpdk     # pulls openvswitch-switch/-common (ovsdb-server, ovs-vsctl, schema)
     busybox-static linux-image-amd64
     cpio kmod xz-utils zstd gzip iproute2 procps util-linux
     tcpdump                 # tests read vhu's pcap files with it
@@ -65,6 +69,10 @@ fi
 # Sanity checks of what the test bed will actually execute.
 command -v dpdk-testpmd >/dev/null 2>&1 || die "dpdk-testpmd missing after install"
 command -v qemu-system-x86_64 >/dev/null 2>&1 || die "qemu-system-x86_64 missing after install"
+[ -x /usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk ] || die "ovs-vswitchd-dpdk missing after install"
+for t in ovsdb-tool ovsdb-server ovs-vsctl ovs-ofctl ovs-appctl; do
+    command -v "$t" >/dev/null 2>&1 || die "$t missing after installing openvswitch-switch-dpdk"
+done
 [ -x /bin/busybox ] || command -v busybox >/dev/null 2>&1 || die "busybox missing after install"
 ls /boot/vmlinuz-* >/dev/null 2>&1 || die "no kernel under /boot after installing linux-image-amd64"
 # /boot/vmlinuz-* is mode 0600 on Debian: fine for root, make it readable so a
@@ -90,4 +98,5 @@ if [ "$nr" -gt 0 ]; then
 fi
 
 log "ok: dpdk-dev $(dpkg-query -W -f="\${Version}" dpdk-dev)," \
-    "$(qemu-system-x86_64 --version | head -1)"
+    "$(qemu-system-x86_64 --version | head -1)," \
+    "openvswitch-switch-dpdk $(dpkg-query -W -f="\${Version}" openvswitch-switch-dpdk)"

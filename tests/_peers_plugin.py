@@ -5,6 +5,7 @@ Tests on real peers carry the ``peers`` marker with what they need::
     pytestmark = pytest.mark.peers("testpmd")          # DPDK testpmd
     pytestmark = pytest.mark.peers("qemu")             # QEMU Linux guests
     pytestmark = pytest.mark.peers("qemu", "tap")      # ... and a TAP device
+    pytestmark = pytest.mark.peers("ovs", "testpmd")   # Open vSwitch with DPDK, and testpmd
 
 Before each such test runs, a missing peer skips it with the reason, or,
 under CI=true, fails it: CI must never pass by skipping the real peers.
@@ -19,7 +20,8 @@ import pytest
 from vhu.testbed import missing_reason
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
-WHAT = {"testpmd": "dpdk-testpmd", "qemu": "QEMU guests", "tap": "a TAP device"}
+WHAT = {"testpmd": "dpdk-testpmd", "qemu": "QEMU guests", "tap": "a TAP device",
+        "ovs": "Open vSwitch with DPDK"}
 
 
 def tap_missing_reason():
@@ -43,7 +45,7 @@ def peer_missing_reason(need):
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
-        "peers(*need): needs real peers (\"testpmd\", \"qemu\", \"tap\"), installed by "
+        "peers(*need): needs real peers (\"testpmd\", \"qemu\", \"tap\", \"ovs\"), installed by "
         "scripts/setup-peers.sh; a missing one skips the test, or fails it when CI=true",
     )
 

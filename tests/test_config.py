@@ -11,14 +11,17 @@ from vhu.config import UsageError, parse_args, parse_cpus
 def test_defaults_and_full_line():
     c = parse_args(["--socket", "a.sock"])
     assert (c.sockets, c.app, c.poll, c.workers, c.queues, c.socket_mode) == \
-        (("a.sock",), "sink", "adaptive", 1, 1, 0o600)
+        (("a.sock",), "sink", "adaptive", 1, 8, 0o600)      # offers 8 queue pairs
     c = parse_args(["--socket", "a", "--socket", "b", "--client", "--workers", "4", "--queues", "8",
                     "--app", "patch", "--poll", "busy", "--cpus", "0", "--stats-interval", "0.5",
                     "--stats-file", "s.json", "--log-level", "debug", "--socket-mode", "0660"])
     assert c.client and c.app == "patch" and c.poll == "busy" and c.cpus == (0,)
     assert c.worker_count == 4 and c.rings_per_port == 16 and c.log_level == "DEBUG"
     assert [c.worker_of(q) for q in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
-    assert parse_args(["--socket", "a", "--workers", "4"]).worker_count == 1   # capped by queues
+    # The README's main command: 4 workers for up to 8 queue pairs (i mod 4)
+    main = parse_args(["--socket", "a", "--workers", "4"])
+    assert main.worker_count == 4 and [main.worker_of(q) for q in range(8)] == [0, 1, 2, 3] * 2
+    assert parse_args(["--socket", "a", "--workers", "4", "--queues", "2"]).worker_count == 2
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -6,10 +6,10 @@ module-wide master with two ports, while dpdk-testpmd (virtio-user, txonly)
 streams into port 1: each bad message gets its failure reply or closes that
 connection only, is logged with its reason, leaves no fd behind in the master
 or its workers, and port 0 then serves the next front-end while port 1 keeps
-counting (exactly, checked at the end). Then: the Vapp reference client's
-legacy sequence (no SET_FEATURES, 10-byte headers), a hostile ring, 100
+counting (exactly, checked at the end). Then: a hostile ring, 100
 connect/use/disconnect cycles without a leak, signals, stale and live socket
-files, socket modes and bad arguments.
+files, socket modes and bad arguments; the front-end with rings is the Vapp
+reference client (tests/vapp.py, exact; its own tests are in test_vapp.py).
 
 Without dpdk-testpmd (and CI unset) the port-1 traffic checks are skipped;
 everything else runs.
@@ -28,9 +28,8 @@ import time
 import pytest
 
 from tests._peers_plugin import IN_CI, peer_missing_reason
+from tests.vapp import NO_NEXT, RING_SIZE, TX, VappClient
 from tests.vhuproc import REPO, VhuMaster
-from vhu._mem import GuestMemory
-from vhu._ring import DriverRing
 from vhu.protocol.messages import (
     FLAG_NEED_REPLY, FLAG_REPLY, HEADER, VERSION, MemoryRegion, MemoryTable,
     ProtocolFeature as PF, Request as R, SingleMemoryRegion, U64, VirtioFeature as VF, VringAddr, VringState, mask,
@@ -45,8 +44,7 @@ VHU_CPU, PEER_CPU = "0", 1
 
 GPA, UVA = 0x0, 0x7F00_0000_0000
 MEM_SIZE = 4 << 20
-RING_SIZE = 256
-LEGACY_HDR = 10
+CASE_RING_SIZE = 256          # ring 0's size in the ring address cases
 NEGOTIATED = mask(VF.VERSION_1, VF.PROTOCOL_FEATURES)
 PROTOCOL = mask(PF.MQ, PF.REPLY_ACK, PF.CONFIGURE_MEM_SLOTS)
 
@@ -187,98 +185,6 @@ def wait_gone(pids, timeout=10.0):
     return [p for p in pids if alive(p)]
 
 
-# -- a front-end with rings: the Vapp reference client's sequence ---------------------
-
-
-class VappSession:
-    """Vapp's client: SET_OWNER, GET_FEATURES, SET_MEM_TABLE (one memfd region),
-    then SET_VRING_NUM/ADDR/BASE/KICK/CALL per ring: no SET_FEATURES, no
-    GET_PROTOCOL_FEATURES, so legacy behaviour (10-byte header, rings
-    started by their kick). The driver side runs on vhu._ring.DriverRing over
-    our own mapping of the memfd."""
-
-    BUF_BASE = 0x100000
-    BUF_SIZE = 2048
-
-    def __init__(self, path, rings=(0, 1), size=RING_SIZE, name="vhu-vapp"):
-        self.fe = Frontend(path)
-        self.fd = memfd(MEM_SIZE, name)
-        self.mem = GuestMemory()
-        self.mem.set_table([(self.fd, GPA, MEM_SIZE, UVA, 0)])
-        self.size = size
-        self.drivers, self.kicks, self.calls, self.slots = {}, {}, {}, {}
-        fe = self.fe
-        fe.send(R.SET_OWNER)
-        self.features = U64.STRUCT.unpack(fe.call(R.GET_FEATURES))[0]
-        fe.send(R.SET_MEM_TABLE, mem_table((GPA, MEM_SIZE, UVA, 0)), fds=[self.fd])
-        for i in rings:
-            desc, avail, used = self.ring_gpas(i)
-            self.drivers[i] = DriverRing(self.mem, size, desc, avail, used)
-            self.kicks[i] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self.calls[i] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            fe.send(R.SET_VRING_NUM, VringState(i, size).pack())
-            fe.send(R.SET_VRING_ADDR, VringAddr(i, 0, UVA + desc, UVA + used, UVA + avail, 0).pack())
-            fe.send(R.SET_VRING_BASE, VringState(i, 0).pack())
-            fe.send(R.SET_VRING_KICK, U64(i).pack(), fds=[self.kicks[i]])
-            fe.send(R.SET_VRING_CALL, U64(i).pack(), fds=[self.calls[i]])
-        self.sync()
-
-    @staticmethod
-    def ring_gpas(i):
-        base = 0x10000 + i * 0x4000
-        return base, base + 0x1000, base + 0x2000
-
-    def buffer(self, ring, slot):
-        return self.BUF_BASE + (ring * RING_SIZE + slot) * self.BUF_SIZE
-
-    def sync(self):
-        """A request that replies: every message before it has been handled."""
-        self.fe.call(R.GET_FEATURES)
-
-    def kick(self, ring):
-        os.eventfd_write(self.kicks[ring], 1)
-
-    def send_frames(self, ring, frames):
-        drv = self.drivers[ring]
-        for f in frames:
-            gpa = self.buffer(ring, drv.avail_idx % self.size)
-            self.mem.write(gpa, bytes(LEGACY_HDR) + f)
-            drv.add([(gpa, LEGACY_HDR + len(f))])
-        drv.publish()
-        self.kick(ring)
-
-    def post_rx(self, ring, n):
-        drv = self.drivers[ring]
-        for _ in range(n):
-            gpa = self.buffer(ring, drv.avail_idx % self.size)
-            self.slots[(ring, drv.add([], [(gpa, self.BUF_SIZE)]))] = gpa
-        drv.publish()
-        self.kick(ring)
-
-    def wait_used(self, ring, n, timeout=15.0):
-        got, deadline = [], time.monotonic() + timeout
-        while len(got) < n and time.monotonic() < deadline:
-            got += self.drivers[ring].get_used()
-            if len(got) < n:
-                time.sleep(0.002)
-        assert len(got) == n, f"ring {ring}: {len(got)} of {n} chains came back"
-        return got
-
-    def received(self, ring, used):
-        return [self.mem.read(self.slots.pop((ring, head)), length) for head, length in used]
-
-    def close(self):
-        self.fe.close()
-        for fd in [self.fd, *self.kicks.values(), *self.calls.values()]:
-            os.close(fd)
-        self.drivers.clear()
-        self.mem.clear()
-
-
-def frames(n, size=64, seed=0):
-    return [bytes([(seed * 31 + i * 7 + j) & 0xFF for j in range(size)]) for i in range(n)]
-
-
 # -- the module's master: port 0 takes the abuse, port 1 carries real traffic ---------
 
 
@@ -381,7 +287,7 @@ def region(size=MEM_SIZE, gpa=GPA, uva=UVA, off=0):
 def _mem_then(fe, kit):
     """A valid memory table and ring 0's size first (for the ring address cases)."""
     assert fe.ack(R.SET_MEM_TABLE, mem_table(region()), fds=[kit.memfd(watch=False)]) == 0
-    assert fe.ack(R.SET_VRING_NUM, VringState(0, RING_SIZE).pack()) == 0
+    assert fe.ack(R.SET_VRING_NUM, VringState(0, CASE_RING_SIZE).pack()) == 0
 
 
 def _bad_table(*regions, nfds=None, fd_kind="memfd", size=MEM_SIZE):
@@ -433,7 +339,7 @@ NINE = tuple(region(size=0x10000, gpa=i * 0x10000, uva=UVA + i * 0x10000) for i 
 EIGHT = NINE[:8]
 ADDR_OUTSIDE = VringAddr(0, 0, UVA + MEM_SIZE, UVA + 0x2000, UVA + 0x1000, 0).pack()
 ADDR_STRADDLES = VringAddr(0, 0, UVA + MEM_SIZE - 0x800, UVA + 0x2000, UVA + 0x1000, 0).pack()
-ADDR_MISALIGNED = VringAddr(0, 0, UVA + 8, UVA + 0x2000, UVA + 0x1000, 0).pack()
+ADDR_MISALIGNED = VringAddr(0, 0, UVA + 4, UVA + 0x2000, UVA + 0x1000, 0).pack()  # +8: served
 
 # (id, sender, "nack" | "close" | "ok", text the master's log must show)
 CASES = [
@@ -466,11 +372,11 @@ CASES = [
     ("nine_fds", _bad_table(*EIGHT, nfds=9, size=0x80000), "close", "9 fds with one message (at most 8)"),
     ("twenty_fds", _msg(R.SET_OWNER, fds=20), "close", "too many fds in one message"),
     # ring indices and sizes
-    ("ring_index_past_queues", _msg(R.SET_VRING_NUM, VringState(2, 256).pack()), "nack", "ring index 2 out of range (0..1)"),
+    ("ring_index_past_queues", _msg(R.SET_VRING_NUM, VringState(16, 256).pack()), "nack", "ring index 16 out of range (0..15): queue pair 8 asked for, 8 offered (vhu.master --queues); the front-end's set-up is refused"),
     ("ring_index_huge", _msg(R.SET_VRING_BASE, VringState(0xFFFFFFFF, 0).pack()), "nack", "ring index 4294967295 out of range"),
     ("kick_ring_index_255", _msg(R.SET_VRING_KICK, U64(0x1FF).pack()), "nack", "ring index 255 out of range"),
-    ("addr_ring_index", _msg(R.SET_VRING_ADDR, VringAddr(7, 0, UVA, UVA + 0x2000, UVA + 0x1000, 0).pack()), "nack", "ring index 7 out of range"),
-    ("get_vring_base_bad_index", _msg(R.GET_VRING_BASE, VringState(9, 0).pack()), "close", "closing connection: GET_VRING_BASE: ring index 9 out of range"),
+    ("addr_ring_index", _msg(R.SET_VRING_ADDR, VringAddr(17, 0, UVA, UVA + 0x2000, UVA + 0x1000, 0).pack()), "nack", "ring index 17 out of range"),
+    ("get_vring_base_bad_index", _msg(R.GET_VRING_BASE, VringState(16, 0).pack()), "close", "closing connection: GET_VRING_BASE: ring index 16 out of range"),
     ("ring_size_0", _msg(R.SET_VRING_NUM, VringState(0, 0).pack()), "nack", "ring size 0 is not a power of two"),
     ("ring_size_not_power_of_two", _msg(R.SET_VRING_NUM, VringState(0, 100).pack()), "nack", "ring size 100 is not a power of two"),
     ("ring_size_65536", _msg(R.SET_VRING_NUM, VringState(1, 65536).pack()), "nack", "ring size 65536 is not a power of two"),
@@ -480,7 +386,7 @@ CASES = [
     ("vring_addr_without_memory", _msg(R.SET_VRING_ADDR, ADDR_OUTSIDE), "nack", "is not inside one memory region"),
     ("vring_addr_outside_memory", _then(_mem_then, _msg(R.SET_VRING_ADDR, ADDR_OUTSIDE)), "nack", f"descriptor table [{UVA + MEM_SIZE:#x}, +0x1000) is not inside one memory region"),
     ("vring_addr_straddles_end", _then(_mem_then, _msg(R.SET_VRING_ADDR, ADDR_STRADDLES)), "nack", f"descriptor table [{UVA + MEM_SIZE - 0x800:#x}, +0x1000)"),
-    ("vring_addr_misaligned", _then(_mem_then, _msg(R.SET_VRING_ADDR, ADDR_MISALIGNED)), "nack", "is not 16-byte aligned"),
+    ("vring_addr_misaligned", _then(_mem_then, _msg(R.SET_VRING_ADDR, ADDR_MISALIGNED)), "nack", "descriptor table at 0x7f0000000004 is not 8-byte aligned"),
     ("vring_addr_log_flag", _then(_mem_then, _msg(R.SET_VRING_ADDR, VringAddr(0, 1, UVA, UVA + 0x2000, UVA + 0x1000, 0).pack())), "nack", "address flags 0x1 not supported"),
     # memory tables
     ("mem_overlap_gpa", _bad_table(region(0x200000), region(0x200000, gpa=0x100000, uva=UVA + (1 << 30))), "nack", "overlap in guest_phys_addr"),
@@ -596,22 +502,18 @@ def test_hostile_ring_is_reported_and_others_go_on(master, traffic, hostile, cou
     with its reason (stats and log), the master and port 1 go on, port 0 serves
     the next front-end."""
     before = master.port(0)["broken"].get(counter, 0)
-    s = VappSession(master.sockets[0], name="vhu-hostile-ring")
+    s = VappClient(master.sockets[0], name="vhu-hostile-ring")
     try:
-        good = frames(4, seed=3)
-        s.send_frames(1, good)
-        s.wait_used(1, 4)
-        drv = s.drivers[1]
+        for _ in range(4):
+            s.send_arp()
+        assert s.wait_used()
         if hostile == "head_index":
-            _, avail, _ = s.ring_gpas(1)
-            idx = drv.avail_idx
-            s.mem.write(avail + 4 + 2 * (idx % RING_SIZE), struct.pack("<H", RING_SIZE + 44))
-            s.mem.write(avail + 2, struct.pack("<H", (idx + 1) & 0xFFFF))
-            s.kick(1)
+            s.make_available(TX, RING_SIZE + 44)            # a head past the table
         else:
-            drv.add([(MEM_SIZE + 0x10000, 64)])
-            drv.publish()
-            s.kick(1)
+            s.process_used()                                # a buffer outside both regions
+            s.set_desc(TX, s.free_head, MEM_SIZE + 0x10000, 70, 0, NO_NEXT)
+            s.make_available(TX, s.free_head)
+        s.kick(TX)
         deadline = time.monotonic() + 10
         while master.port(0)["broken"].get(counter, 0) <= before and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -640,38 +542,6 @@ def test_port1_counts_exactly_after_all_that(master, traffic):
     traffic.close()
 
 
-# -- the Vapp reference client: legacy, no feature negotiation ---------------------------
-
-
-@pytest.mark.parametrize("app", ["echo", "sink"])
-def test_vapp_legacy_sequence(tmp_path, app):
-    with VhuMaster(tmp_path, "--app", app) as vhu:
-        s = VappSession(vhu.sockets[0])
-        try:
-            assert s.features & NEGOTIATED == NEGOTIATED      # offered, never acked
-            sent = frames(100, 60, seed=1) + frames(100, 1400, seed=2)
-            if app == "echo":
-                s.post_rx(0, 200)
-            s.send_frames(1, sent[:100])
-            s.send_frames(1, sent[100:])
-            tx_used = s.wait_used(1, 200)
-            assert all(length == 0 for _, length in tx_used)
-            if app == "echo":
-                back = s.received(0, s.wait_used(0, 200))
-                # A legacy header is 10 bytes: no num_buffers field, frame at byte 10.
-                assert [b[:LEGACY_HDR] for b in back] == [bytes(LEGACY_HDR)] * 200
-                assert [b[LEGACY_HDR:] for b in back] == sent
-            assert vhu.wait_stable("rx_packets") == 200
-            assert vhu.port()["rx_bytes"] == sum(map(len, sent))
-            if app == "echo":
-                assert vhu.port()["tx_packets"] == 200
-                assert vhu.port()["tx_bytes"] == sum(map(len, sent))
-        finally:
-            s.close()
-        vhu.wait_log("disconnected")
-        vhu.stop()
-
-
 # -- 100 connect / use / disconnect cycles ------------------------------------------------
 
 
@@ -687,17 +557,17 @@ def settled_resources(vhu):
 
 
 def test_no_leak_over_100_sessions(tmp_path):
-    rings = (0, 1, 2, 3)
+    """Vapp (one queue pair, two 49 MiB regions) 100 times on a port with two
+    workers: both map every memory table, worker 0 runs the rings."""
     with VhuMaster(tmp_path, "--app", "sink", "--workers", 2, "--queues", 2,
                    stats_interval=5) as vhu:
         first = None
         for cycle in range(1, 101):
-            s = VappSession(vhu.sockets[0], rings=rings, size=64, name=f"vhu-leak-{cycle}")
+            s = VappClient(vhu.sockets[0], name=f"vhu-leak-{cycle}")
             try:
-                for ring in (1, 3):
-                    s.send_frames(ring, frames(4, seed=cycle))
-                for ring in (1, 3):
-                    s.wait_used(ring, 4)
+                for _ in range(4):
+                    s.send_arp()
+                assert s.wait_used()
             finally:
                 s.close()
             # No waiting for the disconnect: the next front-end connects at once,
@@ -708,7 +578,7 @@ def test_no_leak_over_100_sessions(tmp_path):
         last = settled_resources(vhu)
         assert last == first, f"(fds, memfd mappings) per process after cycle 1 {first}, after 100 {last}"
         vhu.stop()
-        assert vhu.port()["rx_packets"] == 100 * 8
+        assert vhu.port()["rx_packets"] == 100 * 4
         assert "refusing another" not in vhu.output()
 
 
@@ -722,13 +592,13 @@ def master_argv(*args):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_cleanly(tmp_path, sig):
     with VhuMaster(tmp_path, "--workers", 2, "--queues", 2, sockets=("a.sock", "b.sock")) as vhu:
-        s = VappSession(vhu.sockets[0])       # a front-end attached with rings running
+        s = VappClient(vhu.sockets[0])        # a front-end attached with rings running
         try:
             workers = descendants(vhu.proc.pid)
             assert len(workers) >= 2
             vhu.proc.send_signal(sig)
             assert vhu.proc.wait(20) == 0, vhu.output()[-3000:]
-            assert s.fe.wait_closed()
+            assert s.wait_closed()
         finally:
             s.close()
         for path in vhu.sockets:
@@ -751,10 +621,11 @@ def test_killed_master_workers_exit_and_stale_socket_replaced(tmp_path):
         assert os.path.exists(vhu.sockets[0]), "a killed master leaves its socket file"
     with VhuMaster(tmp_path, sockets=(os.path.basename(vhu.sockets[0]),)) as again:
         again.wait_log("removed a stale socket file")
-        s = VappSession(again.sockets[0])
+        s = VappClient(again.sockets[0])
         try:
-            s.send_frames(1, frames(10))
-            s.wait_used(1, 10)
+            for _ in range(10):
+                s.send_arp()
+            assert s.wait_used()
         finally:
             s.close()
         assert again.wait_stable("rx_packets") == 10
@@ -773,10 +644,11 @@ def test_live_socket_refused(tmp_path):
         assert len(errors) == 1, out
         assert path in errors[0] and "live back-end" in errors[0]
         assert os.lstat(path).st_ino == inode, "the first master's socket was replaced"
-        s = VappSession(path)        # and the first master still serves
+        s = VappClient(path)         # and the first master still serves
         try:
-            s.send_frames(1, frames(5))
-            s.wait_used(1, 5)
+            for _ in range(5):
+                s.send_arp()
+            assert s.wait_used()
         finally:
             s.close()
         first.stop()

@@ -592,7 +592,7 @@ def test_bad_ring_address(impl, which, problem):
         elif problem in ("straddles_hole", "straddles_boundary"):
             addrs[which] = (g.regions[0].end - part_len // 2) // 16 * 16
         elif problem == "misaligned":
-            addrs[which] += {"desc": 8, "avail": 1, "used": 2}[which]
+            addrs[which] += {"desc": 4, "avail": 1, "used": 2}[which]   # vhu.ring_layout
         else:
             space = "uva"      # the other two are proper uvas, this one is a gpa
             addrs = {k: (v if k == which else g.uva(v)) for k, v in addrs.items()}

@@ -99,6 +99,7 @@ cdef struct DevRing:
     bint addr_uva
     uint32_t hdr_len
     uint64_t desc_addr, avail_addr, used_addr
+    uint64_t part_len[3]                 # bytes of desc, avail, used (vhu.ring_layout)
     char *desc
     char *avail
     char *used
@@ -134,6 +135,7 @@ cdef struct DrvRing:
     uint16_t mask
     bint event_idx
     uint64_t desc_gpa, avail_gpa, used_gpa
+    uint64_t part_len[3]           # as in DevRing
     char *desc
     char *avail
     char *used
@@ -176,8 +178,8 @@ cdef class DriverRing:
     cdef DrvRing *ring(self)
 
 # Device side, for compiled loops (no GIL).
-cdef int translate_ring(MemTable *t, bint uva, bint packed, uint32_t size, uint64_t desc_addr,
-                        uint64_t avail_addr, uint64_t used_addr,
+cdef int translate_ring(MemTable *t, bint uva, uint64_t desc_addr, uint64_t avail_addr,
+                        uint64_t used_addr, const uint64_t *part_len,
                         char **d, char **a, char **u) noexcept nogil
 cdef bint dev_mem_ok(DevRing *r) noexcept nogil
 cdef bint drv_mem_ok(DrvRing *r) noexcept nogil

@@ -58,8 +58,9 @@ class DeviceRing:
     """Device side of a split virtqueue (what the back-end runs).
 
     Ring addresses are front-end virtual addresses (addr_space="uva", as
-    SET_VRING_ADDR sends them) or guest-physical ("gpa"). A guest error
-    marks the ring broken: it stops processing (pop returns nothing), the
+    SET_VRING_ADDR sends them) or guest-physical ("gpa"), aligned as
+    vhu.ring_layout.check_alignment requires (descriptors 8, avail 2, used 4;
+    RingError otherwise). A guest error marks the ring broken: it stops processing (pop returns nothing), the
     reason is kept in broken_reason and counted in stats.
     """
     size: int
@@ -115,6 +116,7 @@ class DriverRing:
     """Driver side of a split virtqueue (what a front-end runs), addresses guest-physical.
 
     Owns the descriptor free list. Initialises the ring memory it is given.
+    Alignment as for DeviceRing (vhu.ring_layout).
     """
     size: int
     event_idx: bool

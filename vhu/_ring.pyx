@@ -23,6 +23,7 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 from vhu._barriers cimport *
 from vhu._mem cimport GuestMemory, MemTable, Region, gpa_clip, gpa_to_ptr, uva_to_ptr, make_view
+from vhu.ring_layout import MisalignedRing, check_alignment, part_lengths
 
 __all__ = ["DeviceRing", "DriverRing", "Chain", "RingError", "net_header_len",
            "check_queue_size", "split_ring_layout", "COUNTER_NAMES"]
@@ -96,13 +97,27 @@ def check_queue_size(size, packed=False):
 def packed_ring_layout(size):
     """Bytes of (descriptor ring, driver event area, device event area)."""
     check_queue_size(size, packed=True)
-    return 16 * size, 4, 4
+    return part_lengths(int(size), packed=True)
 
 
 def split_ring_layout(size):
     """Bytes of (descriptor table, avail ring, used ring), event fields included."""
     check_queue_size(size)
-    return 16 * size, 6 + 2 * size, 6 + 8 * size
+    return part_lengths(int(size))
+
+
+def _check_layout(desc, avail, used, packed):
+    """vhu.ring_layout's alignment rule, as a RingError (out-of-spec but usable
+    layouts are accepted; the protocol layer is the one that says so)."""
+    try:
+        check_alignment(int(desc), int(avail), int(used), bool(packed))
+    except MisalignedRing as e:
+        raise RingError(f"misaligned ring: {e}") from None
+
+
+cdef int _set_part_len(uint64_t *part_len, size, packed) except -1:
+    part_len[0], part_len[1], part_len[2] = part_lengths(int(size), bool(packed))
+    return 0
 
 
 # Split ring field offsets (virtio 1.x 2.7.5, 2.7.6, 2.7.8).
@@ -216,8 +231,8 @@ cdef bint drv_mem_ok(DrvRing *r) noexcept nogil:
     if vhu_likely(r.mem_generation == r.generation_ref[0]):
         return r.desc != NULL
     r.mem_generation = r.generation_ref[0]
-    return translate_ring(r.table_ref[0], False, r.packed, r.size, r.desc_gpa, r.avail_gpa,
-                          r.used_gpa, &r.desc, &r.avail, &r.used) == 0
+    return translate_ring(r.table_ref[0], False, r.desc_gpa, r.avail_gpa, r.used_gpa,
+                          r.part_len, &r.desc, &r.avail, &r.used) == 0
 
 
 cdef bint dev_mem_ok(DevRing *r) noexcept nogil:
@@ -226,8 +241,8 @@ cdef bint dev_mem_ok(DevRing *r) noexcept nogil:
     if vhu_likely(r.mem_generation == r.generation_ref[0]):
         return r.desc != NULL
     r.mem_generation = r.generation_ref[0]
-    if translate_ring(r.table_ref[0], r.addr_uva, r.packed, r.size, r.desc_addr, r.avail_addr,
-                      r.used_addr, &r.desc, &r.avail, &r.used) < 0:
+    if translate_ring(r.table_ref[0], r.addr_uva, r.desc_addr, r.avail_addr, r.used_addr,
+                      r.part_len, &r.desc, &r.avail, &r.used) < 0:
         dev_mark_broken(r, B_RING_UNMAPPED)
         return False
     return True
@@ -677,7 +692,7 @@ cdef int dev_rx_enqueue(DevRing *r, const Seg *src, uint32_t nsrc, uint64_t skip
 cdef inline void write_desc(char *d, uint64_t gpa, uint32_t length, uint16_t flags,
                              uint16_t nxt) noexcept nogil:
     # Two 8-byte stores, not four: len, flags and next are one little-endian
-    # u64 (descriptors are 16-byte aligned, 2.7.5). Stores are what the
+    # u64 (descriptors are at least 8-byte aligned, vhu.ring_layout). Stores are what the
     # refill path is bound by.
     vhu_write_once_u64(d, gpa)
     vhu_write_once_u64(d + 8, length | (<uint64_t>flags << 32) | (<uint64_t>nxt << 48))
@@ -886,15 +901,13 @@ cdef class Chain:
                 f"write_len={self.write_len}, segments={len(self.readable)}+{len(self.writable)})")
 
 
-cdef int translate_ring(MemTable *t, bint uva, bint packed, uint32_t size, uint64_t desc_addr,
-                        uint64_t avail_addr, uint64_t used_addr,
+cdef int translate_ring(MemTable *t, bint uva, uint64_t desc_addr, uint64_t avail_addr,
+                        uint64_t used_addr, const uint64_t *part_len,
                         char **d, char **a, char **u) noexcept nogil:
     """Local addresses of the three ring parts, each whole inside one region;
-    -1 (and NULLs) if any is not. Packed: descriptor ring and the two 4-byte
-    event suppression areas."""
-    cdef uint64_t dlen = 16 * <uint64_t>size
-    cdef uint64_t alen = 4 if packed else 6 + 2 * <uint64_t>size
-    cdef uint64_t ulen = 4 if packed else 6 + 8 * <uint64_t>size
+    -1 (and NULLs) if any is not. part_len: their lengths, from
+    vhu.ring_layout.part_lengths when the ring was set up."""
+    cdef uint64_t dlen = part_len[0], alen = part_len[1], ulen = part_len[2]
     if uva:
         d[0] = uva_to_ptr(t, desc_addr, dlen)
         a[0] = uva_to_ptr(t, avail_addr, alen)
@@ -926,10 +939,8 @@ cdef class DeviceRing:
         check_queue_size(size, packed)
         if addr_space not in ("uva", "gpa"):
             raise RingError(f"addr_space must be 'uva' or 'gpa', not {addr_space!r}")
-        avail_align = 4 if packed else 2
-        if desc_addr % 16 or avail_addr % avail_align or used_addr % 4:
-            raise RingError(f"misaligned ring: desc {desc_addr:#x} (16), avail {avail_addr:#x} "
-                            f"({avail_align}), used {used_addr:#x} (4)")
+        _check_layout(desc_addr, avail_addr, used_addr, packed)
+        _set_part_len(self.r.part_len, size, packed)
         self.mem = mem
         self.r.table_ref = &mem.table
         self.r.generation_ref = &mem.generation
@@ -974,15 +985,15 @@ cdef class DeviceRing:
     def remap(self):
         """Re-translate the ring addresses after the memory table changed."""
         self.r.mem_generation = self.mem.generation
-        if translate_ring(self.mem.table, self.r.addr_uva, self.r.packed, self.r.size, self.r.desc_addr,
-                          self.r.avail_addr, self.r.used_addr,
+        if translate_ring(self.mem.table, self.r.addr_uva, self.r.desc_addr, self.r.avail_addr,
+                          self.r.used_addr, self.r.part_len,
                           &self.r.desc, &self.r.avail, &self.r.used) < 0:
             dev_mark_broken(&self.r, B_RING_UNMAPPED)
             what = "uva" if self.r.addr_uva else "gpa"
             raise RingError(
-                f"ring not inside guest memory ({what}): desc {self.r.desc_addr:#x}+{16 * self.r.size:#x}, "
-                f"avail {self.r.avail_addr:#x}+{6 + 2 * self.r.size:#x}, "
-                f"used {self.r.used_addr:#x}+{6 + 8 * self.r.size:#x}")
+                f"ring not inside guest memory ({what}): desc {self.r.desc_addr:#x}+{self.r.part_len[0]:#x}, "
+                f"avail {self.r.avail_addr:#x}+{self.r.part_len[1]:#x}, "
+                f"used {self.r.used_addr:#x}+{self.r.part_len[2]:#x}")
         if self.r.broken == B_RING_UNMAPPED:
             self.r.broken = B_OK
 
@@ -1204,8 +1215,8 @@ cdef class DriverRing:
                  event_idx=False, start_idx=None, packed=False, in_order=False):
         cdef uint32_t i
         check_queue_size(size, packed)
-        if desc_gpa % 16 or avail_gpa % (4 if packed else 2) or used_gpa % 4:
-            raise RingError("misaligned ring addresses")
+        _check_layout(desc_gpa, avail_gpa, used_gpa, packed)
+        _set_part_len(self.r.part_len, size, packed)
         self.r.packed = bool(packed)
         self.mem = mem
         self.r.table_ref = &mem.table
@@ -1226,9 +1237,9 @@ cdef class DriverRing:
                 or self.r.pend_pos == NULL or self.r.pend_flags == NULL):
             raise MemoryError()
         self.remap()
-        memset(self.r.desc, 0, 16 * <size_t>size)
-        memset(self.r.avail, 0, 4 if packed else 6 + 2 * <size_t>size)
-        memset(self.r.used, 0, 4 if packed else 6 + 8 * <size_t>size)
+        memset(self.r.desc, 0, self.r.part_len[0])
+        memset(self.r.avail, 0, self.r.part_len[1])
+        memset(self.r.used, 0, self.r.part_len[2])
         for i in range(size):
             self.r.free_next[i] = <uint16_t>(i + 1)
         self.r.free_head = 0
@@ -1257,8 +1268,8 @@ cdef class DriverRing:
 
     def remap(self):
         self.r.mem_generation = self.mem.generation
-        if translate_ring(self.mem.table, False, self.r.packed, self.r.size, self.r.desc_gpa, self.r.avail_gpa,
-                          self.r.used_gpa, &self.r.desc, &self.r.avail, &self.r.used) < 0:
+        if translate_ring(self.mem.table, False, self.r.desc_gpa, self.r.avail_gpa, self.r.used_gpa,
+                          self.r.part_len, &self.r.desc, &self.r.avail, &self.r.used) < 0:
             raise RingError("driver ring not inside guest memory")
 
     @property

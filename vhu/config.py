@@ -28,7 +28,7 @@ class MasterConfig:
     sockets: tuple
     client: bool = False
     workers: int = 1
-    queues: int = 1
+    queues: int = 8               # the most queue pairs a port offers (GET_QUEUE_NUM)
     app: str = "sink"
     poll: str = "adaptive"
     cpus: tuple = ()
@@ -95,7 +95,8 @@ def build_parser():
     p.add_argument("--client", action="store_true",
                    help="connect to listening front-ends (QEMU server=on, virtio-user server=1)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (cap)")
-    p.add_argument("--queues", type=int, default=1, metavar="Q", help="queue pairs per port")
+    p.add_argument("--queues", type=int, default=8, metavar="Q",
+                   help="the most queue pairs a port offers (GET_QUEUE_NUM); front-ends use as many as they set up")
     p.add_argument("--app", default="sink", help=f"one of {', '.join(APPS)}")
     p.add_argument("--poll", default="adaptive", help=f"one of {', '.join(POLL_MODES)}")
     p.add_argument("--cpus", default=None, metavar="LIST", help="pin worker i to the i-th CPU of LIST")

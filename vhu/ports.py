@@ -42,6 +42,7 @@ log = logging.getLogger("vhu.master.port")
 
 MESSAGE_TIMEOUT = 2.0
 RECONNECT_MIN, RECONNECT_MAX = 0.05, 1.0
+QUEUE_NUM_PAUSE_MAX = 2.0    # the most a front-end leaving after GET_QUEUE_NUM waits
 # A port whose memory faulted a worker is not served again for a while,
 # doubling each time: it cannot put the other ports into a crash loop.
 PENALTY_MIN, PENALTY_MAX = 1.0, 60.0
@@ -123,6 +124,8 @@ class WorkerHooks:
     def ring_changed(self, index, cfg):
         if self.closed:
             return
+        if cfg.ready and cfg.enabled:     # the stats list these (vhu.stats.port_stats)
+            self.port.queue_pairs_in_use = max(self.port.queue_pairs_in_use, index // 2 + 1)
         was = self.running.get(index)
         if not cfg.ready:
             if was is not None:
@@ -246,6 +249,12 @@ class Port:
         self.penalty_until = 0.0
         self.newcomer = False        # a front-end waits in the backlog while one is served
         self._accepting = False
+        self.queue_pairs_in_use = 0  # the most a front-end has started and enabled here
+        # Front-ends in a row that left right after GET_QUEUE_NUM: QEMU with more
+        # queues= than offered does so and reconnects at once, forever. Said
+        # once; each next one is accepted (or connected to) a little later.
+        self.queue_num_leavers = 0
+        self.pause_until = 0.0
 
     @property
     def connected(self):
@@ -320,10 +329,12 @@ class Port:
             self._accepting = False
 
     def _on_accept(self):
-        if time.monotonic() < self.penalty_until:
-            # Cut off after a memory fault: the backlog waits.
+        wait_until = max(self.penalty_until, self.pause_until)
+        if time.monotonic() < wait_until:
+            # Cut off after a memory fault, or slowing down a front-end that
+            # keeps leaving after GET_QUEUE_NUM: the backlog waits.
             self._accept_off()
-            self.loop.call_at(self._loop_time(self.penalty_until), self._accept_on)
+            self.loop.call_at(self._loop_time(wait_until), self._accept_on)
             return
         if self.conn is not None:
             # The current front-end may have gone already (its EOF not read
@@ -358,7 +369,7 @@ class Port:
         backoff = RECONNECT_MIN
         told = False
         while not self.closing:
-            wait = self.penalty_until - time.monotonic()
+            wait = max(self.penalty_until, self.pause_until) - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue
@@ -391,7 +402,8 @@ class Port:
         self.hooks = WorkerHooks(self)
         device = NetBackend(BackendConfig(max_queue_pairs=self.config.queues), self.hooks)
         self.session = Dispatcher(device)
-        log.info("port %d: front-end connected on %s", self.index, self.path)
+        log.log(logging.DEBUG if self.queue_num_leavers else logging.INFO,
+                "port %d: front-end connected on %s", self.index, self.path)
         if own_task:
             self.task = self.loop.create_task(self._serve_and_detach(conn),
                                               name=f"vhu-port{self.index}")
@@ -501,7 +513,9 @@ class Port:
         conn, self.conn = self.conn, None
         if conn is None:
             return
-        log.info("port %d: disconnected: %s", self.index, reason)
+        self._note_queue_num_leaver(self.session.device.only_asked_queue_num)
+        log.log(logging.DEBUG if self.queue_num_leavers > 1 else logging.INFO,
+                "port %d: disconnected: %s", self.index, reason)
         session, self.session = self.session, None
         hooks, self.hooks = self.hooks, None
         self.pending = []
@@ -518,6 +532,25 @@ class Port:
             if self.newcomer:
                 self.newcomer = False
             self._accept_on()
+
+    def _note_queue_num_leaver(self, left_after_queue_num):
+        """Count front-ends leaving right after GET_QUEUE_NUM; the next
+        connection waits RECONNECT_MIN, doubling to RECONNECT_MAX, while they go on."""
+        if not left_after_queue_num:
+            if self.queue_num_leavers > 1:
+                log.info("port %d: %d front-ends in a row had left after GET_QUEUE_NUM",
+                         self.index, self.queue_num_leavers)
+            self.queue_num_leavers = 0
+            return
+        self.queue_num_leavers += 1
+        if self.queue_num_leavers == 1:
+            log.warning("port %d: the front-end left right after asking how many queue pairs "
+                        "this port offers (%d): it wants more (QEMU: \"you are asking more queues "
+                        "than supported\"); give vhu.master a larger --queues. Its retries are "
+                        "logged at DEBUG and served at most every %g s", self.index,
+                        self.config.queues, QUEUE_NUM_PAUSE_MAX)
+        pause = min(RECONNECT_MIN * 2 ** self.queue_num_leavers, QUEUE_NUM_PAUSE_MAX)
+        self.pause_until = time.monotonic() + pause
 
     # -- what the control loop asks ---------------------------------------------
 

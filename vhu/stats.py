@@ -141,10 +141,30 @@ def queue_stats(snap, port, qp):
     return out
 
 
+# Counters that move on a ring nobody uses: a guest kicks the receive rings
+# of all its queue pairs at probe, QEMU enables only those the guest asks for.
+_NOT_USE = [_INDEX[n] for n in ("kicks", "notify", "notify_suppressed")]
+
+
+def queues_in_use(snap, port, in_use):
+    """How many queue pairs a port's stats list: those front-ends have started
+    and enabled on it since the master started (`in_use`, a high-water mark
+    the port keeps), and any that carried or dropped a frame or broke (their
+    counters outlive the front-end), at least one. Not the --queues offered."""
+    used = np.delete(snap[port], _NOT_USE, axis=1).reshape(snap.shape[1] // 2, -1).any(axis=1)
+    moved = np.flatnonzero(used)
+    return max(1, int(in_use), int(moved[-1]) + 1 if moved.size else 0)
+
+
 def port_stats(snap, port, queues, name, connected):
-    qs = [queue_stats(snap, port, q) for q in range(queues)]
-    total = {k: sum(q[k] for q in qs) for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
-                                                "kicks", "calls", "calls_suppressed")}
+    """One port's document (the stats line, JSON, metrics). queues: the queue
+    pairs front-ends have used on it; queues_in_use decides which are listed.
+    The totals are over every ring (kicks on a ring never enabled included)."""
+    every = [queue_stats(snap, port, q) for q in range(snap.shape[1] // 2)]
+    qs = every[:queues_in_use(snap, port, queues)]
+    total = {k: sum(q[k] for q in every) for k in ("rx_packets", "rx_bytes", "tx_packets",
+                                                   "tx_bytes", "kicks", "calls",
+                                                   "calls_suppressed")}
     drops = {}
     broken = {}
     for q in qs:

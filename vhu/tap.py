@@ -45,6 +45,7 @@ class TapPort:
         self.name = name
         self.path = f"tap:{name}"
         self.fd = None
+        self.queue_pairs_in_use = 1       # one queue, served by queue pair 0's worker
 
     @property
     def connected(self):

@@ -13,17 +13,19 @@ RingConfig and calls the hooks only for what actually changed.
 Security model. Everything in a message comes from a peer we do not trust.
 The dispatcher has checked the size, the flags, the fd count and the needed
 protocol feature; each handler here still validates every field before it
-changes anything: ring indices against the number of rings, ring sizes
-(1..32768, a power of two), ring addresses (alignment, and the whole
-descriptor table / avail ring / used ring inside one memory region), memory
-regions (count, no size 0, no 64-bit wrap of any address or offset, no
-overlap). A refused message leaves the state as it was. The device owns every
-fd it keeps (regions, kick/call/err, the back-end channel) and closes a
-replaced one once the hooks have heard of the change, and all of them on
-RESET_OWNER and close(); fds it does not keep are closed by the dispatcher.
-Nothing here maps memory or looks at an fd: the hooks do, and may refuse a
-table they cannot map or an fd that is not an eventfd (ValueError/OSError),
-which refuses the message.
+changes anything: ring indices against the number of rings (a ring beyond
+the offered queue pairs refuses the whole set-up, SetupRefused), ring sizes
+(1..32768, a power of two, checked again when the features change), ring
+addresses (alignment as vhu.ring_layout rules, and the whole descriptor
+table / avail ring / used ring inside one memory region), memory regions
+(vhu.regions: count, no size 0, no end past 64 bits, no overlap), ring fds
+(eventfds only). A refused message leaves the state as it was. The device
+owns every fd it keeps (regions, kick/call/err, the back-end channel) and
+closes a replaced one once the hooks have heard of the change, and all of
+them on RESET_OWNER and close(); fds it does not keep are closed by the
+dispatcher. Nothing here maps memory or looks at an fd: the hooks do, and
+may refuse a table they cannot map or an fd that is not an eventfd
+(ValueError/OSError), which refuses the message.
 
 Effects. A request whose answer depends on the I/O side's work
 (GET_VRING_BASE: where did the worker stop the ring?) yields an effect
@@ -44,6 +46,7 @@ from .messages import (
     VringState, mask,
 )
 from .wire import Message, close_fds
+from ..ring_layout import MisalignedRing, check_alignment, ring_parts
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,21 @@ MAX_MEM_SLOTS = region_rules.MAX_REGIONS
 MAX_QUEUE_PAIRS = 64
 _F_PROTOCOL = 1 << VF.PROTOCOL_FEATURES
 _F_PACKED = 1 << VF.RING_PACKED
+
+
+class SetupRefused(ProtocolError):
+    """The front-end set up a ring this port does not offer: more queue pairs
+    than GET_QUEUE_NUM said (DPDK virtio-user never asks). Its whole set-up is
+    refused, so it cannot run with queues nobody serves: the first message that
+    names such a ring fails with the reason (the one warning), and so does every
+    later request that changes state, quietly (only RESET_OWNER starts over).
+    DPDK gives up at its next acknowledged request ("Failed to set FEATURES_OK
+    status", no port probed); QEMU never gets here, it compares GET_QUEUE_NUM
+    with its queues= itself."""
+
+    def __init__(self, reason: str, quiet: bool = False):
+        super().__init__(reason)
+        self.quiet = quiet
 
 
 def vnet_header_size(features: int) -> int:
@@ -229,21 +247,6 @@ def _pristine(cfg: RingConfig) -> bool:
     return cfg == RingConfig(cfg.index, features=cfg.features)
 
 
-def _ring_ranges(desc: int, avail: int, used: int, num: int, packed: bool = False):
-    """(name, address, length) of the ring's three parts: split (virtio 1.x,
-    2.7) or packed (2.8: descriptor ring and two 4-byte event suppression
-    areas, sent in SET_VRING_ADDR's avail and used fields).
-    Before SET_VRING_NUM only their headers are known to be needed."""
-    n = num
-    if packed:
-        return (("descriptor ring", desc, 16 * n if n else 16),
-                ("driver event area", avail, 4),
-                ("device event area", used, 4))
-    return (("descriptor table", desc, 16 * n if n else 16),
-            ("avail ring", avail, 6 + 2 * n if n else 4),
-            ("used ring", used, 6 + 8 * n if n else 4))
-
-
 class NetBackend:
     """One connection's virtio-net back-end state; handlers named after the requests."""
 
@@ -264,6 +267,8 @@ class NetBackend:
         self.owner = False
         self.status = 0
         self.mtu: Optional[int] = None    # NET_SET_MTU: the guest's MTU (virtio-net config mtu)
+        self.refused: Optional[str] = None   # why the set-up is refused (SetupRefused)
+        self.queue_num_asked = False
         self.regions: list[Region] = []
         self._dup_regions: dict = {}     # (gpa, size, uva) -> ADD_MEM_REG repeats not yet removed
         self.backend_req_fd = -1
@@ -279,6 +284,22 @@ class NetBackend:
         """A front-end that never negotiated protocol features (Vapp and older)."""
         return not self._protocol_seen and not self.acked_features & _F_PROTOCOL
 
+    @property
+    def only_asked_queue_num(self) -> bool:
+        """GET_QUEUE_NUM answered, and no memory table nor ring size, address or
+        kick since: a front-end that leaves now wants more queue pairs than
+        offered. QEMU 7.2 sends ring 0 and 1's CALL and ERR fds, compares
+        GET_QUEUE_NUM with its queues=, says "you are asking more queues than
+        supported", closes, and connects again at once."""
+        return self.queue_num_asked and not self.regions and not any(
+            r.num or r.addr_set or r.started for r in self.rings)
+
+    def admit(self, row) -> None:
+        """Before each handler (dispatch.Device.admit): a refused set-up stays
+        refused; requests that only ask (they always reply) are still answered."""
+        if self.refused is not None and not row.reply and row.handler != "reset_owner":
+            raise SetupRefused(self.refused, quiet=True)
+
     def owned_fds(self) -> set:
         """Every fd the device holds (tests check these are closed after close())."""
         fds = {r.fd for r in self.regions} | set(self._to_close)
@@ -292,7 +313,7 @@ class NetBackend:
         r = self.rings[index]
         mapped = r.addr_set and r.num > 0 and all(
             self._uva_mapped(addr, length) for _, addr, length in
-            _ring_ranges(r.desc, r.avail, r.used, r.num, self._packed))
+            ring_parts(r.desc, r.avail, r.used, r.num, self._packed))
         return RingConfig(index, r.num, r.desc, r.avail, r.used, r.log, r.flags, r.base,
                           r.kick, r.call, r.err, r.polling, r.started, r.enabled, mapped,
                           self.acked_features)
@@ -341,7 +362,12 @@ class NetBackend:
 
     def _ring(self, index: int) -> _Ring:
         if not 0 <= index < self.nrings:
-            raise ProtocolError(f"ring index {index} out of range (0..{self.nrings - 1})")
+            qp = self.config.max_queue_pairs
+            self.refused = (f"ring index {index} out of range (0..{self.nrings - 1}): queue pair "
+                            f"{index // 2} asked for, {qp} offered (vhu.master --queues); the "
+                            f"front-end's set-up is refused: give it at most {qp} queue "
+                            f"pair{'s' if qp > 1 else ''}, or offer more")
+            raise SetupRefused(self.refused)
         return self.rings[index]
 
     def _uva_mapped(self, addr: int, length: int) -> bool:
@@ -400,7 +426,8 @@ class NetBackend:
                     raise ProtocolError(f"ring {i}: size {r.num} is not a power of two, "
                                         f"needed without RING_PACKED")
         self.acked_features = features
-        log.info("virtio features %#x (net header %d bytes)", features, vnet_header_size(features))
+        log.info("virtio features %#x (net header %d bytes; protocol features %#x)", features,
+                 vnet_header_size(features), self.acked_protocol_features)
         if not features & _F_PROTOCOL:
             # "Ring states": without PROTOCOL_FEATURES the back-end must enable all rings.
             for r in self.rings:
@@ -423,7 +450,10 @@ class NetBackend:
             raise ProtocolError(f"protocol feature bits {extra:#x} were not offered")
         self._protocol_seen = True
         self.acked_protocol_features = features
-        log.info("protocol features %#x", features)
+        # DEBUG: a front-end that leaves right after it (QEMU wanting more queue
+        # pairs) would otherwise log this line at each of its retries; SET_FEATURES
+        # logs both at INFO once the front-end goes on.
+        log.debug("protocol features %#x", features)
 
     def set_owner(self, msg: Message) -> None:
         if self.owner:
@@ -436,6 +466,7 @@ class NetBackend:
         self._reset(keep_protocol=True)
 
     def get_queue_num(self, msg: Message) -> bytes:
+        self.queue_num_asked = True
         return U64(self.config.max_queue_pairs).pack()
 
     def set_backend_req_fd(self, msg: Message) -> None:
@@ -537,17 +568,20 @@ class NetBackend:
             # VRING_F_LOG needs dirty logging (LOG_ALL, LOG_SHMFD), which we never offer.
             raise ProtocolError(f"ring {a.index}: address flags {a.flags:#x} not supported")
         packed = self._packed
-        for name, addr, align in (("descriptor table", a.desc_user_addr, 16),
-                                  ("avail ring", a.avail_user_addr, 4 if packed else 2),
-                                  ("used ring", a.used_user_addr, 4)):
-            if addr % align:
-                raise ProtocolError(f"ring {a.index}: {name} at {addr:#x} is not "
-                                    f"{align}-byte aligned")
-        for name, addr, length in _ring_ranges(a.desc_user_addr, a.avail_user_addr,
-                                               a.used_user_addr, r.num, packed):
+        try:
+            out_of_spec = check_alignment(a.desc_user_addr, a.avail_user_addr,
+                                          a.used_user_addr, packed)
+        except MisalignedRing as e:
+            raise ProtocolError(f"ring {a.index}: {e}") from None
+        for name, addr, length in ring_parts(a.desc_user_addr, a.avail_user_addr,
+                                             a.used_user_addr, r.num, packed):
             if not self._uva_mapped(addr, length):
                 raise ProtocolError(f"ring {a.index}: {name} [{addr:#x}, +{length:#x}) is not "
                                     f"inside one memory region")
+        if out_of_spec:
+            # Accepted, as Linux vhost and DPDK accept it (vhu.ring_layout); said once per ring.
+            log.info("ring %d: out-of-spec layout, served anyway: %s", a.index,
+                     "; ".join(out_of_spec))
         r.desc, r.avail, r.used = a.desc_user_addr, a.avail_user_addr, a.used_user_addr
         r.log, r.flags, r.addr_set = a.log_guest_addr, a.flags, True
 

@@ -62,6 +62,10 @@ class Device(Protocol):
     def close(self) -> None:
         """The connection is gone: release everything (fds included)."""
 
+    def admit(self, row) -> None:
+        """Before the handler of a message that passed the table's checks: raise
+        ProtocolError to refuse it anyway (a device whose set-up is refused)."""
+
     # ... and one method per supported request, named as in table.TABLE, taking a
     # Message and returning the reply payload (bytes) for requests that always reply.
 
@@ -154,6 +158,7 @@ class Dispatcher:
                 handler = getattr(self.device, row.handler, None)
                 if handler is None:
                     raise ProtocolError("not supported by this back-end")
+                self.device.admit(row)
                 log.debug("%s flags=%#x size=%d fds=%d", msg.name, msg.flags,
                           len(msg.payload), len(msg.fds))
                 result = handler(msg)
@@ -161,7 +166,8 @@ class Dispatcher:
                     result = yield from result
                 status = ACK_OK
             except ProtocolError as e:
-                log.warning("%s refused: %s", msg.name, e)
+                log.log(logging.DEBUG if e.quiet else logging.WARNING, "%s refused: %s",
+                        msg.name, e)
                 if row is not None and row.reply:
                     # The peer waits for a reply we cannot give: do not leave it hanging.
                     raise CloseConnection(f"{msg.name}: {e}") from None

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 class ProtocolError(ValueError):
     """A message that cannot be accepted; the text says why (logged, failure reply)."""
+    quiet = False          # True: the reason was logged already; this repeat goes to DEBUG
 
 
 class PayloadError(ProtocolError):

@@ -28,8 +28,11 @@ Pitfalls baked in here (Debian 12, QEMU 7.2, no KVM):
   (``echo "__VS""7"``) so the echoed command line never matches them.
 * The guest's serial input is flow-controlled by QEMU, so writing a command
   into the stdin pipe does not lose characters.
-* busybox has no ethtool: with ``queues>1`` only queue pair 0 is used unless
-  the guest enables more (not possible with this initramfs).
+* busybox has no ethtool, and none is needed for multiqueue: Linux's
+  virtio_net enables min(queue pairs, online CPUs) at probe (since 4.11),
+  so ``queues=Q, smp=N`` gives the guest min(Q, N) queue pairs in use (its
+  /sys/class/net/eth0/queues shows them) and a sender pinned to CPU i
+  (busybox ``taskset``) transmits on queue i (XPS).
 """
 
 from __future__ import annotations
@@ -367,7 +370,10 @@ class Guest:
     mac, ip:
         MAC of the virtio-net device and ``ADDR/LEN`` for eth0 (``vhu.ip=``).
     queues:
-        queue pairs (``-netdev ...,queues=Q`` and ``mq=on``).
+        queue pairs (``-netdev ...,queues=Q`` and ``mq=on``); the guest driver
+        uses min(Q, smp) of them.
+    smp:
+        guest CPUs (``-smp N``).
     packed:
         offer VIRTIO_F_RING_PACKED (``packed=on``).
     server:
@@ -385,7 +391,7 @@ class Guest:
 
     def __init__(self, sock: str, *, mac: str = "52:54:00:12:34:01", ip: Optional[str] = "10.0.0.1/24",
                  gw: Optional[str] = None, mtu: Optional[int] = None, queues: int = 1,
-                 packed: bool = False, server: bool = False, reconnect: Optional[int] = None,
+                 smp: int = 1, packed: bool = False, server: bool = False, reconnect: Optional[int] = None,
                  mem_mb: int = 256, serial: str = "stdio", cpu: Optional[int] = None,
                  device_opts: Optional[Dict[str, str]] = None, extra_args: Sequence[str] = (),
                  kernel_version: Optional[str] = None, extra_cmdline: str = "",
@@ -394,6 +400,7 @@ class Guest:
             raise ValueError("serial must be 'stdio' or 'unix'")
         self.sock, self.mac, self.ip, self.gw, self.mtu = sock, mac, ip, gw, mtu
         self.queues, self.packed, self.server, self.reconnect = queues, packed, server, reconnect
+        self.smp = smp
         self.mem_mb, self.serial, self.cpu = mem_mb, serial, cpu
         self.device_opts = dict(device_opts or {})
         self.extra_args, self.kernel_version, self.extra_cmdline = list(extra_args), kernel_version, extra_cmdline
@@ -449,6 +456,7 @@ class Guest:
             serial = ["-serial", "stdio"]
         args = [
             qemu, "-name", self.name, "-accel", "tcg", "-m", str(self.mem_mb),
+            *(["-smp", str(self.smp)] if self.smp > 1 else []),
             "-object", f"memory-backend-memfd,id=mem,size={self.mem_mb}M,share=on",
             "-machine", "pc,memory-backend=mem",
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",

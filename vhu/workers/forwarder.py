@@ -59,7 +59,7 @@ import threading
 
 import numpy as np
 
-from vhu.config import APPS, MAX_PORTS, POLL_MODES, MasterConfig
+from vhu.config import APPS, DEFAULT_QUEUES, MAX_PORTS, POLL_MODES, MasterConfig
 from vhu.control import ControlLoop
 from vhu.protocol.backend import MAX_QUEUE_PAIRS
 from vhu.workers._engine import META_DTYPE, VERDICT_APP, VERDICT_DROP
@@ -230,7 +230,8 @@ class Forwarder:
 
     ports      socket paths (server mode), VhostUserPort objects, then TapDevice ones
     workers    worker processes (at most one per queue pair)
-    queues     queue pairs per port; queue pair i of every port is served by
+    queues     the most queue pairs a port offers (default 8: those a front-end
+               sets up are served); queue pair i of every port is served by
                worker i mod workers, so a worker switches among all ports
     poll       "busy", "epoll" or "adaptive"
     pipeline   see the module documentation; default ["sink"]
@@ -241,7 +242,7 @@ class Forwarder:
     stats_file, stats_interval, metrics_port, log_level: as the CLI's flags
     """
 
-    def __init__(self, ports=(), *, workers=1, queues=1, poll="adaptive", pipeline=("sink",),
+    def __init__(self, ports=(), *, workers=1, queues=DEFAULT_QUEUES, poll="adaptive", pipeline=("sink",),
                  batch=32, pcap_dir=None, pcap_mode=0o600, snaplen=65535, mac_ageing=300.0, cpus=(),
                  stats_file=None, stats_interval=1.0, metrics_port=None,
                  metrics_addr="127.0.0.1", log_level="INFO", socket_mode=0o600,
