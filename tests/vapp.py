@@ -42,6 +42,8 @@ import socket
 import struct
 import time
 
+import numpy as np
+
 from vhu.protocol.messages import (
     HEADER, VERSION, MemoryRegion, MemoryTable, Request as R, U64, VringAddr, VringState,
 )
@@ -169,7 +171,10 @@ class VappClient:
         """put_vring's last step: the head into avail->ring, avail->idx + 1."""
         m, idx = self.maps[ring], self.avail_idx(ring)
         struct.pack_into("<H", m, AVAIL_OFF + 4 + 2 * (idx % RING_SIZE), head)
-        struct.pack_into("<H", m, AVAIL_OFF + 2, (idx + 1) & 0xFFFF)
+        # One 16-bit store, as the C client's avail->idx++ is: struct.pack_into
+        # writes byte by byte, and the device could read a torn index (seen:
+        # 0x00ff -> 0x0000 -> 0x0100, a jump of 65 281, breaking the ring).
+        np.frombuffer(m, np.uint16, 1, AVAIL_OFF + 2)[0] = (idx + 1) & 0xFFFF
 
     def kick(self, ring):
         os.eventfd_write(self.kicks[ring], 1)

@@ -12,6 +12,9 @@ from vhu.workers._engine import MAX_PORT_INDEX, MAX_QUEUE_INDEX
 # The worker engine's tables bound what a master may serve.
 assert MAX_QUEUE_PAIRS <= MAX_QUEUE_INDEX
 MAX_PORTS = MAX_PORT_INDEX
+# Queue pairs a port offers unless told otherwise: what a front-end sets up
+# (DPDK queues=, QEMU's guest one per CPU) is served, up to this.
+DEFAULT_QUEUES = 8
 
 APPS = ("sink", "echo", "source", "patch", "switch", "pcap")
 PCAP_BESIDE = ("patch", "switch", "pcap")     # apps --pcap DIR may tap
@@ -28,7 +31,7 @@ class MasterConfig:
     sockets: tuple
     client: bool = False
     workers: int = 1
-    queues: int = 8               # the most queue pairs a port offers (GET_QUEUE_NUM)
+    queues: int = DEFAULT_QUEUES  # the most queue pairs a port offers (GET_QUEUE_NUM)
     app: str = "sink"
     poll: str = "adaptive"
     cpus: tuple = ()
@@ -95,7 +98,7 @@ def build_parser():
     p.add_argument("--client", action="store_true",
                    help="connect to listening front-ends (QEMU server=on, virtio-user server=1)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (cap)")
-    p.add_argument("--queues", type=int, default=8, metavar="Q",
+    p.add_argument("--queues", type=int, default=DEFAULT_QUEUES, metavar="Q",
                    help="the most queue pairs a port offers (GET_QUEUE_NUM); front-ends use as many as they set up")
     p.add_argument("--app", default="sink", help=f"one of {', '.join(APPS)}")
     p.add_argument("--poll", default="adaptive", help=f"one of {', '.join(POLL_MODES)}")

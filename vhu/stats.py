@@ -143,7 +143,7 @@ def queue_stats(snap, port, qp):
 
 # Counters that move on a ring nobody uses: a guest kicks the receive rings
 # of all its queue pairs at probe, QEMU enables only those the guest asks for.
-_NOT_USE = [_INDEX[n] for n in ("kicks", "notify", "notify_suppressed")]
+_NOT_USE = [_INDEX[n] for n in ("kicks", "notify", "notify_suppressed", "state_position")]
 
 
 def queues_in_use(snap, port, in_use):
