@@ -105,7 +105,8 @@ class Master:
     def report(self, final=False):
         snap = self.stats.snapshot()
         now = time.monotonic()
-        ports = [stats_mod.port_stats(snap, i, self.config.queues, p.path, p.connected)
+        ports = [stats_mod.port_stats(snap, i, self.config.queues, p.path, p.connected,
+                                       self.config.worker_of)
                  for i, p in enumerate(self.ports)]
         dt = now - self._last_time if self._last_time else 0
         for i, ps in enumerate(ports):

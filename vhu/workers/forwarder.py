@@ -396,5 +396,6 @@ class Forwarder:
     def stats(self):
         """Per-port statistics as in the JSON stats file (vhu.stats.port_stats)."""
         snap = self.snapshot()
-        return [stats_mod.port_stats(snap, i, self.config.queues, p.path, p.connected)
+        return [stats_mod.port_stats(snap, i, self.config.queues, p.path, p.connected,
+                                       self.config.worker_of)
                 for i, p in enumerate(self.master.ports)]
