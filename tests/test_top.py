@@ -2,7 +2,6 @@
 (rates, sorting, total row, 80x24 fit), and the live view as a person sees
 it, in an 80x24 tmux pane over a running master with DPDK traffic."""
 import io
-import os
 import re
 import shutil
 import subprocess
@@ -230,3 +229,15 @@ def test_top_in_80x24_tmux_over_a_master_with_testpmd_traffic(tmp_path):
                 term.close()
             tp.stop()
         vhu.stop()
+
+
+def test_a_file_that_is_not_a_stats_document_is_refused(tmp_path):
+    bad = tmp_path / "other.json"
+    bad.write_text('{"ports": 3}')
+    out = subprocess.run([sys.executable, "-m", "vhu.stats", "--top", "--stats-file", str(bad)],
+                         cwd=REPO, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode == 1 and "not a vhu stats document" in out.stderr, out
+    out = subprocess.run([sys.executable, "-m", "vhu.stats", "--top", "--stats-file",
+                          str(tmp_path / "missing.json")], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode == 1 and "No such file" in out.stderr, out

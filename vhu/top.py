@@ -178,20 +178,30 @@ def render(now, before=None, *, width=80, height=24, source="", note=""):
     return Group(title, table, legend)
 
 
+def read_document(path):
+    """read_json, and a ValueError unless it has the stats document's shape."""
+    doc = read_json(path)
+    if not (isinstance(doc, dict) and isinstance(doc.get("time"), (int, float))
+            and isinstance(doc.get("ports"), list)
+            and all(isinstance(p, dict) and isinstance(p.get("queues"), list) for p in doc["ports"])):
+        raise ValueError("not a vhu stats document (time, ports, queues)")
+    return doc
+
+
 class Follower:
     """The last two distinct documents of a stats file (distinct: another
     'time'), re-read on each poll; a failed read keeps what was there."""
 
     def __init__(self, path):
         self.path = path
-        self.now = read_json(path)          # the first read must work: raises OSError/ValueError
+        self.now = read_document(path)      # the first read must work: raises OSError/ValueError
         self.before = None
         self.changed = time.monotonic()
         self.error = ""
 
     def poll(self):
         try:
-            doc = read_json(self.path)
+            doc = read_document(self.path)
         except (OSError, ValueError) as exc:
             self.error = f"read failed: {exc}"
             return
@@ -212,7 +222,10 @@ class Follower:
 def keys(stream):
     """A function reading one key within a timeout (None if none came): the
     terminal in cbreak mode (no Enter needed, Ctrl-C still works) while in use."""
-    fd = stream.fileno() if hasattr(stream, "fileno") else None
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):    # None, closed, or not a file
+        fd = None
     saved = termios.tcgetattr(fd) if fd is not None and os.isatty(fd) else None
     if saved is not None:
         tty.setcbreak(fd)
