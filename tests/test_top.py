@@ -210,7 +210,7 @@ def test_top_in_80x24_tmux_over_a_master_with_testpmd_traffic(tmp_path):
                 assert len(lines) <= 24 and max(map(len, lines)) <= 80, text
                 assert lines[0].startswith("vhu top ") and "ports up 1/2" in lines[0], text
                 # Busiest first: port 0's queues (both busy, workers 0 and 1), then idle port 1.
-                assert [r[:5] for r in rows] [:2] in ([["0", "vm0.sock", "0", "0", "up"],
+                assert [r[:5] for r in rows][:2] in ([["0", "vm0.sock", "0", "0", "up"],
                                                       ["0", "vm0.sock", "1", "1", "up"]],
                                                      [["0", "vm0.sock", "1", "1", "up"],
                                                       ["0", "vm0.sock", "0", "0", "up"]]), text
@@ -219,7 +219,7 @@ def test_top_in_80x24_tmux_over_a_master_with_testpmd_traffic(tmp_path):
                 assert all(r[5:9] == ["0.00"] * 4 for r in rows[2:]), text
                 total = next(ln.split() for ln in lines if ln.startswith("total"))
                 assert float(total[1]) == pytest.approx(float(rows[0][5]) + float(rows[1][5]),
-                                                        abs=0.011), text
+                                                        abs=0.016), text
                 assert float(rows[0][6]) > 0, "Gbit/s shown too"
                 term.run("send-keys", "-t", "top", "q")
                 wait_for("vhu.stats --top to exit", lambda: rc_file.exists()
