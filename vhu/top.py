@@ -36,7 +36,7 @@ DROP_ABBREV = {"rx_no_room": "room", "rx_too_big": "big", "tx_short": "short",
                "filtered": "filt", "no_port": "nport", "stage": "stage",
                "stage_error": "serr"}
 assert DROP_ABBREV.keys() == DROP_REASONS.keys(), "a drop reason without an abbreviation"
-LEGEND = "q quits · room=no RX buffer big=too big short=runt filt=switch serr=stage error"
+LEGEND = "q quits · w=worker · room=no RX buffer big=too big short=runt serr=stage error"
 FIXED_LINES = 6        # title, header and its rule, the rule above the total, total, legend
 
 
