@@ -11,6 +11,8 @@ and prints DPDK Mpps, vhu Mpps, vhu/DPDK, CPU time per packet and peak RSS
 of each back-end. --rings packed makes the front-end use packed virtqueues
 (virtio-user packed_vq=1); --queues 4 runs 4 queue pairs with as many vhu
 workers (--workers caps it), all on the back-end's one CPU. Only ratios from one run are meaningful on shared machines.
+With --results, the chart of every row (perf/plot.py, needs the perf extra) is
+written beside the JSON (race.json -> race.png) and embedded in the markdown.
 """
 import argparse
 import itertools
@@ -66,13 +68,26 @@ def main(argv=None):
            "results": results}
     with open(a.json, "w") as f:
         json.dump(doc, f, indent=1)
-    table = render(doc)
+    chart = write_chart(doc, a.json) if a.results else None
+    table = render(doc, os.path.relpath(chart, os.path.dirname(a.results) or ".") if chart else None)
     print()
     print(table)
     if a.results:
         with open(a.results, "w") as f:
             f.write(table)
     return 0
+
+
+def write_chart(doc, json_path):
+    """perf/plot.py's chart beside the JSON (race.json -> race.png); None
+    without matplotlib (the perf extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("race: no matplotlib (pip install -e '.[perf]'), so no chart", file=sys.stderr)
+        return None
+    from plot import plot
+    return plot(doc, os.path.splitext(json_path)[0] + ".png")
 
 
 def race_row(row, size, ring, queues, workers, a):
@@ -127,7 +142,8 @@ def _rate(side):
     return f"{_f(side.get('mpps'), '.2f')} ({min(runs):.1f}–{max(runs):.1f})"
 
 
-def render(doc):
+def render(doc, chart=None):
+    """The markdown of perf/RESULTS.md; chart: the PNG's path relative to it."""
     m = doc["machine"]
     lines = [f"# vhu vs DPDK vhost back-end ({doc['time']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}.",
@@ -147,6 +163,8 @@ def render(doc):
             f"{_rate(d)} | {_rate(v)} | {_f(e['ratio'], '.2f')} | "
             f"{_f(d.get('cpu_ns_per_pkt'), '.0f')} | {_f(v.get('cpu_ns_per_pkt'), '.0f')} | "
             f"{_f(d.get('rss_mib'), '.0f')} | {_f(v.get('rss_mib'), '.0f')} |")
+    if chart:
+        lines += ["", f"![Mpps of every row, median and spread of the runs ({doc['time']})]({chart})"]
     return "\n".join(lines) + "\n"
 
 

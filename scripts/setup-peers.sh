@@ -42,6 +42,7 @@ PKGS=(
     busybox-static linux-image-amd64
     cpio kmod xz-utils zstd gzip iproute2 procps util-linux
     tcpdump                 # tests read vhu's pcap files with it
+    tmux                    # tests/test_top.py runs python -m vhu.stats --top in an 80x24 pane
 )
 if [ "${VHU_EXTRA_PKGS:-0}" = "1" ]; then
     PKGS+=(tshark)

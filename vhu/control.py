@@ -148,7 +148,8 @@ class ControlLoop:
 
     def port_stats(self):
         snap = self.stats.snapshot()
-        return [stats_mod.port_stats(snap, i, p.queue_pairs_in_use, p.path, p.connected)
+        return [stats_mod.port_stats(snap, i, p.queue_pairs_in_use, p.path, p.connected,
+                                     self.config.worker_of)
                 for i, p in enumerate(self.ports)]
 
     def report(self):

@@ -156,12 +156,16 @@ def queues_in_use(snap, port, in_use):
     return max(1, int(in_use), int(moved[-1]) + 1 if moved.size else 0)
 
 
-def port_stats(snap, port, queues, name, connected):
+def port_stats(snap, port, queues, name, connected, worker_of=None):
     """One port's document (the stats line, JSON, metrics). queues: the queue
     pairs front-ends have used on it; queues_in_use decides which are listed.
-    The totals are over every ring (kicks on a ring never enabled included)."""
+    The totals are over every ring (kicks on a ring never enabled included).
+    worker_of: queue pair -> index of the worker polling it (MasterConfig.worker_of)."""
     every = [queue_stats(snap, port, q) for q in range(snap.shape[1] // 2)]
     qs = every[:queues_in_use(snap, port, queues)]
+    if worker_of is not None:
+        for q in qs:
+            q["worker"] = worker_of(q["queue"])
     total = {k: sum(q[k] for q in every) for k in ("rx_packets", "rx_bytes", "tx_packets",
                                                    "tx_bytes", "kicks", "calls",
                                                    "calls_suppressed")}
@@ -177,12 +181,23 @@ def port_stats(snap, port, queues, name, connected):
             "queues": qs}
 
 
+def rates(now, before, dt):
+    """Per-second rates between two samples of a port or a queue (anything with
+    rx/tx packets and bytes): packets/s and bits/s each way. No earlier sample,
+    no time between them, or a counter that went down (a new master): zeros."""
+    keys = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
+    if not before or dt <= 0 or any(now[k] < before[k] for k in keys):
+        return {"rx_pps": 0.0, "rx_bps": 0.0, "tx_pps": 0.0, "tx_bps": 0.0}
+    return {"rx_pps": (now["rx_packets"] - before["rx_packets"]) / dt,
+            "rx_bps": (now["rx_bytes"] - before["rx_bytes"]) * 8 / dt,
+            "tx_pps": (now["tx_packets"] - before["tx_packets"]) / dt,
+            "tx_bps": (now["tx_bytes"] - before["tx_bytes"]) * 8 / dt}
+
+
 def rate_line(now, before, dt):
     """One testpmd-like line for a port: totals and per-second rates."""
-    def rate(key):
-        return (now[key] - before[key]) / dt if before and dt > 0 else 0.0
-    rx_pps, tx_pps = rate("rx_packets"), rate("tx_packets")
-    rx_bps, tx_bps = rate("rx_bytes") * 8, rate("tx_bytes") * 8
+    r = rates(now, before, dt)
+    rx_pps, tx_pps, rx_bps, tx_bps = r["rx_pps"], r["tx_pps"], r["rx_bps"], r["tx_bps"]
     broken = ",".join(f"{k}={v}" for k, v in now["broken"].items()) or "-"
     return (f"port {now['port']} {now['socket']} {'up' if now['connected'] else 'down'}: "
             f"rx {now['rx_packets']} pkts {rx_pps / 1e6:.3f} Mpps {rx_bps / 1e9:.3f} Gbps | "
@@ -210,14 +225,16 @@ def write_json(path, ports, **extra):
         raise
 
 
-def _read(path):
+def read_json(path):
+    """The stats document write_json wrote (or a copy of it)."""
     with open(path) as f:
         return json.load(f)
 
 
 def main(argv=None):
-    """python -m vhu.stats --stats-file PATH [--interval S] [--count N]:
-    follow a running master's JSON stats file and print live rates."""
+    """python -m vhu.stats --stats-file PATH [--interval S] [--count N] [--top]:
+    follow a running master's JSON stats file and print live rates, one line
+    per port per report, or (--top) as a full-screen table (vhu.top)."""
     import argparse
     import sys
     p = argparse.ArgumentParser(prog="python -m vhu.stats",
@@ -226,12 +243,17 @@ def main(argv=None):
                    help="the master's --stats-file")
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS")
     p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N reports (0: never)")
+    p.add_argument("--top", action="store_true",
+                   help="a live full-screen table, one row per port and queue (q quits)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if a.top:
+        from vhu.top import main as top_main
+        return top_main(a.stats_file, a.interval)
     before, t_before, n = None, None, 0
     try:
         while True:
             try:
-                doc = _read(a.stats_file)
+                doc = read_json(a.stats_file)
             except (OSError, ValueError) as exc:
                 print(f"vhu.stats: {a.stats_file}: {exc}", file=sys.stderr)
                 return 1
