@@ -50,6 +50,7 @@ class MasterConfig:
     stage: object = None          # a Forwarder pipeline's Python stages (vhu.workers.forwarder)
     client_ports: tuple = ()      # ports in client mode when not all are (--client)
     taps: tuple = ()              # TAP device names: ports len(sockets), len(sockets) + 1, ...
+    control: str | None = None    # the control socket (vhu.controlsock), None: none
 
     @property
     def rings_per_port(self):
@@ -123,7 +124,15 @@ def build_parser():
                    help="serve Prometheus metrics on this TCP port (0: any free port)")
     p.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
                    help="address the metrics endpoint listens on")
+    p.add_argument("--control", default=None, metavar="PATH",
+                   help="control socket for python -m vhu.ctl (default: the first socket's "
+                        "path + .ctl; 'none' for no control socket)")
     return p
+
+
+def default_control_path(first_socket):
+    """Beside the first socket: <socket>.ctl."""
+    return f"{first_socket}.ctl"
 
 
 def _octal_mode(flag, text):
@@ -178,6 +187,11 @@ def parse_args(argv):
     mode = _octal_mode("--socket-mode", a.socket_mode)
     pcap_mode = _octal_mode("--pcap-mode", a.pcap_mode)
     cpus = parse_cpus(a.cpus) if a.cpus is not None else ()
+    control = default_control_path(a.socket[0]) if a.control is None else a.control
+    if control == "none":
+        control = None
+    elif control is not None and os.path.abspath(control) in {os.path.abspath(s) for s in a.socket}:
+        raise UsageError("--control: the path of a --socket")
     return MasterConfig(sockets=tuple(a.socket), client=a.client, workers=a.workers,
                         queues=a.queues, app=a.app, poll=a.poll, cpus=cpus,
                         stats_interval=a.stats_interval, stats_file=a.stats_file,
@@ -185,4 +199,4 @@ def parse_args(argv):
                         pcap_dir=a.pcap, pcap_mode=pcap_mode, snaplen=a.snaplen,
                         mac_ageing=a.mac_ageing,
                         metrics_port=a.metrics_port, metrics_addr=a.metrics_addr,
-                        taps=tuple(a.tap))
+                        taps=tuple(a.tap), control=control)

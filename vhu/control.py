@@ -1,29 +1,46 @@
 """The back-end's control loop: ports, supervised workers, statistics.
 
 One asyncio event loop serves every socket (vhu.ports), the worker pool
-(vhu.workers.supervisor) and the stats timer. Nothing in it blocks on a
-front-end or a worker; every wait has a deadline. This is the layer between
-the sans-I/O protocol (vhu.protocol) and the embeddable API
-(vhu.workers.Forwarder, which the CLI vhu.master uses): it imports the
-former and is imported by the latter, never the other way round.
+(vhu.workers.supervisor), the stats timer and the control socket
+(vhu.controlsock). Nothing in it blocks on a front-end or a worker; every
+wait has a deadline. This is the layer between the sans-I/O protocol
+(vhu.protocol) and the embeddable API (vhu.workers.Forwarder, which the CLI
+vhu.master uses): it imports the former and is imported by the latter,
+never the other way round.
 
 Life cycle: open every port's socket (a path that cannot be served fails
 before any worker is spawned), start the workers, serve until stop(), then
 close the ports (socket files removed), write the last stats, stop the
 workers. run() returns normally after stop(); any other end raises, and the
 CLI exits non-zero.
+
+Ports come and go while it runs (add_port, remove_port: the Forwarder's
+methods and the control socket's commands are thin wrappers over these).
+A port has an index, the lowest free one when it is added (counters and
+MAC table entries of a removed port go with it); the shared counter memory
+is sized for every index a master can have (vhu.config.MAX_PORTS).
 """
 import asyncio
 import logging
+import os
 import struct
 import time
 
 from vhu import stats as stats_mod
+from vhu.config import MAX_PORTS
+from vhu.controlsock import ControlServer
+from vhu.portspecs import TapDevice, VhostUserPort
 from vhu.ports import Port
 from vhu.tap import TapPort
-from vhu.workers.supervisor import WorkerPool
+from vhu.workers.supervisor import REPLACED, WorkerPool
 
 log = logging.getLogger("vhu.master")
+
+MAC_TABLE_TIMEOUT = 5.0
+
+
+class ControlError(Exception):
+    """A runtime control request that cannot be done; the message says why."""
 
 
 def source_frame(size):
@@ -40,16 +57,24 @@ def source_frame(size):
     return eth + ip + udp + bytes(payload_len)
 
 
+def initial_specs(config):
+    """The ports a MasterConfig names, in index order: sockets, then TAPs."""
+    specs = [VhostUserPort(path, client=config.client or i in config.client_ports)
+             for i, path in enumerate(config.sockets)]
+    return specs + [TapDevice(name) for name in config.taps]
+
+
 class ControlLoop:
     def __init__(self, config):
         self.config = config
         self.loop = None
         self.stats = None
         self.pool = None
-        self.ports = []
+        self.ports = {}               # index -> Port | TapPort
+        self.control_server = None
         self.stopping = False
         self._stop_event = None
-        self._last_snapshot = None
+        self._last_snapshot = {}
         self._last_time = None
 
     # -- life cycle -------------------------------------------------------------
@@ -62,23 +87,20 @@ class ControlLoop:
         self._stop_event = asyncio.Event()
         if self.stopping:
             self._stop_event.set()
-        self.stats = stats_mod.StatsMemory(len(c.sockets) + len(c.taps), c.rings_per_port,
-                                           c.worker_count)
+        self.stats = stats_mod.StatsMemory(MAX_PORTS, c.rings_per_port, c.worker_count)
         try:
             try:
-                for index, path in enumerate(c.sockets):
-                    port = Port(self, index, path, client=c.client or index in c.client_ports)
-                    self.ports.append(port)
-                    port.open()
-                for k, name in enumerate(c.taps):      # TAP ports follow the sockets
-                    port = TapPort(self, len(c.sockets) + k, name)
-                    self.ports.append(port)
-                    port.open()
+                for index, spec in enumerate(initial_specs(c)):
+                    self._open_port(index, spec)
+                if c.control:
+                    self.control_server = ControlServer(self, c.control)
+                    await self.control_server.start()
                 self.pool = WorkerPool(c.worker_count, self._worker_config(), self.stats,
                                        cpus=c.cpus, replay=self._replay,
                                        on_fault=self._on_fault, on_error=self._on_error)
                 self.pool.start()
-                for port in self.ports:
+                for port in list(self.ports.values()):
+                    self._announce(port)
                     port.serve()
             except BaseException as exc:
                 if started is not None:
@@ -114,7 +136,9 @@ class ControlLoop:
 
     async def _shutdown(self):
         self.stopping = True
-        for p in self.ports:
+        if self.control_server is not None:
+            self.control_server.close()
+        for p in list(self.ports.values()):
             try:
                 p.close()
             except Exception:
@@ -124,17 +148,153 @@ class ControlLoop:
             await self.pool.close()
         self.stats.close()
 
+    # -- ports ----------------------------------------------------------------------
+
+    def _open_port(self, index, spec):
+        """Create and open (bind, or create the TAP) the port `spec` names at
+        `index`; nothing is served before serve()."""
+        if isinstance(spec, VhostUserPort):
+            queues = self.config.queues if spec.queues is None else spec.queues
+            if not 1 <= queues <= self.config.queues:
+                raise ControlError(f"queues {queues}: this master offers 1..{self.config.queues} "
+                                   f"queue pairs per port (--queues)")
+            port = Port(self, index, spec.path, client=spec.client, queues=queues)
+        elif isinstance(spec, TapDevice):
+            port = TapPort(self, index, spec.name)
+        else:
+            raise ControlError(f"not a port: {spec!r}")
+        port.spec = spec
+        port.open()
+        self.ports[index] = port
+        return port
+
+    def _announce(self, port):
+        """Tell every worker the port exists (its capture files open, empty)."""
+        for w in range(self.pool.count):
+            self.pool.submit(w, "port_open", port.index, True, port=None)
+
+    def find_port(self, ref):
+        """A port by index (int, or digits) or by its socket path / TAP name."""
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+            port = self.ports.get(int(ref))
+            if port is None:
+                raise ControlError(f"no port {ref}")
+            return port
+        for port in self.ports.values():
+            if isinstance(port.spec, VhostUserPort) and \
+                    os.path.abspath(port.spec.path) == os.path.abspath(ref):
+                return port
+            if isinstance(port.spec, TapDevice) and ref in (port.spec.name, port.path):
+                return port
+        raise ControlError(f"no port {ref!r}")
+
+    async def add_port(self, spec):
+        """A new port, served from now on (its front-end may connect when this
+        returns); its description (describe_port)."""
+        if self.stopping:
+            raise ControlError("vhu is stopping")
+        if self.config.app == "patch" and len(self.ports) >= 2:
+            raise ControlError("--app patch joins exactly two ports; remove one first")
+        for other in self.ports.values():
+            if isinstance(spec, VhostUserPort) and isinstance(other.spec, VhostUserPort) and \
+                    os.path.abspath(other.spec.path) == os.path.abspath(spec.path):
+                raise ControlError(f"{spec.path} is port {other.index} already")
+            if isinstance(spec, TapDevice) and isinstance(other.spec, TapDevice) and \
+                    other.spec.name == spec.name:
+                raise ControlError(f"TAP {spec.name} is port {other.index} already")
+        free = [i for i in range(MAX_PORTS) if i not in self.ports]
+        if not free:
+            raise ControlError(f"at most {MAX_PORTS} ports")
+        index = free[0]
+        self.stats.reset_port(index)          # what an earlier port at this index counted
+        try:
+            port = self._open_port(index, spec)
+        except (OSError, ValueError) as exc:
+            raise ControlError(str(exc)) from None
+        self._announce(port)
+        port.serve()
+        log.info("port %d added: %r", index, spec)
+        return self.describe_port(port)
+
+    async def remove_port(self, ref):
+        """Disconnect the port's front-end, stop its rings, release its fds and
+        mappings, remove its socket file; nothing else pauses. What it was."""
+        port = self.find_port(ref)
+        info = self.describe_port(port)
+        port.close()
+        del self.ports[port.index]
+        self._last_snapshot.pop(port.index, None)
+        # Its captures complete, its MAC table entries forgotten, in every worker.
+        await asyncio.gather(*(self.pool.submit(w, "port_close", port.index, port=None)
+                               for w in range(self.pool.count)), return_exceptions=True)
+        log.info("port %d removed: %r", port.index, port.spec)
+        return info
+
+    # -- asking -----------------------------------------------------------------
+
+    def describe_port(self, port):
+        c = self.config
+        out = {"port": port.index, "kind": "tap" if isinstance(port, TapPort) else "vhost-user",
+               "socket": port.path, "connected": port.connected}
+        if isinstance(port, TapPort):
+            out.update(queues=1, queue_pairs=[{"queue": 0, "worker": c.worker_of(0)}])
+            return out
+        device = port.session.device if port.session is not None else None
+        out.update(mode="client" if port.client else "server", queues=port.queues,
+                   queue_pairs=[{"queue": q, "worker": c.worker_of(q)}
+                                for q in range(max(port.queue_pairs_in_use, 1))],
+                   features=f"{device.acked_features:#x}" if device else None,
+                   protocol_features=f"{device.acked_protocol_features:#x}" if device else None)
+        return out
+
+    def describe(self):
+        """What `vhu.ctl show` prints: the ports, the workers, how they poll."""
+        return {"app": self.config.app, "poll": self.config.poll,
+                "queues_offered": self.config.queues, "workers": self.workers(),
+                "ports": [self.describe_port(p) for _, p in sorted(self.ports.items())]}
+
+    def set_log_level(self, level):
+        level = str(level).upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ControlError(f"log level {level!r} is not DEBUG, INFO, WARNING or ERROR")
+        logging.getLogger().setLevel(level)
+        for w in range(self.pool.count):
+            self.pool.submit(w, "log_level", level, port=None)
+        log.warning("log level set to %s", level)
+        return level
+
+    async def mac_table(self):
+        """The switch's learned stations: [{mac, port, age}] from every worker."""
+        if self.config.app != "switch":
+            raise ControlError(f"no MAC table: the app is {self.config.app}, not switch")
+        futs = [self.pool.submit(w, "mac_table", port=None) for w in range(self.pool.count)]
+        done = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True),
+                                      MAC_TABLE_TIMEOUT)
+        rows = {}
+        for worker, entries in enumerate(done):
+            if isinstance(entries, BaseException) or entries is REPLACED:
+                continue
+            for mac, port, age in entries:
+                best = rows.get(mac)
+                if best is None or age < best["age"]:
+                    rows[mac] = {"mac": ":".join(f"{(mac >> s) & 0xFF:02x}"
+                                                 for s in range(40, -8, -8)),
+                                 "port": port, "age": round(age, 1), "worker": worker}
+        return sorted(rows.values(), key=lambda r: (r["port"], r["mac"]))
+
     # -- workers --------------------------------------------------------------
 
     def _replay(self, worker):
         cmds = []
-        for p in self.ports:
+        for _, p in sorted(self.ports.items()):
+            cmds.append(("port_open", (p.index, False), [], None))
             cmds += p.replay(worker)
         return cmds
 
     def _on_fault(self, port_index, sig, addr):
-        if 0 <= port_index < len(self.ports):
-            self.ports[port_index].memory_fault(sig, addr)
+        port = self.ports.get(port_index)
+        if port is not None:
+            port.memory_fault(sig, addr)
 
     def _on_error(self, source, name, message):
         source.command_failed(name, message)      # the connection (or TAP) it was for
@@ -146,20 +306,19 @@ class ControlLoop:
             await asyncio.sleep(interval)
             self.report()
 
-    def port_stats(self):
+    def port_stats(self, only=None):
         snap = self.stats.snapshot()
         return [stats_mod.port_stats(snap, i, p.queue_pairs_in_use, p.path, p.connected,
                                      self.config.worker_of)
-                for i, p in enumerate(self.ports)]
+                for i, p in sorted(self.ports.items()) if only is None or i == only]
 
     def report(self):
         ports = self.port_stats()
         now = time.monotonic()
         dt = now - self._last_time if self._last_time else 0
-        for i, ps in enumerate(ports):
-            before = self._last_snapshot[i] if self._last_snapshot else None
-            log.info("%s", stats_mod.rate_line(ps, before, dt))
-        self._last_snapshot, self._last_time = ports, now
+        for ps in ports:
+            log.info("%s", stats_mod.rate_line(ps, self._last_snapshot.get(ps["port"]), dt))
+        self._last_snapshot, self._last_time = {ps["port"]: ps for ps in ports}, now
         if self.config.stats_file:
             try:
                 stats_mod.write_json(self.config.stats_file, ports, workers=self.workers())

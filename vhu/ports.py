@@ -222,6 +222,57 @@ class WorkerHooks:
         self.closed = True
 
 
+def listen_unix(path, mode, backlog=LISTEN_BACKLOG):
+    """A non-blocking listening Unix socket at path and its file's inode. A
+    stale socket file (left by a vhu that was killed) is replaced; a path
+    where something live listens, or that is not a socket, is refused. The
+    file gets its mode at bind (through the umask), never by path
+    afterwards: a chmod by path could follow a symlink put there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except BlockingIOError:       # a live listener whose backlog is full
+            raise OSError(errno.EADDRINUSE,
+                          f"{path}: a live back-end is listening there") from None
+        except OSError:
+            os.unlink(path)
+            log.info("%s: removed a stale socket file", path)
+        else:
+            raise OSError(errno.EADDRINUSE, f"{path}: a live back-end is listening there")
+        finally:
+            probe.close()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~mode)
+    try:
+        s.bind(path)
+    except OSError:
+        s.close()
+        raise
+    finally:
+        os.umask(old)
+    inode = os.lstat(path).st_ino
+    s.listen(backlog)
+    s.setblocking(False)
+    return s, inode
+
+
+def remove_socket_file(path, inode):
+    """Unlink path if it is still the socket we created (not one put there since)."""
+    try:
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _shrink_sealed(fd):
     try:
         return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _F_SEAL_SHRINK)
@@ -230,12 +281,14 @@ def _shrink_sealed(fd):
 
 
 class Port:
-    def __init__(self, control, index, path, client=False):
+    def __init__(self, control, index, path, client=False, queues=None):
         self.control = control
         self.config = control.config
         self.index = index
         self.path = path
         self.client = client
+        self.queues = control.config.queues if queues is None else queues   # offered
+        self.spec = None                 # what it was made from (vhu.portspecs)
         self.listener = None
         self.conn = None
         self.session = None
@@ -279,44 +332,8 @@ class Port:
             self._accept_on()
 
     def _listen(self):
-        path = self.path
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            probe.setblocking(False)
-            try:
-                probe.connect(path)
-            except BlockingIOError:       # a live listener whose backlog is full
-                raise OSError(errno.EADDRINUSE,
-                              f"{path}: a live back-end is listening there") from None
-            except OSError:
-                os.unlink(path)           # stale: left by a vhu that was killed
-                log.info("%s: removed a stale socket file", path)
-            else:
-                raise OSError(errno.EADDRINUSE, f"{path}: a live back-end is listening there")
-            finally:
-                probe.close()
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # The file gets its mode at bind (through the umask), never by path
-        # afterwards: a chmod by path could follow a symlink put there.
-        old = os.umask(0o777 & ~self.config.socket_mode)
-        try:
-            s.bind(path)
-        except OSError:
-            s.close()
-            raise
-        finally:
-            os.umask(old)
-        self.created_inode = os.lstat(path).st_ino
-        s.listen(LISTEN_BACKLOG)
-        s.setblocking(False)
-        self.listener = s
-        log.info("port %d: listening on %s", self.index, path)
+        self.listener, self.created_inode = listen_unix(self.path, self.config.socket_mode)
+        log.info("port %d: listening on %s", self.index, self.path)
 
     def _accept_on(self):
         if self.listener is not None and not self._accepting and not self.closing:
@@ -400,7 +417,7 @@ class Port:
         conn.setblocking(False)
         self.conn = conn
         self.hooks = WorkerHooks(self)
-        device = NetBackend(BackendConfig(max_queue_pairs=self.config.queues), self.hooks)
+        device = NetBackend(BackendConfig(max_queue_pairs=self.queues), self.hooks)
         self.session = Dispatcher(device)
         log.log(logging.DEBUG if self.queue_num_leavers else logging.INFO,
                 "port %d: front-end connected on %s", self.index, self.path)
@@ -548,7 +565,7 @@ class Port:
                         "this port offers (%d): it wants more (QEMU: \"you are asking more queues "
                         "than supported\"); give vhu.master a larger --queues. Its retries are "
                         "logged at DEBUG and served at most every %g s", self.index,
-                        self.config.queues, QUEUE_NUM_PAUSE_MAX)
+                        self.queues, QUEUE_NUM_PAUSE_MAX)
         pause = min(RECONNECT_MIN * 2 ** self.queue_num_leavers, QUEUE_NUM_PAUSE_MAX)
         self.pause_until = time.monotonic() + pause
 
@@ -585,8 +602,4 @@ class Port:
             self._accept_off()
             self.listener.close()
             self.listener = None
-            try:
-                if os.lstat(self.path).st_ino == self.created_inode:
-                    os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            remove_socket_file(self.path, self.created_inode)

@@ -96,6 +96,10 @@ class StatsMemory:
         packed: position | wrap << 15)."""
         return int(self.array[port, ring, POSITION])
 
+    def reset_port(self, port):
+        """Zero a port index's counters (a new port takes an index a removed one had)."""
+        self.array[port, :, :] = 0
+
     def count(self, port, ring, name, n=1):
         """Add to a counter from the master (only while no worker runs the ring)."""
         self.array[port, ring, _INDEX[name]] += n

@@ -46,6 +46,7 @@ class TapPort:
         self.path = f"tap:{name}"
         self.fd = None
         self.queue_pairs_in_use = 1       # one queue, served by queue pair 0's worker
+        self.spec = None                  # what it was made from (vhu.portspecs)
 
     @property
     def connected(self):

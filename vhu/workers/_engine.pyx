@@ -313,7 +313,7 @@ cdef class Engine:
         if self.epfd >= 0:
             close(self.epfd)
         for i in range(self.ncap):
-            free(self.caps[i].buf)
+            free(self.caps[i].buf)         # NULL for a closed slot: free() accepts it
         free(self.frame)
         free(self.macs)
         free(self.tap_in)
@@ -374,11 +374,14 @@ cdef class Engine:
         """Append classic pcap records to fd (the caller wrote the file
         header and keeps the fd). Returns the capture slot for bindings'
         cap_rx / cap_tx."""
-        if self.ncap >= MAX_CAPTURES:
-            raise ValueError(f"at most {MAX_CAPTURES} captures per worker")
+        cdef int slot = 0
         if snaplen < 14:
             raise ValueError("snaplen must be at least 14")
-        cdef Capture *c = &self.caps[self.ncap]
+        while slot < self.ncap and self.caps[slot].buf != NULL:
+            slot += 1                       # a slot close_capture freed is taken again
+        if slot >= MAX_CAPTURES:
+            raise ValueError(f"at most {MAX_CAPTURES} captures per worker")
+        cdef Capture *c = &self.caps[slot]
         c.buf = <char *>malloc(CAP_BUF)
         if c.buf == NULL:
             raise MemoryError()
@@ -387,8 +390,19 @@ cdef class Engine:
         c.used = 0
         c.records = 0
         c.write_errors = 0
-        self.ncap += 1
-        return self.ncap - 1
+        if slot == self.ncap:
+            self.ncap += 1
+        return slot
+
+    def close_capture(self, int slot):
+        """Write out and drop a capture (its port went); the caller closes the
+        fd and must have rebound without it."""
+        if not 0 <= slot < self.ncap or self.caps[slot].buf == NULL:
+            raise ValueError(f"{slot} is not a capture slot")
+        self.flush_capture(&self.caps[slot])
+        free(self.caps[slot].buf)
+        self.caps[slot].buf = NULL
+        self.caps[slot].fd = -1
 
     def flush(self):
         """Write out buffered capture records (before the owner closes the files)."""
@@ -401,9 +415,22 @@ cdef class Engine:
 
     def mac_table(self):
         """Live entries as {mac (int): port}, for tests and debugging."""
+        return {mac: port for mac, port, _ in self.mac_entries()}
+
+    def mac_entries(self):
+        """Live entries as (mac (int), port, seconds since last seen)."""
         cdef double t = now()
-        return {self.macs[i].mac: self.macs[i].port for i in range(MAC_SLOTS)
-                if self.macs[i].mac and t - self.macs[i].seen < self.mac_ageing}
+        return [(self.macs[i].mac, self.macs[i].port, t - self.macs[i].seen)
+                for i in range(MAC_SLOTS)
+                if self.macs[i].mac and t - self.macs[i].seen < self.mac_ageing]
+
+    def forget_port(self, int port):
+        """Drop every station learned on `port` (it was removed: its index may
+        be given to another port)."""
+        cdef int i
+        for i in range(MAC_SLOTS):
+            if self.macs[i].mac and self.macs[i].port == port:
+                self.macs[i].mac = 0
 
     def set_bindings(self, list pairs):
         """pairs: dicts with rx, tx (DeviceRing or None), rx_enabled,
@@ -433,8 +460,9 @@ cdef class Engine:
             if not 0 <= p.get("queue", 0) < MAX_GROUPS:
                 raise ValueError(f"queue must be 0..{MAX_GROUPS - 1}")
             for k in ("cap_rx", "cap_tx"):
-                if not -1 <= p.get(k, -1) < self.ncap:
-                    raise ValueError(f"{k} {p.get(k)} is not a capture slot")
+                slot = p.get(k, -1)
+                if not -1 <= slot < self.ncap or (slot >= 0 and self.caps[slot].buf == NULL):
+                    raise ValueError(f"{k} {slot} is not a capture slot")
             if p.get("tap_fd", -1) >= 0:
                 if p.get("rx") is not None or p.get("tx") is not None:
                     raise ValueError("a binding is rings or a TAP, not both")
@@ -542,7 +570,8 @@ cdef class Engine:
     cdef void flush_captures(self) noexcept nogil:
         cdef int i
         for i in range(self.ncap):
-            self.flush_capture(&self.caps[i])
+            if self.caps[i].buf != NULL:
+                self.flush_capture(&self.caps[i])
 
     cdef void flush_capture(self, Capture *c) noexcept nogil:
         cdef uint32_t off = 0

@@ -61,6 +61,7 @@ import numpy as np
 
 from vhu.config import APPS, DEFAULT_QUEUES, MAX_PORTS, POLL_MODES, MasterConfig
 from vhu.control import ControlLoop
+from vhu.portspecs import TapDevice, VhostUserPort  # noqa: F401  (part of this API)
 from vhu.protocol.backend import MAX_QUEUE_PAIRS
 from vhu.workers._engine import META_DTYPE, VERDICT_APP, VERDICT_DROP
 
@@ -69,31 +70,6 @@ log = logging.getLogger("vhu.forwarder")
 DROP = VERDICT_DROP
 APP = VERDICT_APP
 BUILTIN = ("switch", "patch", "echo", "sink", "pcap")
-
-
-class VhostUserPort:
-    """A vhost-user socket: vhu listens on path (server, default) or connects
-    to a front-end listening there (client=True: QEMU server=on, virtio-user
-    server=1)."""
-
-    def __init__(self, path, client=False):
-        self.path = os.fspath(path)
-        self.client = bool(client)
-
-    def __repr__(self):
-        return f"VhostUserPort({self.path!r}, client={self.client})"
-
-
-class TapDevice:
-    """A Linux TAP device as a port (created by vhu, IFF_TAP | IFF_NO_PI; one
-    queue, meeting queue pair 0 of the other ports). List TAP devices after
-    the vhost-user ports: port indices follow the order of the list."""
-
-    def __init__(self, name):
-        self.name = str(name)
-
-    def __repr__(self):
-        return f"TapDevice({self.name!r})"
 
 
 class Batch:
@@ -238,6 +214,7 @@ class Forwarder:
     batch      frames per ring per round (1..256), also the stage's batch size
     pcap_dir   capture every port and direction (see vhu.workers.process.pcap_path)
     pcap_mode  mode of the capture files (default 0o600)
+    control    a control socket path for python -m vhu.ctl (default: none)
     cpus       pin worker i to cpus[i % len(cpus)]
     stats_file, stats_interval, metrics_port, log_level: as the CLI's flags
     """
@@ -246,12 +223,12 @@ class Forwarder:
                  batch=32, pcap_dir=None, pcap_mode=0o600, snaplen=65535, mac_ageing=300.0, cpus=(),
                  stats_file=None, stats_interval=1.0, metrics_port=None,
                  metrics_addr="127.0.0.1", log_level="INFO", socket_mode=0o600,
-                 pkt_size=64, config=None):
+                 pkt_size=64, control=None, config=None):
         if config is not None:          # the CLI: an already validated MasterConfig
             self.config = config
         else:
             self.config = self._config(ports, workers, queues, poll, pipeline, batch, pcap_dir,
-                                       pcap_mode, snaplen, mac_ageing, cpus, stats_file, stats_interval,
+                                       pcap_mode, control, snaplen, mac_ageing, cpus, stats_file, stats_interval,
                                        metrics_port, metrics_addr, log_level, socket_mode,
                                        pkt_size)
         self.control = None
@@ -261,7 +238,8 @@ class Forwarder:
         self._lock = threading.Lock()
 
     @staticmethod
-    def _config(ports, workers, queues, poll, pipeline, batch, pcap_dir, pcap_mode, snaplen,
+    def _config(ports, workers, queues, poll, pipeline, batch, pcap_dir, pcap_mode, control,
+                snaplen,
                 mac_ageing,
                 cpus, stats_file, stats_interval, metrics_port, metrics_addr, log_level,
                 socket_mode, pkt_size):
@@ -301,6 +279,7 @@ class Forwarder:
             cpus=tuple(cpus), stats_interval=stats_interval, stats_file=stats_file,
             log_level=log_level, pkt_size=pkt_size, socket_mode=socket_mode, batch=batch,
             pcap_dir=os.fspath(pcap_dir) if pcap_dir else None, pcap_mode=pcap_mode,
+            control=os.fspath(control) if control else None,
             snaplen=snaplen,
             mac_ageing=mac_ageing, metrics_port=metrics_port, metrics_addr=metrics_addr,
             stage=StageRunner(stages) if stages else None, taps=tuple(taps))
@@ -398,6 +377,37 @@ class Forwarder:
     def worker_pids(self):
         """The worker processes' pids (they change when a worker is replaced)."""
         return self.control.worker_pids() if self.control is not None else []
+
+    # -- ports at runtime ---------------------------------------------------------
+
+    def _in_loop(self, make, timeout=30.0):
+        """Run a control-loop coroutine from this thread; its result."""
+        control = self._serving()
+        if threading.current_thread() is self._thread or control.loop is None:
+            raise RuntimeError("call from another thread than the Forwarder's own loop")
+        future = asyncio.run_coroutine_threadsafe(make(control), control.loop)
+        return future.result(timeout)
+
+    def add_port(self, port, *, client=False, queues=None):
+        """Add a port while serving: a socket path (or VhostUserPort) or a
+        TapDevice. Its front-end may connect when this returns; its
+        description (as in ports()). Raises vhu.control.ControlError."""
+        if not isinstance(port, (VhostUserPort, TapDevice)):
+            port = VhostUserPort(port, client=client, queues=queues)
+        return self._in_loop(lambda control: control.add_port(port))
+
+    def remove_port(self, port):
+        """Remove a port (index, socket path or TAP name): its front-end is
+        disconnected, its rings stop, its fds and mappings are released, its
+        socket file removed; nothing else pauses. What it was."""
+        return self._in_loop(lambda control: control.remove_port(port))
+
+    def ports(self):
+        """Every port: index, kind, socket, connection, negotiated features,
+        queue pairs and the worker of each."""
+        async def describe(control):
+            return control.describe()["ports"]
+        return self._in_loop(describe)
 
     # -- statistics -----------------------------------------------------------
 

@@ -152,7 +152,7 @@ class WorkerState:
     def cmd_assign(self, index, cpu, replacing, fds):
         """Become worker `index` (heartbeat and fault slot), pinned to cpu;
         replacing: an earlier worker `index` died, whose capture files we
-        continue."""
+        continue (port_open)."""
         self.index = index
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
@@ -163,12 +163,46 @@ class WorkerState:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(logging.Formatter(
                 f"%(asctime)s vhu.worker{index} %(levelname)s %(message)s"))
-        if self.config.get("pcap_dir"):
-            # Every port's files now (not on first traffic): they exist from
-            # the start, and what a worker holds does not grow with traffic.
-            for port in range(self.config["stats_layout"][0]):
-                self._capture(port, continuing=replacing)
         return os.getpid()
+
+    @command
+    def cmd_port_open(self, port, new, fds):
+        """Port `port` exists: its capture files open now (not on first
+        traffic: they exist from the start, and what a worker holds does not
+        grow with traffic). new: a port just added (its files start empty)
+        rather than one this worker takes over (its files continue)."""
+        if self.config.get("pcap_dir"):
+            self._capture(port, continuing=not new)
+        return True
+
+    @command
+    def cmd_port_close(self, port, fds):
+        """Port `port` was removed: rings stopped, memory unmapped, TAP
+        closed, captures written out and closed, its MAC entries forgotten."""
+        self.cmd_port_reset(port, fds=[])
+        fd = self.taps.pop(port, None)
+        caps = self.captures.pop(port, None)
+        if fd is not None or caps is not None:
+            self._rebind()                # nothing may point at them any more
+        _close(fd)
+        if caps is not None:
+            for slot in caps[:2]:
+                if slot >= 0:
+                    self.engine.close_capture(slot)
+            for cap_fd in caps[2]:
+                _close(cap_fd)
+        self.engine.forget_port(port)
+        return True
+
+    @command
+    def cmd_mac_table(self, fds):
+        """The switch's live stations: (mac, port, seconds since last seen)."""
+        return self.engine.mac_entries()
+
+    @command
+    def cmd_log_level(self, level, fds):
+        logging.getLogger().setLevel(level)
+        return True
 
     @command
     def cmd_mem(self, port, regions, fds):
