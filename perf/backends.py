@@ -76,10 +76,13 @@ class DpdkBackend:
 
 
 class VhuBackend:
+    """python -m vhu.master, from this checkout or (tree) another one built
+    in place (a baseline to compare a change against, in the same run)."""
     name = "vhu"
 
-    def __init__(self, sock, row, pkt_size, queues=1, workers=1, poll="busy"):
+    def __init__(self, sock, row, pkt_size, queues=1, workers=1, poll="busy", tree=None):
         self.sock = sock
+        self.tree = tree
         self.argv = [sys.executable, "-m", "vhu.master", "--socket", sock, "--app", row,
                      "--pkt-size", str(pkt_size), "--queues", str(queues),
                      "--workers", str(workers), "--poll", poll,
@@ -87,8 +90,9 @@ class VhuBackend:
         self.proc = None
 
     def __enter__(self):
-        self.proc = subprocess.Popen(self.argv, cwd=REPO, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        env = dict(os.environ, PYTHONPATH=self.tree) if self.tree else None
+        self.proc = subprocess.Popen(self.argv, cwd=self.tree or REPO, env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while not os.path.exists(self.sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:

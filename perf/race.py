@@ -2,7 +2,7 @@
 
     python perf/race.py [--seconds 2] [--repeat 3] [--sizes 64,1500] [--rows sink,source,echo]
                         [--rings split,packed] [--queues 1,4] [--workers N]
-                        [--json perf/race.json] [--results perf/RESULTS.md]
+                        [--json perf/race.json] [--results perf/RESULTS.md] [--baseline DIR]
 
 For each row (sink/rxonly, source/txonly, echo/io) and frame size, runs
 DPDK testpmd `--vdev net_vhost0` and then `python -m vhu.master` as the
@@ -53,6 +53,9 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=None,
                     help="vhu workers (default: one per queue pair)")
     ap.add_argument("--poll", default="busy")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="also race vhu from another checkout, built in place "
+                         "(python setup.py build_ext --inplace): the 'base' column, same run")
     ap.add_argument("--json", default="perf/race.json")
     ap.add_argument("--results", default=None, help="also rewrite this markdown file")
     a = ap.parse_args(argv)
@@ -93,27 +96,32 @@ def write_chart(doc, json_path):
 def race_row(row, size, ring, queues, workers, a):
     """Both back-ends on one row, interleaved repeats; medians compared."""
     entry = {"row": row, "pkt_size": size, "queues": queues, "workers": workers, "ring": ring}
-    runs = {"dpdk": [], "vhu": []}
+    names = ("dpdk", "vhu") + (("base",) if getattr(a, "baseline", None) else ())
+    runs = {name: [] for name in names}
     errors = {}
-    # Interleaved, so slow phases of a shared host hit both back-ends.
+    # Interleaved, so slow phases of a shared host hit every back-end.
     for _ in range(a.repeat):
-        for name in ("dpdk", "vhu"):
+        for name in names:
             sock = os.path.join(tempfile.mkdtemp(prefix="vhu-race-"), "vhost.sock")
             be = (DpdkBackend(sock, row, size, queues) if name == "dpdk" else
-                  VhuBackend(sock, row, size, queues, workers, a.poll))
+                  VhuBackend(sock, row, size, queues, workers, a.poll,
+                             tree=a.baseline if name == "base" else None))
             try:
                 runs[name].append(measure(be, sock, row, size, a.seconds, queues=queues,
                                           packed=ring == "packed"))
             except Exception as exc:          # a failed run is reported, not hidden
                 errors[name] = str(exc).splitlines()[0][:200]
             time.sleep(0.3)
-    for name in ("dpdk", "vhu"):
+    for name in names:
         entry[name] = median_run(runs[name]) if runs[name] else {}
         entry[name]["runs_mpps"] = [round(r["mpps"], 3) for r in runs[name]]
         if name in errors:
             entry[name]["error"] = errors[name]
     d, v = entry["dpdk"].get("mpps"), entry["vhu"].get("mpps")
     entry["ratio"] = v / d if d and v is not None else None
+    if "base" in entry:
+        b = entry["base"].get("mpps")
+        entry["vs_base"] = v / b if b and v is not None else None
     return entry
 
 
@@ -129,9 +137,11 @@ def _f(x, fmt):
 
 def format_row(e):
     d, v = e["dpdk"], e["vhu"]
+    base = (f"  base {_f(e['base'].get('mpps'), '6.2f')} Mpps  vhu/base {_f(e['vs_base'], '.2f')}"
+            if "base" in e else "")
     return (f"{e['row']:6} {e.get('ring', 'split'):6} {e['queues']}q {e['pkt_size']:5}B  dpdk {_f(d.get('mpps'), '6.2f')} Mpps  "
-            f"vhu {_f(v.get('mpps'), '6.2f')} Mpps  ratio {_f(e['ratio'], '.2f')}  "
-            f"{d.get('error', '')}{v.get('error', '')}")
+            f"vhu {_f(v.get('mpps'), '6.2f')} Mpps  ratio {_f(e['ratio'], '.2f')}{base}  "
+            f"{d.get('error', '')}{v.get('error', '')}{e.get('base', {}).get('error', '')}")
 
 
 def _rate(side):
@@ -163,6 +173,15 @@ def render(doc, chart=None):
             f"{_rate(d)} | {_rate(v)} | {_f(e['ratio'], '.2f')} | "
             f"{_f(d.get('cpu_ns_per_pkt'), '.0f')} | {_f(v.get('cpu_ns_per_pkt'), '.0f')} | "
             f"{_f(d.get('rss_mib'), '.0f')} | {_f(v.get('rss_mib'), '.0f')} |")
+    based = [e for e in doc["results"] if "base" in e]
+    if based:
+        lines += ["", "Against the baseline build (`--baseline`), same run:", "",
+                  "| row | ring | size | queues | base Mpps | vhu Mpps | vhu/base |",
+                  "|---|---|---|---|---|---|---|"]
+        for e in based:
+            lines.append(f"| {names.get(e['row'], e['row'])} | {e.get('ring', 'split')} | "
+                         f"{e['pkt_size']} | {e['queues']} | {_rate(e['base'])} | "
+                         f"{_rate(e['vhu'])} | {_f(e.get('vs_base'), '.2f')} |")
     if chart:
         lines += ["", f"![Mpps of every row, median and spread of the runs ({doc['time']})]({chart})"]
     return "\n".join(lines) + "\n"
