@@ -199,7 +199,8 @@ def test_another_uid_is_refused(tmp_path):
             assert rc == 1 and "Permission denied" in err     # the mode: not even connected
             os.chmod(control, 0o666)
             rc, err = ctl(control, "show", user=65534)
-            assert rc == 1 and err["error"] == f"uid 65534 may not control this vhu (uid {os.getuid()})"
+            assert rc == 1 and isinstance(err, dict), err
+            assert err["error"] == f"uid 65534 may not control this vhu (uid {os.getuid()})"
             vhu.wait_log("control: refused pid")
             rc, ok = ctl(control, "show")
             assert rc == 0 and ok["ok"]

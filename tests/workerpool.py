@@ -41,7 +41,9 @@ class PoolThread:
     def call(self, name, *args, fds=(), worker=0, timeout=60):
         """Run a command in worker `worker`; its reply (or WorkerError)."""
         async def go():
-            return await self.pool.submit(worker, name, *args, fds=fds)
+            fut = self.pool.submit(worker, name, *args, fds=fds)
+            self.pool.hurry()            # we wait for it
+            return await fut
         return self._on_loop(go, timeout)
 
     def submit(self, name, *args, fds=(), worker=0, key=None):

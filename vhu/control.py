@@ -225,8 +225,10 @@ class ControlLoop:
         del self.ports[port.index]
         self._last_snapshot.pop(port.index, None)
         # Its captures complete, its MAC table entries forgotten, in every worker.
-        await asyncio.gather(*(self.pool.submit(w, "port_close", port.index, port=None)
-                               for w in range(self.pool.count)), return_exceptions=True)
+        futs = [self.pool.submit(w, "port_close", port.index, port=None)
+                for w in range(self.pool.count)]
+        self.pool.hurry()
+        await asyncio.gather(*futs, return_exceptions=True)
         log.info("port %d removed: %r", port.index, port.spec)
         return info
 
@@ -268,6 +270,7 @@ class ControlLoop:
         if self.config.app != "switch":
             raise ControlError(f"no MAC table: the app is {self.config.app}, not switch")
         futs = [self.pool.submit(w, "mac_table", port=None) for w in range(self.pool.count)]
+        self.pool.hurry()
         done = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True),
                                       MAC_TABLE_TIMEOUT)
         rows = {}
@@ -329,9 +332,12 @@ class ControlLoop:
         return self.pool.pids() if self.pool is not None else []
 
     def workers(self):
-        """The workers as the stats file lists them: index, pid, and how many
-        times the worker of that index was replaced so far."""
+        """The workers as the stats file lists them: index, pid, how many
+        times the worker of that index was replaced so far, and how many
+        command packets the current one was sent (control traffic it had to
+        stop for)."""
         if self.pool is None:
             return []
-        return [{"index": i, "pid": pid, "replaced": self.pool.replaced[i]}
-                for i, pid in enumerate(self.pool.pids())]
+        return [{"index": i, "pid": h.pid, "replaced": self.pool.replaced[i],
+                 "packets": h.packets}
+                for i, h in enumerate(self.pool.workers)]

@@ -82,10 +82,16 @@ def ask(path, request, timeout=TIMEOUT):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(json.dumps(request).encode() + b"\n")
+        try:
+            s.sendall(json.dumps(request).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass                      # refused on connect: its reason is already there
         buf = b""
         while not buf.endswith(b"\n"):
-            more = s.recv(65536)
+            try:
+                more = s.recv(65536)
+            except ConnectionResetError:
+                break
             if not more:
                 break
             buf += more

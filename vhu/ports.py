@@ -164,6 +164,7 @@ class WorkerHooks:
         if self.running.pop(index, None) is None:
             return None
         fut = self._submit(self._worker_of(index), "ring_stop", index)
+        self.control.pool.hurry()
         try:
             base = await fut
         except WorkerError:
@@ -467,6 +468,7 @@ class Port:
             if outcome.reply:
                 if self.pending:
                     # The reply says the message took effect: in the workers too.
+                    self.control.pool.hurry()
                     await asyncio.gather(*self.pending, return_exceptions=True)
                     if self.conn is not conn:
                         return None

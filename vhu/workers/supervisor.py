@@ -53,6 +53,10 @@ STARVED_DEADLINE = 5.0
 START_DEADLINE = 30.0
 WATCH_INTERVAL = 0.05
 STOP_TIMEOUT = 5.0
+# A packet leaves at most this soon after the worker's previous one, unless
+# someone waits for it (hurry()): a front-end chatting as fast as it can
+# costs a worker at most 1 / PACKET_INTERVAL returns from its loop a second.
+PACKET_INTERVAL = 0.010
 
 
 class WorkerError(RuntimeError):
@@ -111,7 +115,10 @@ class WorkerHandle:
         self.cpu_at_beat = 0.0              # the worker's CPU time then
         self.dead = False
         self.writing = False
-        self.pump_due = False
+        self.pump_at = None                 # a timer that will send the next packet
+        self.urgent = False                 # someone waits for what is queued (hurry)
+        self.packets = 0                    # packets sent to this worker
+        self.last_sent = 0.0                # loop time of the last packet sent
 
     def kill(self):
         if self.process.exitcode is None:
@@ -178,7 +185,7 @@ class WorkerPool:
 
     def _ping(self, h):
         fut = self.loop.create_future()
-        self._queue(h, _Command("ping", (), [], fut))
+        self._queue(h, _Command("ping", (), [], fut), urgent=True)
         return fut
 
     def _assign(self, h, index, replacing=False):
@@ -188,7 +195,7 @@ class WorkerPool:
         fut = self.loop.create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception() or log.debug(
             "worker %d ready (pid %s)", index, f.result()))
-        self._queue(h, _Command("assign", (index, cpu, replacing), [], fut))
+        self._queue(h, _Command("assign", (index, cpu, replacing), [], fut), urgent=True)
 
     async def close(self):
         """Ask every worker to quit, wait for them (then kill), release everything."""
@@ -197,7 +204,7 @@ class WorkerPool:
             self._watcher.cancel()
         handles = [h for h in self.workers + [self.spare] if h is not None and not h.dead]
         for h in handles:
-            self._queue(h, _Command("quit", (), [], self.loop.create_future()))
+            self._queue(h, _Command("quit", (), [], self.loop.create_future()), urgent=True)
         deadline = time.monotonic() + STOP_TIMEOUT
         while time.monotonic() < deadline and not all(h.dead for h in handles):
             await asyncio.sleep(0.02)         # each exit is seen by _on_exit
@@ -226,7 +233,7 @@ class WorkerPool:
         self._queue(self.workers[index], cmd)
         return cmd.future
 
-    def _queue(self, h, cmd):
+    def _queue(self, h, cmd, urgent=False):
         if h.dead:
             self._settle(cmd, REPLACED)
             return
@@ -242,16 +249,33 @@ class WorkerPool:
                     cmd.followers += [old.future] + old.followers
                     break
         h.queue.append(cmd)
-        if not h.pump_due:
-            # Sent once the current callback is done: the commands of a burst
-            # of messages already read (a front-end toggling as fast as it
-            # can) leave together, in one packet.
-            h.pump_due = True
-            self.loop.call_soon(self._pump_due, h)
+        self._schedule(h, urgent)
+
+    def _schedule(self, h, urgent=False):
+        """Send the queue later, not now: what is queued meanwhile (a burst
+        of messages, a front-end toggling a ring as fast as it can) leaves
+        in the same packet. Urgent: as soon as the current callback is done
+        (and, if a packet is in flight, as soon as its reply is in)."""
+        h.urgent = h.urgent or urgent
+        urgent = h.urgent
+        when = self.loop.time() if urgent else max(self.loop.time(),
+                                                   h.last_sent + PACKET_INTERVAL)
+        if h.pump_at is not None:
+            if h.pump_at.when() <= when:
+                return
+            h.pump_at.cancel()
+        h.pump_at = self.loop.call_at(when, self._pump_due, h)
 
     def _pump_due(self, h):
-        h.pump_due = False
+        h.pump_at = None
         self._pump(h)
+
+    def hurry(self):
+        """Someone waits for what is queued (a reply to a front-end, a ring to
+        stop): send it now."""
+        for h in self.workers:
+            if h.queue and not h.dead:
+                self._schedule(h, urgent=True)
 
     def _pump(self, h):
         """Send the next packet if none is in flight."""
@@ -283,6 +307,9 @@ class WorkerPool:
             self._replace(h, f"channel send failed: {exc}")
             return
         self.packets += 1
+        h.packets += 1
+        h.last_sent = self.loop.time()
+        h.urgent = bool(h.queue) and h.urgent     # what did not fit stays urgent
         for c in batch:
             channel.close_all(c.fds)
             c.fds = []
@@ -299,7 +326,7 @@ class WorkerPool:
         h.writing = False
         if h.inflight is not None and h.inflight[0] is None:
             h.inflight = None
-        self._pump(h)
+        self._schedule(h, urgent=True)
 
     def _on_readable(self, h):
         while not h.dead:
@@ -323,7 +350,8 @@ class WorkerPool:
                     self._settle(cmd, value)
                 else:
                     self._fail(cmd, value)
-            self._pump(h)
+            if h.queue:
+                self._schedule(h)
 
     def _settle(self, cmd, value):
         for fut in [cmd.future] + cmd.followers:
@@ -423,7 +451,7 @@ class WorkerPool:
             self.on_fault(fault[2], fault[0], fault[1])
         for name, args, fds, port in self.replay(index):
             self._queue(new, _Command(name, args, list(fds), self.loop.create_future(),
-                                      port=port))
+                                      port=port), urgent=True)
 
     def _release(self, h):
         """Stop watching h and close its channel; reap it when it is gone."""
