@@ -1,7 +1,8 @@
 """Offloads: what they buy VM to VM, and what the software fallback costs.
 
     python perf/bench_offload.py segment        # software segmentation rate
-    python perf/bench_offload.py vm [--mib 64]  # two QEMU guests through --app patch
+    python perf/bench_offload.py vm [--mib 64] [--tool nc|iperf3]
+                                                # two QEMU guests through --app patch
 
 segment: 64 KiB TCP/IPv4 frames (MSS 1448) cut into segments by
 vhu.workers._offload.tso_segment, every IPv4 and TCP checksum computed, in
@@ -9,8 +10,9 @@ one thread with no Python per frame: Gbit/s of large frames in (what a
 port without TSO can be fed from one worker), segments/s out. Not counted:
 the copy of each segment into the receiving guest's ring.
 
-vm: the same run times a TCP transfer (busybox nc, random bytes, md5
-checked) between two TCG guests, with offloads (QEMU defaults: CSUM,
+vm: the same run times a TCP transfer between two TCG guests (busybox nc
+of a file of random bytes, md5 checked; or iperf3 -n, Debian's iperf3 put
+into the guest image by vhu.testbed.guest, which needs no file I/O), with offloads (QEMU defaults: CSUM,
 GUEST_CSUM, HOST/GUEST_TSO4 negotiated with vhu) and without (QEMU
 csum=off,guest_csum=off,host_tso4=off,... on both), A/B in one run.
 Figures are from a loaded, shared 2-core machine: compare the two rows, not
@@ -18,6 +20,7 @@ the absolute numbers.
 """
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -60,7 +63,19 @@ def timed_transfer(src, dst, dst_ip, port, size):
     return dt
 
 
-def vm(mib, rounds):
+def timed_iperf(src, dst, dst_ip, port, size):
+    """iperf3 -n size from src to dst: the seconds the receiver reports."""
+    dst.run(f"iperf3 -s -1 -p {port} > /tmp/iperf-s.log 2>&1 &", check=True)
+    dst.run(f"i=0; while ! grep -q ':{port:04X} 00000000:0000 0A' /proc/net/tcp && [ $i -lt 50 ]; "
+            f"do sleep 0.1; i=$((i+1)); done", check=True)
+    out, rc = src.run(f"iperf3 -c {dst_ip} -p {port} -n {size} -f m", timeout=900)
+    assert rc == 0, out
+    m = re.search(r"0\.00-(\d+\.\d+)\s+sec\s+(\S+) MBytes\s+(\S+) Mbits/sec\s+receiver", out)
+    assert m, out
+    return float(m.group(1))
+
+
+def vm(mib, rounds, tool="nc"):
     from tests.test_guests import IP_B
     from tests.test_offload_guests import OffloadPair
     size = mib << 20
@@ -69,7 +84,8 @@ def vm(mib, rounds):
     try:
         for r in range(rounds):                  # interleaved: the machine's load hits both
             for on, p in pairs.items():
-                dt = timed_transfer(p.a, p.b, IP_B, 5200 + r * 2 + on, size)
+                run = timed_iperf if tool == "iperf3" else timed_transfer
+                dt = run(p.a, p.b, IP_B, 5200 + r * 2 + on, size)
                 rows[on].append(size * 8 / dt / 1e6)
                 gso = p.vhu.port(0)["offload"]["tx_gso"]
                 print(f"offloads {'on ' if on else 'off'} round {r}: {mib} MiB in {dt:.1f} s = "
@@ -79,7 +95,7 @@ def vm(mib, rounds):
         for p in pairs.values():
             p.close()
     best = {on: max(v) for on, v in rows.items()}
-    print(f"VM to VM TCP, best of {rounds}: offloads on {best[True]:.0f} Mbit/s, off "
+    print(f"VM to VM TCP ({tool}, {mib} MiB), best of {rounds}: offloads on {best[True]:.0f} Mbit/s, off "
           f"{best[False]:.0f} Mbit/s: {best[True] / best[False]:.1f}x")
 
 
@@ -89,11 +105,12 @@ def main():
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--tool", choices=("nc", "iperf3"), default="nc")
     a = ap.parse_args()
     if a.what == "segment":
         segment(a.seconds)
     else:
-        vm(a.mib, a.rounds)
+        vm(a.mib, a.rounds, a.tool)
 
 
 if __name__ == "__main__":
