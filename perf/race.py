@@ -108,54 +108,44 @@ def write_chart(doc, json_path):
 def race_row(row, size, ring, queues, workers, a):
     """Both back-ends on one row, interleaved repeats; medians compared."""
     entry = {"row": row, "pkt_size": size, "queues": queues, "workers": workers, "ring": ring}
-    names = ("dpdk", "vhu") + (("base",) if getattr(a, "baseline", None) else ())
-    runs = {name: [] for name in names}
-    errors = {}
-    # Interleaved, so slow phases of a shared host hit every back-end.
-    for _ in range(a.repeat):
-        for name in names:
-            sock = os.path.join(tempfile.mkdtemp(prefix="vhu-race-"), "vhost.sock")
-            be = (DpdkBackend(sock, row, size, queues) if name == "dpdk" else
-                  VhuBackend(sock, row, size, queues, workers, a.poll,
-                             tree=a.baseline if name == "base" else None))
-            try:
-                runs[name].append(measure(be, sock, row, size, a.seconds, queues=queues,
-                                          packed=ring == "packed"))
-            except Exception as exc:          # a failed run is reported, not hidden
-                errors[name] = str(exc).splitlines()[0][:200]
-            time.sleep(0.3)
-    for name in names:
-        entry[name] = median_run(runs[name]) if runs[name] else {}
-        entry[name]["runs_mpps"] = [round(r["mpps"], 3) for r in runs[name]]
-        if name in errors:
-            entry[name]["error"] = errors[name]
-    d, v = entry["dpdk"].get("mpps"), entry["vhu"].get("mpps")
-    entry["ratio"] = v / d if d and v is not None else None
-    if "base" in entry:
-        b = entry["base"].get("mpps")
-        entry["vs_base"] = v / b if b and v is not None else None
-    return entry
+
+    def run(name):
+        sock = os.path.join(tempfile.mkdtemp(prefix="vhu-race-"), "vhost.sock")
+        be = (DpdkBackend(sock, row, size, queues) if name == "dpdk" else
+              VhuBackend(sock, row, size, queues, workers, a.poll,
+                         tree=a.baseline if name == "base" else None))
+        return measure(be, sock, row, size, a.seconds, queues=queues, packed=ring == "packed")
+    return interleaved(entry, "dpdk", run, a)
 
 
 def race_two_port_row(row, size, ring, a):
     """vhu --app switch|patch against Open vSwitch-DPDK (and the baseline),
     interleaved repeats; medians compared."""
     entry = {"row": row, "pkt_size": size, "queues": 1, "workers": 1, "ring": ring, "peer": "ovs"}
-    names = ("ovs", "vhu") + (("base",) if getattr(a, "baseline", None) else ())
+
+    def run(name):
+        if name == "ovs":
+            return measure_two_ports(OvsBackend(row), None, size, a.seconds, packed=ring == "packed")
+        d = tempfile.mkdtemp(prefix="vhu-race-")
+        socks = [os.path.join(d, f"vhost{i}.sock") for i in (0, 1)]
+        be = VhuBackend(socks[0], row, size, 1, 1, a.poll, more_sockets=socks[1:],
+                        tree=a.baseline if name == "base" else None)
+        return measure_two_ports(be, socks, size, a.seconds, packed=ring == "packed")
+    return interleaved(entry, "ovs", run, a)
+
+
+def interleaved(entry, peer, run, a):
+    """a.repeat rounds of run(name) for the peer, vhu and (--baseline) base,
+    interleaved so slow phases of a shared host hit every back-end; each
+    back-end's median run, its runs' rates and its error go into entry,
+    with vhu/peer and vhu/base."""
+    names = (peer, "vhu") + (("base",) if getattr(a, "baseline", None) else ())
     runs = {name: [] for name in names}
     errors = {}
     for _ in range(a.repeat):
         for name in names:
-            d = tempfile.mkdtemp(prefix="vhu-race-")
-            socks = [os.path.join(d, f"vhost{i}.sock") for i in (0, 1)]
-            if name == "ovs":
-                be, socks = OvsBackend(row), None
-            else:
-                be = VhuBackend(socks[0], row, size, 1, 1, a.poll, more_sockets=socks[1:],
-                                tree=a.baseline if name == "base" else None)
             try:
-                runs[name].append(measure_two_ports(be, socks, size, a.seconds,
-                                                    packed=ring == "packed"))
+                runs[name].append(run(name))
             except Exception as exc:          # a failed run is reported, not hidden
                 errors[name] = str(exc).splitlines()[0][:200]
             time.sleep(0.3)
@@ -164,8 +154,8 @@ def race_two_port_row(row, size, ring, a):
         entry[name]["runs_mpps"] = [round(r["mpps"], 3) for r in runs[name]]
         if name in errors:
             entry[name]["error"] = errors[name]
-    o, v = entry["ovs"].get("mpps"), entry["vhu"].get("mpps")
-    entry["ratio"] = v / o if o and v is not None else None
+    p, v = entry[peer].get("mpps"), entry["vhu"].get("mpps")
+    entry["ratio"] = v / p if p and v is not None else None
     if "base" in entry:
         b = entry["base"].get("mpps")
         entry["vs_base"] = v / b if b and v is not None else None
