@@ -171,6 +171,8 @@ class OvsBackend:
                 for p in process_tree(proc.pid)]
 
     def __exit__(self, *exc):
+        if exc[0] is not None:   # what OVS said goes with the failure
+            self.log_tail = "\n".join(self.ovs.log_text().splitlines()[-40:])
         self.ovs.stop()
 
 
