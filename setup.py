@@ -30,6 +30,6 @@ def ext(module):
 
 setup(
     ext_modules=cythonize([ext("vhu._mem"), ext("vhu._ring"), ext("vhu.workers._engine"),
-                           ext("vhu.workers._guard"), ext("vhu.frontend._traffic")], compiler_directives=directives,
+                           ext("vhu.workers._guard"), ext("vhu.workers._offload"), ext("vhu.frontend._traffic")], compiler_directives=directives,
                           compile_time_env={"VHU_DEBUG": DEBUG}),
 )

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from vhu.protocol.backend import (
-    SUPPORTED_FEATURES, SUPPORTED_PROTOCOL_FEATURES, BackendConfig, NetBackend, NullHooks,
+    OFFLOAD_FEATURES, SUPPORTED_FEATURES, SUPPORTED_PROTOCOL_FEATURES, BackendConfig,
+    NetBackend, NullHooks,
     RingConfig, validate_regions,
 )
 from vhu.protocol.dispatch import Dispatcher
@@ -287,7 +288,8 @@ QEMU_RINGS = {0: (0x7f47ee9df000, 0x7f47ee9e0000, 0x7f47ee9e0240),
 
 def test_qemu_7_2_guest_boot(peer):
     p, h = peer, peer.hooks
-    assert p.send(R.GET_FEATURES) == pack_reply(R.GET_FEATURES, u64(0xD70408008))  # +RING_PACKED, IN_ORDER, MTU
+    # +RING_PACKED, IN_ORDER, MTU, and the offloads (OFFLOAD_FEATURES)
+    assert p.send(R.GET_FEATURES) == pack_reply(R.GET_FEATURES, u64(0xD70408008 | OFFLOAD_FEATURES))
     assert p.send(R.GET_PROTOCOL_FEATURES) == pack_reply(R.GET_PROTOCOL_FEATURES, u64(0x1803d))  # +MTU, RARP
     proto = 0x10cbf & SUPPORTED_PROTOCOL_FEATURES          # what QEMU acks of our offer
     assert p.send(R.SET_PROTOCOL_FEATURES, u64(proto)) == b""
@@ -309,7 +311,7 @@ def test_qemu_7_2_guest_boot(peer):
     assert len(h.of("ring", 0)) == 3                       # call, err, enable: once each
     features = 0x17020e783 & SUPPORTED_FEATURES
     p.send(R.SET_FEATURES, u64(features))
-    assert p.dev.acked_features == 0x170008000
+    assert p.dev.acked_features == 0x170008000 | (0x17020e783 & OFFLOAD_FEATURES)
     assert p.send(R.GET_STATUS) == pack_reply(R.GET_STATUS, u64(0))
     p.send(R.SET_STATUS, u64(0x8))
     mem = [memfd(), memfd()]

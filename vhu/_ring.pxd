@@ -56,8 +56,19 @@ cdef enum:  # Broken
     B_KICK_FD_ERROR         # the kick fd reported an error or hang-up
     B_COUNT
 
+# Offload counters follow the Broken ones (vhu.workers._offload).
 cdef enum:
-    C_COUNT = C_BROKEN_FIRST + B_COUNT
+    C_TX_BAD_OFFLOAD = C_BROKEN_FIRST + B_COUNT   # a virtio_net_hdr not honoured: dropped
+    C_TX_GSO                # TSO frames from the guest (one per large frame)
+    C_TX_CSUM               # frames from the guest with a partial checksum (NEEDS_CSUM, no GSO)
+    C_RX_GSO                # TSO frames put into the guest as they are (GUEST_TSO4/6)
+    C_RX_CSUM               # partial-checksum frames put into the guest as they are (GUEST_CSUM)
+    C_RX_SEGMENTED          # TSO frames vhu segmented for the guest (each segment is an rx_frame)
+    C_RX_CSUM_DONE          # partial checksums vhu finished for the guest
+    C_OFFLOAD_END
+
+cdef enum:
+    C_COUNT = C_OFFLOAD_END
     # virtio-net's largest frame (also TSO's): an Ethernet frame, without the
     # virtio-net header, is at most 65535 bytes. A chain that carries more is
     # dropped (C_TX_TOO_BIG); the device never builds or delivers a bigger one.
@@ -196,6 +207,8 @@ cdef void dev_notifications_off(DevRing *r) noexcept nogil
 cdef bint dev_notifications_on(DevRing *r) noexcept nogil
 cdef int dev_rx_enqueue(DevRing *r, const Seg *src, uint32_t nsrc, uint64_t skip,
                         uint64_t frame_len) noexcept nogil
+cdef int dev_rx_enqueue_hdr(DevRing *r, const uint8_t *vnet_hdr, const Seg *src, uint32_t nsrc,
+                            uint64_t skip, uint64_t frame_len) noexcept nogil
 
 # Driver side. drv_add_one does not re-check the memory table: call
 # drv_mem_ok once per batch first (publish and reclaim check it themselves).

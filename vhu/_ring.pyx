@@ -72,7 +72,9 @@ COUNTER_NAMES = (["popped", "pushed", "published", "notify", "notify_suppressed"
                   "tx_frames", "tx_bytes", "tx_short", "kicks", "drop_filtered",
                   "drop_no_port", "drop_stage", "drop_stage_error", "tx_too_big", "state_position",
                   "broken_ok_unused"]
-                 + ["broken_" + n.lower() for n, _ in _BROKEN[1:]])
+                 + ["broken_" + n.lower() for n, _ in _BROKEN[1:]]
+                 + ["tx_bad_offload", "tx_gso", "tx_csum", "rx_gso", "rx_csum", "rx_segmented",
+                    "rx_csum_done"])
 assert len(COUNTER_NAMES) == C_COUNT
 
 
@@ -595,8 +597,15 @@ cdef void dev_unpop_stash(DevRing *r) noexcept nogil:
 
 
 cdef int dev_rx_enqueue(DevRing *r, const Seg *src, uint32_t nsrc, uint64_t skip, uint64_t frame_len) noexcept nogil:
+    """dev_rx_enqueue_hdr with a header that asks for nothing."""
+    return dev_rx_enqueue_hdr(r, NULL, src, nsrc, skip, frame_len)
+
+
+cdef int dev_rx_enqueue_hdr(DevRing *r, const uint8_t *vnet_hdr, const Seg *src, uint32_t nsrc,
+                            uint64_t skip, uint64_t frame_len) noexcept nogil:
     """Deliver one frame (frame_len bytes of src after skip) into the
-    driver's receive buffers, with a virtio-net header in front.
+    driver's receive buffers, with a virtio-net header in front: its first
+    10 bytes (flags .. csum_offset) from vnet_hdr, or zeros if NULL.
     Returns 1 delivered, 0 no room (nothing consumed), -1 dropped
     (does not fit one chain without mergeable buffers) or ring broken.
 
@@ -625,6 +634,8 @@ cdef int dev_rx_enqueue(DevRing *r, const Seg *src, uint32_t nsrc, uint64_t skip
         else:
             start_avail = r.last_avail
     memset(hdr, 0, 12)
+    if vnet_hdr != NULL:
+        memcpy(hdr, vnet_hdr, 10)
     if hdr_len == 12:
         hdr[10] = 1           # num_buffers: 1 unless a mergeable frame spans more
     hseg.ptr = <char *>hdr

@@ -51,6 +51,7 @@ class MasterConfig:
     client_ports: tuple = ()      # ports in client mode when not all are (--client)
     taps: tuple = ()              # TAP device names: ports len(sockets), len(sockets) + 1, ...
     control: str | None = None    # the control socket (vhu.controlsock), None: none
+    offloads: bool = True         # offer checksum/TSO offloads (vhu.protocol.backend.OFFLOAD_FEATURES)
 
     @property
     def rings_per_port(self):
@@ -127,6 +128,9 @@ def build_parser():
     p.add_argument("--control", default=None, metavar="PATH",
                    help="control socket for python -m vhu.ctl (default: the first socket's "
                         "path + .ctl; 'none' for no control socket)")
+    p.add_argument("--offloads", default="on", metavar="on|off",
+                   help="offer virtio-net checksum and TSO offloads (default on; off: "
+                        "every guest checksums and segments itself)")
     return p
 
 
@@ -181,6 +185,8 @@ def parse_args(argv):
         raise UsageError("--pkt-size must be 60..9000")
     if not 1 <= a.batch <= 256:
         raise UsageError("--batch must be 1..256")
+    if a.offloads not in ("on", "off"):
+        raise UsageError(f"--offloads: {a.offloads!r} is not on or off")
     level = a.log_level.upper()
     if level not in LOG_LEVELS:
         raise UsageError(f"--log-level: {a.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -199,4 +205,4 @@ def parse_args(argv):
                         pcap_dir=a.pcap, pcap_mode=pcap_mode, snaplen=a.snaplen,
                         mac_ageing=a.mac_ageing,
                         metrics_port=a.metrics_port, metrics_addr=a.metrics_addr,
-                        taps=tuple(a.tap), control=control)
+                        taps=tuple(a.tap), control=control, offloads=a.offloads == "on")

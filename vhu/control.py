@@ -30,6 +30,7 @@ from vhu import stats as stats_mod
 from vhu.config import MAX_PORTS
 from vhu.controlsock import ControlServer
 from vhu.portspecs import TapDevice, VhostUserPort
+from vhu.protocol.backend import negotiated_offloads
 from vhu.ports import Port
 from vhu.tap import TapPort
 from vhu.workers.supervisor import REPLACED, WorkerPool
@@ -311,9 +312,24 @@ class ControlLoop:
 
     def port_stats(self, only=None):
         snap = self.stats.snapshot()
-        return [stats_mod.port_stats(snap, i, p.queue_pairs_in_use, p.path, p.connected,
-                                     self.config.worker_of)
-                for i, p in sorted(self.ports.items()) if only is None or i == only]
+        out = [stats_mod.port_stats(snap, i, p.queue_pairs_in_use, p.path, p.connected,
+                                    self.config.worker_of)
+               for i, p in sorted(self.ports.items()) if only is None or i == only]
+        for ps in out:
+            ps["offloads"] = self._offloads(self.ports[ps["port"]])
+        return out
+
+    @staticmethod
+    def _offloads(port):
+        """The offloads a port's front-end negotiated (names, as the spec's
+        VIRTIO_NET_F_*); none while no front-end is connected. A TAP: what
+        it does with IFF_VNET_HDR (vhu.tap)."""
+        if isinstance(port, TapPort):
+            return list(port.offloads)
+        session = getattr(port, "session", None)
+        if session is None:
+            return []
+        return negotiated_offloads(session.device.acked_features)
 
     def report(self):
         ports = self.port_stats()

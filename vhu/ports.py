@@ -30,7 +30,7 @@ import stat
 import time
 
 from vhu._mem import GuestMemory
-from vhu.protocol.backend import BackendConfig, NetBackend
+from vhu.protocol.backend import OFFLOAD_FEATURES, SUPPORTED_FEATURES, BackendConfig, NetBackend
 from vhu.protocol.dispatch import Dispatcher
 from vhu.protocol.effects import StopRing
 from vhu.protocol.messages import MAX_FDS
@@ -418,7 +418,10 @@ class Port:
         conn.setblocking(False)
         self.conn = conn
         self.hooks = WorkerHooks(self)
-        device = NetBackend(BackendConfig(max_queue_pairs=self.queues), self.hooks)
+        offered = SUPPORTED_FEATURES if self.control.config.offloads else \
+            SUPPORTED_FEATURES & ~OFFLOAD_FEATURES          # --offloads off
+        device = NetBackend(BackendConfig(max_queue_pairs=self.queues, features=offered),
+                            self.hooks)
         self.session = Dispatcher(device)
         log.log(logging.DEBUG if self.queue_num_leavers else logging.INFO,
                 "port %d: front-end connected on %s", self.index, self.path)

@@ -92,7 +92,10 @@ STATS_KEYS = (("popped", "pushed", "published", "notify", "notify_suppressed",
                # written by the worker engine, never by a ring: kept so the tables match
                "kicks", "drop_filtered", "drop_no_port", "drop_stage", "drop_stage_error",
                "tx_too_big", "state_position")
-              + tuple(_BROKEN_KEYS.values()))
+              + tuple(_BROKEN_KEYS.values())
+              # the worker engine's offload counters (vhu.workers._offload), after the broken ones
+              + ("tx_bad_offload", "tx_gso", "tx_csum", "rx_gso", "rx_csum", "rx_segmented",
+                 "rx_csum_done"))
 
 # Split ring layout (virtio 1.x 2.7.5, 2.7.6, 2.7.8).
 _DESC = struct.Struct("<QIHH")        # addr, len, flags, next

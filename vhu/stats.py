@@ -137,7 +137,13 @@ DROP_REASONS = {
     "stage": ("drop_stage",),               # a pipeline stage said drop
     "stage_error": ("drop_stage_error",),   # a pipeline stage raised on the batch
     "tx_too_big": ("tx_too_big",),          # a chain over virtio-net's 65535-byte frame bound
+    "bad_offload": ("tx_bad_offload",),     # a virtio_net_hdr vhu does not honour (vhu.workers._offload)
 }
+
+# Offload counters (vhu.workers._offload): frames, not bytes. tx_*: large
+# (TSO) or partial-checksum frames from the guest; rx_*: what the guest got
+# as it is (gso, csum), segmented by vhu, or with its checksum finished by vhu.
+OFFLOAD_COUNTERS = ("tx_gso", "tx_csum", "rx_gso", "rx_csum", "rx_segmented", "rx_csum_done")
 
 
 def queue_stats(snap, port, qp):
@@ -156,6 +162,7 @@ def queue_stats(snap, port, qp):
         "calls": both("notify"),                        # interrupts we sent the guest
         "calls_suppressed": both("notify_suppressed"),  # ... and those it asked us not to
         "broken": {n[len("broken_"):]: both(n) for n in BROKEN_NAMES if both(n)},
+        "offload": {n: both(n) for n in OFFLOAD_COUNTERS},
     }
     return out
 
@@ -195,9 +202,10 @@ def port_stats(snap, port, queues, name, connected, worker_of=None):
             drops[k] = drops.get(k, 0) + v
         for k, v in q["broken"].items():
             broken[k] = broken.get(k, 0) + v
+    offload = {n: sum(q["offload"][n] for q in every) for n in OFFLOAD_COUNTERS}
     return {"port": port, "socket": name, "connected": connected, **total,
             "drops": sum(drops.values()), "drops_by_reason": drops, "broken": broken,
-            "queues": qs}
+            "offload": offload, "queues": qs}
 
 
 def rates(now, before, dt):

@@ -1,8 +1,8 @@
 """TAP ports: a Linux TAP device as a vhu port, so a VM reaches the host's
 kernel network stack (--tap NAME, or vhu.workers.TapDevice in a Forwarder).
 
-The master creates the device (TUNSETIFF, IFF_TAP | IFF_NO_PI: plain
-Ethernet frames, one per read/write) and hands a duplicate of its fd to the
+The master creates the device (TUNSETIFF, IFF_TAP | IFF_NO_PI and, unless
+--offloads off, IFF_VNET_HDR: see open_tap) and hands a duplicate of its fd to the
 worker owning queue pair 0, whose compiled loop reads it (O_NONBLOCK) and
 writes frames for it; the tap's epoll readiness wakes a sleeping worker like
 a kick. A TAP has one queue: its frames meet queue pair 0 of the other
@@ -14,25 +14,57 @@ import logging
 import os
 import struct
 
+from vhu.protocol.backend import OFFLOAD_FEATURES, negotiated_offloads
+
 log = logging.getLogger("vhu.tap")
 
 TUNSETIFF = 0x400454CA
+TUNGETIFF = 0x800454D2
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 IFNAMSIZ = 16
+# With IFF_VNET_HDR every frame read or written starts with this many bytes
+# of virtio_net_hdr (12: the VERSION_1 layout, num_buffers unused).
+VNET_HDR_LEN = 12
+# The offloads a TAP with IFF_VNET_HDR does both ways, as virtio-net
+# features: the kernel takes any checksum or TSO request from vhu, and
+# TUNSETOFFLOAD lets it hand vhu large and partial-checksum frames, which
+# vhu segments or finishes for any port that cannot take them.
+TAP_FEATURES = OFFLOAD_FEATURES
 
 
-def open_tap(name):
-    """A new (or existing, not persistent-attached) TAP device: its fd."""
+def open_tap(name, vnet_hdr=False):
+    """A new (or existing, not persistent-attached) TAP device: its fd.
+    vnet_hdr: with IFF_VNET_HDR, TUNSETVNETHDRSZ 12 and TUNSETOFFLOAD
+    (checksum, TSO4, TSO6, ECN), so the kernel hands vhu large frames and
+    takes them from it; else plain frames."""
     if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or name.strip() != name:
         raise ValueError(f"bad interface name {name!r}")
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+        if vnet_hdr:
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
     except OSError as exc:
         os.close(fd)
         raise OSError(exc.errno, f"TAP {name}: {exc.strerror}") from None
     return fd
+
+
+def vnet_hdr_len(fd):
+    """VNET_HDR_LEN if the TAP fd was opened with IFF_VNET_HDR, else 0
+    (also for an fd that is not a TAP)."""
+    try:
+        ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    except OSError:
+        return 0
+    return VNET_HDR_LEN if struct.unpack_from("H", ifr, 16)[0] & IFF_VNET_HDR else 0
 
 
 class TapPort:
@@ -47,6 +79,7 @@ class TapPort:
         self.fd = None
         self.queue_pairs_in_use = 1       # one queue, served by queue pair 0's worker
         self.spec = None                  # what it was made from (vhu.portspecs)
+        self.offloads = []                # what it does (stats JSON): all with IFF_VNET_HDR
 
     @property
     def connected(self):
@@ -56,8 +89,11 @@ class TapPort:
         return self.control.config.worker_of(0)
 
     def open(self):
-        self.fd = open_tap(self.name)
-        log.info("port %d: TAP %s", self.index, self.name)
+        vnet = self.control.config.offloads
+        self.fd = open_tap(self.name, vnet_hdr=vnet)
+        self.offloads = negotiated_offloads(TAP_FEATURES) if vnet else []
+        log.info("port %d: TAP %s%s", self.index, self.name,
+                 " (IFF_VNET_HDR: checksum and TSO offloads)" if vnet else "")
 
     def serve(self):
         self.control.pool.submit(self._worker(), "tap", self.index, fds=[os.dup(self.fd)],

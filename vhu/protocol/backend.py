@@ -50,8 +50,15 @@ from ..ring_layout import MisalignedRing, check_alignment, ring_parts
 
 log = logging.getLogger(__name__)
 
+# Offloads (virtio 1.x 5.1.6.2, 5.1.6.4): what vhu honours in a guest's
+# virtio_net_hdr, and what it hands a guest that takes it; the worker does
+# the work in software for a receiver that did not negotiate what a frame
+# needs (vhu.workers._offload). UFO is not offered.
+OFFLOAD_FEATURES = mask(VF.NET_CSUM, VF.NET_GUEST_CSUM, VF.NET_HOST_TSO4, VF.NET_HOST_TSO6,
+                        VF.NET_HOST_ECN, VF.NET_GUEST_TSO4, VF.NET_GUEST_TSO6, VF.NET_GUEST_ECN)
 SUPPORTED_FEATURES = mask(VF.VERSION_1, VF.MRG_RXBUF, VF.EVENT_IDX, VF.INDIRECT_DESC, VF.MQ,
-                          VF.PROTOCOL_FEATURES, VF.RING_PACKED, VF.IN_ORDER, VF.NET_MTU)
+                          VF.PROTOCOL_FEATURES, VF.RING_PACKED, VF.IN_ORDER,
+                          VF.NET_MTU) | OFFLOAD_FEATURES
 # IN_ORDER costs the device nothing: every app returns the chains it pops in
 # the order it popped them (RX chains given back unused are popped again first).
 SUPPORTED_PROTOCOL_FEATURES = mask(PF.MQ, PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIGURE_MEM_SLOTS,
@@ -79,6 +86,13 @@ class SetupRefused(ProtocolError):
     def __init__(self, reason: str, quiet: bool = False):
         super().__init__(reason)
         self.quiet = quiet
+
+
+def negotiated_offloads(features: int) -> list:
+    """The offload features in `features`, by their spec names without
+    VIRTIO_NET_F_ (CSUM, GUEST_CSUM, HOST_TSO4, ...): the stats JSON's list."""
+    return [f.name[len("NET_"):] for f in VF
+            if OFFLOAD_FEATURES >> f.value & 1 and features >> f.value & 1]
 
 
 def vnet_header_size(features: int) -> int:

@@ -306,6 +306,33 @@ def extract_vmlinux(kernel: str, kver: str) -> Optional[str]:
     return out
 
 
+#: Host programs copied into the guest (with the shared libraries ldd lists
+#: for them) when installed: iperf3 (Debian's package) for throughput runs.
+EXTRA_PROGRAMS = ("iperf3",)
+
+
+def _host_programs(names: Sequence[str]) -> List[str]:
+    """Real paths of the named host programs that exist, and of every library
+    they need (ldd), the dynamic loader included; [] for none found."""
+    out: List[str] = []
+    for name in names:
+        prog = shutil.which(name)
+        if not prog:
+            continue
+        try:
+            deps = subprocess.run(["ldd", prog], capture_output=True, text=True, timeout=30,
+                                  check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        libs = re.findall(r"(/\S+)", deps)
+        for p in [prog] + libs:
+            # The loader and libraries under the names the program asks for
+            # (/lib64/ld-linux-x86-64.so.2, /lib/x86_64-linux-gnu/libc.so.6).
+            if os.path.isfile(p) and p not in out:
+                out.append(p)
+    return out
+
+
 def build_initramfs(kernel_version: Optional[str] = None, *, force: bool = False) -> Tuple[str, str]:
     """Build (or reuse) the guest initramfs; return (kernel image, initramfs) paths.
 
@@ -319,7 +346,10 @@ def build_initramfs(kernel_version: Optional[str] = None, *, force: bool = False
         raise GuestError("busybox not found (install busybox-static)")
     init = (INIT_SCRIPT.replace("@MODULES@", " ".join(MODULES))
             .replace("@READY@", READY_MARKER).replace("@PS1@", PS1))
-    key = hashlib.sha256((init + "\0" + kver + "\0" + str(os.path.getsize(busybox))).encode()).hexdigest()[:16]
+    extras = _host_programs(EXTRA_PROGRAMS)
+    key = hashlib.sha256((init + "\0" + kver + "\0" + str(os.path.getsize(busybox)) + "\0"
+                          + repr(sorted((p, os.path.getsize(p)) for p in extras))
+                          ).encode()).hexdigest()[:16]
     out_dir = _cache_dir()
     out = os.path.join(out_dir, f"initramfs-{kver}-{key}.cpio.gz")
     if os.path.exists(out) and not force:
@@ -336,6 +366,17 @@ def build_initramfs(kernel_version: Optional[str] = None, *, force: bool = False
         cpio.file("bin/busybox", f.read(), 0o755)
     cpio.symlink("bin/sh", "busybox")
     cpio.file("init", init.encode(), 0o755)
+    made = {"bin", "sbin", "dev", "proc", "sys", "tmp", "etc", "lib", "lib/modules", "usr", "run"}
+    for path in extras:                      # host programs and the libraries they load
+        rel = path.lstrip("/")
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in made:
+                made.add(d)
+                cpio.dir(d)
+        with open(path, "rb") as f:
+            cpio.file(rel, f.read(), 0o755)
     builtin = _builtin_modules(kver)
     for name in MODULES:
         path = _find_module(kver, name)

@@ -60,7 +60,11 @@ from vhu._ring cimport (DeviceRing, DevRing, Seg, ChainInfo, dev_pop_batch, dev_
                         C_TX_FRAMES, C_TX_BYTES, C_TX_SHORT, C_TX_TOO_BIG, C_RX_NO_ROOM, C_KICKS,
                         C_DROP_FILTERED, C_DROP_NO_PORT, C_DROP_STAGE, C_DROP_STAGE_ERROR,
                         C_RX_FRAMES, C_RX_BYTES, C_RX_TOO_BIG, C_COUNT, C_BROKEN_FIRST,
-                        B_KICK_FD_ERROR, MAX_FRAME_LEN)
+                        B_KICK_FD_ERROR, MAX_FRAME_LEN, dev_rx_enqueue_hdr, C_TX_BAD_OFFLOAD,
+                        C_TX_GSO, C_TX_CSUM, C_RX_GSO, C_RX_CSUM, C_RX_SEGMENTED, C_RX_CSUM_DONE)
+from vhu.workers._offload cimport (Offload, caps_of, read_vnet_hdr, write_vnet_hdr, offload_need,
+                                   offload_check, csum_fill, tso_segment, OFF_OK, GSO_NONE,
+                                   VNET_F_NEEDS_CSUM, VNET_HDR_FIELDS)
 from vhu._sys cimport (epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLLERR,
                        EPOLLHUP, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CLOEXEC, pollfd, poll,
                        POLLIN, sched_yield, signal_eventfd, drain_eventfd)
@@ -96,6 +100,7 @@ cdef enum:
     CAP_BUF = 1 << 18         # bytes of pcap records buffered per file before write(2)
     HEAD_COPY = 64            # switch: bytes of each frame copied out before deciding
     HEAD_SEGS = 8             # ... a frame in more guest segments than this is copied whole
+    TAP_SLOT = MAX_FRAME + 64 # a frame read from or written to a TAP, with its virtio-net header
     KIND_RX_KICK = 0          # epoll tags: binding << 2 | kind
     KIND_TX_KICK = 1
     KIND_TAP = 2
@@ -122,12 +127,20 @@ cdef struct Meta:
     uint64_t offset           # where the frame (no virtio-net header) starts in that view
     uint64_t dst_mac          # as 48-bit integers (0 for a runt)
     uint64_t src_mac
+    uint8_t flags             # the frame's virtio_net_hdr as checked (all 0: no offload)
+    uint8_t gso_type
+    uint16_t gso_size
+    uint16_t csum_start
+    uint16_t csum_offset
 
 META_DTYPE = np.dtype({"names": ["port", "queue", "length", "buf", "ethertype", "offset",
-                                 "dst_mac", "src_mac"],
+                                 "dst_mac", "src_mac", "flags", "gso_type", "gso_size",
+                                 "csum_start", "csum_offset"],
                        "formats": [np.uint16, np.uint16, np.uint32, np.uint32, np.uint16,
-                                   np.uint64, np.uint64, np.uint64],
-                       "offsets": [0, 2, 4, 8, 12, 16, 24, 32], "itemsize": 40})
+                                   np.uint64, np.uint64, np.uint64, np.uint8, np.uint8,
+                                   np.uint16, np.uint16, np.uint16],
+                       "offsets": [0, 2, 4, 8, 12, 16, 24, 32, 40, 41, 42, 44, 46],
+                       "itemsize": 48})
 
 cdef struct Binding:
     # One queue pair of one port: the guest's RX ring (we fill) and TX ring
@@ -149,6 +162,8 @@ cdef struct Binding:
     bint rx_dirty       # RX pushes (or a stash) to publish at the end of the batch
     int tap_fd          # a TAP device instead of rings (O_NONBLOCK, IFF_NO_PI), -1: none
     uint64_t *tap_cnt   # its counters: 2 x C_COUNT, as for a ring pair (RX ring first)
+    uint32_t caps       # offloads the port negotiated (vhu.workers._offload.caps_of)
+    uint32_t tap_hdr    # a TAP with IFF_VNET_HDR: bytes of virtio-net header per frame, else 0
 
 cdef struct MacEntry:
     uint64_t mac        # 48-bit address; 0: empty slot
@@ -224,7 +239,7 @@ cdef class Engine:
     cdef int verdict[MAX_BATCH]
     cdef Seg gathered[MAX_BATCH]           # frames copied into `scratch` for a stage
     cdef int stage_index[MAX_BATCH]        # stage row -> frame of the batch
-    cdef char *tap_in                      # batch x MAX_FRAME: frames read from a TAP
+    cdef char *tap_in                      # batch x TAP_SLOT: frames read from a TAP
     cdef char *tap_out                     # one frame gathered for write(2) to a TAP
     cdef char *injected                    # a frame sent on a guest's behalf (inject)
     cdef Seg injected_seg
@@ -248,17 +263,24 @@ cdef class Engine:
     cdef volatile uint64_t *beat
     cdef object beat_owner
     cdef uint64_t own_beat
+    # offloads (take_offload, deliver_offload): frames whose header asks for one
+    cdef uint8_t foff[MAX_BATCH]           # 1: finfo holds its checked header
+    cdef Offload finfo[MAX_BATCH]
+    cdef char *ocopy                       # batch x MAX_FRAME: their private copies (lazily)
+    cdef Seg oseg[MAX_BATCH]
+    cdef char *obuf                        # one segment or finished frame being delivered
 
     def __cinit__(self):
         self.epfd = -1
         self.frame = <uint8_t *>calloc(MAX_FRAME, 1)
         self.macs = <MacEntry *>calloc(MAC_SLOTS, sizeof(MacEntry))
-        self.tap_out = <char *>malloc(MAX_FRAME)
+        self.tap_out = <char *>malloc(TAP_SLOT)
         self.injected = <char *>malloc(MAX_FRAME)
         self.heads = <char *>malloc(MAX_BATCH * HEAD_COPY)
+        self.obuf = <char *>malloc(MAX_FRAME)
         self.beat = &self.own_beat
         if (self.frame == NULL or self.macs == NULL or self.tap_out == NULL
-                or self.injected == NULL or self.heads == NULL):
+                or self.injected == NULL or self.heads == NULL or self.obuf == NULL):
             raise MemoryError()
 
     def __init__(self, app="sink", poll="adaptive", batch=32, idle_spins=20000,
@@ -321,6 +343,8 @@ cdef class Engine:
         free(self.injected)
         free(self.heads)
         free(self.whole)
+        free(self.ocopy)
+        free(self.obuf)
 
     def inject(self, int port, const uint8_t[:] frame):
         """Send `frame` (no virtio-net header) as if the guest on `port` had
@@ -349,6 +373,7 @@ cdef class Engine:
         self.fskip[0] = 0
         self.flen[0] = n
         self.verdict[0] = V_APP
+        self.foff[0] = 0
         if self.ncap:
             clock_gettime(CLOCK_REALTIME, &ts)
             self.ts_sec = <uint32_t>ts.tv_sec
@@ -469,8 +494,10 @@ cdef class Engine:
                 cnt = p.get("tap_counters")
                 if cnt is None or len(cnt) < 2 * C_COUNT:
                     raise ValueError(f"tap_counters: need {2 * C_COUNT} u64s")
+                if p.get("tap_vnet_hdr", 0) not in (0, 10, 12):
+                    raise ValueError("tap_vnet_hdr: 0, 10 or 12")
                 if self.tap_in == NULL:
-                    self.tap_in = <char *>malloc(self.batch * MAX_FRAME)
+                    self.tap_in = <char *>malloc(self.batch * TAP_SLOT)
                     if self.tap_in == NULL:
                         raise MemoryError()
         keep = []
@@ -502,6 +529,8 @@ cdef class Engine:
             b.cap_tx = p.get("cap_tx", -1)
             b.tap_fd = p.get("tap_fd", -1)
             b.tap_cnt = NULL
+            b.caps = caps_of(<uint64_t>p.get("features", 0))
+            b.tap_hdr = p.get("tap_vnet_hdr", 0) if b.tap_fd >= 0 else 0
             if b.tap_fd >= 0:
                 cnt = p["tap_counters"]
                 keep.append(cnt)
@@ -670,33 +699,160 @@ cdef class Engine:
 
     cdef bint deliver(self, int i, int to) noexcept nogil:
         """Frame i of the current batch into binding `to`'s RX ring."""
+        if vhu_unlikely(self.foff[i] != 0):
+            return self.deliver_offload(i, to)
+        return self.put(to, self.fsrc[i], self.fnsrc[i], self.fskip[i], self.flen[i], NULL)
+
+    # -- offloads: frames whose virtio_net_hdr asks
+    # for an offload (NEEDS_CSUM, a gso_type). Only such frames come here (the
+    # plain path reads two header bytes and goes on); see vhu.workers._offload
+    # for the checks and the software fallback.
+    #
+    # From a guest: the header and the whole frame are copied out of guest
+    # memory (the frame is what the checks read, so it is what is delivered),
+    # then checked against what that port negotiated; a header that is not
+    # honoured drops the frame (tx_bad_offload). To each receiver: as it is,
+    # header passed on, where the receiver negotiated what the frame needs
+    # (GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN); else vhu finishes the checksum or
+    # segments the frame itself, into obuf, one frame at a time, and each
+    # result goes into the receiver like any frame. A TAP opened with
+    # IFF_VNET_HDR takes (and sends) them all (vhu.tap); one without gets
+    # finished frames.
+
+    cdef bint take_offload(self, Binding *b, int i, uint64_t *cnt) noexcept nogil:
+        """Frame i of the batch (from b's TX ring) asks for an offload: copy
+        it out, check it. False: dropped (counted as tx_bad_offload)."""
+        cdef uint8_t h[VNET_HDR_FIELDS]
+        cdef Seg d
+        cdef Offload *o = &self.finfo[i]
+        cdef int64_t flen = self.flen[i]
+        d.ptr = <char *>h
+        d.len = VNET_HDR_FIELDS
+        if copy_segs(&d, 1, 0, self.fsrc[i], self.fnsrc[i], 0, VNET_HDR_FIELDS) != 0:
+            memset(h, 0, VNET_HDR_FIELDS)      # a 10-byte header always fits: not reached
+        read_vnet_hdr(o, h)
+        if not (o.flags & VNET_F_NEEDS_CSUM) and o.gso_type == GSO_NONE:
+            return True                        # the guest took it back: a plain frame
+        if self.ocopy == NULL:
+            # Address space for a batch of 64 KiB frames; pages are touched
+            # only by the frames that come this way.
+            self.ocopy = <char *>malloc(<size_t>self.batch * MAX_FRAME)
+            if self.ocopy == NULL:
+                cnt[C_TX_BAD_OFFLOAD] += 1     # cannot check it: not trusted either
+                self.flen[i] = -1
+                return False
+        self.oseg[i].ptr = self.ocopy + <size_t>i * MAX_FRAME
+        self.oseg[i].len = <uint32_t>flen
+        copy_segs(&self.oseg[i], 1, 0, self.fsrc[i], self.fnsrc[i], self.fskip[i], flen)
+        self.fsrc[i] = &self.oseg[i]
+        self.fnsrc[i] = 1
+        self.fskip[i] = 0
+        if offload_check(o, <uint8_t *>self.oseg[i].ptr, <uint32_t>flen, b.caps) != OFF_OK:
+            cnt[C_TX_BAD_OFFLOAD] += 1
+            self.flen[i] = -1
+            return False
+        self.foff[i] = 1
+        cnt[C_TX_GSO if o.gso_type != GSO_NONE else C_TX_CSUM] += 1
+        return True
+
+    cdef uint64_t *rx_counters(self, Binding *dst) noexcept nogil:
+        """The receiving half's counters of a binding (RX ring or TAP)."""
+        if dst.tap_fd >= 0:
+            return dst.tap_cnt
+        return dst.rx.counters if dst.rx != NULL else NULL
+
+    cdef bint deliver_offload(self, int i, int to) noexcept nogil:
+        """Frame i (checked by take_offload) into binding `to`: as it is if
+        the receiver can take it, else finished or segmented by vhu."""
+        cdef Binding *dst = &self.bindings[to]
+        cdef Offload *o = &self.finfo[i]
+        cdef uint32_t need = offload_need(o)
+        cdef uint32_t k, n, length = <uint32_t>self.flen[i]
+        cdef uint64_t *cnt = self.rx_counters(dst)
+        cdef uint8_t h[VNET_HDR_FIELDS]
+        cdef const uint8_t *f
+        cdef Seg seg
+        cdef bint ok = False
+        if cnt == NULL or (dst.tap_fd < 0 and not dst.rx_enabled):
+            return False                      # no receiving ring: dispatch counts it
+        if (dst.caps & need) == need:          # a TAP without IFF_VNET_HDR has no caps
+            write_vnet_hdr(o, h)
+            if self.put(to, self.fsrc[i], self.fnsrc[i], self.fskip[i], length, h):
+                cnt[C_RX_GSO if o.gso_type != GSO_NONE else C_RX_CSUM] += 1
+                return True
+            return False
+        # The frame is one private copy (take_offload; a stage's scratch is
+        # one segment too); a stage may have edited it, never resized it.
+        if self.fnsrc[i] == 1:
+            f = <const uint8_t *>self.fsrc[i].ptr + self.fskip[i]
+        else:
+            seg.ptr = self.obuf
+            seg.len = length
+            copy_segs(&seg, 1, 0, self.fsrc[i], self.fnsrc[i], self.fskip[i], length)
+            f = <const uint8_t *>self.obuf
+        seg.ptr = self.obuf
+        if o.gso_type == GSO_NONE:
+            if f != <const uint8_t *>self.obuf:
+                memcpy(self.obuf, f, length)
+            csum_fill(<uint8_t *>self.obuf, length, o.csum_start, o.csum_offset)
+            seg.len = length
+            ok = self.put(to, &seg, 1, 0, length, NULL)
+            if ok:
+                cnt[C_RX_CSUM_DONE] += 1
+            return ok
+        if f == <const uint8_t *>self.obuf:
+            # Segments are built into obuf: the source must be elsewhere.
+            seg.ptr = self.ocopy + <size_t>i * MAX_FRAME if self.ocopy != NULL else NULL
+            if seg.ptr == NULL:
+                return False
+            memcpy(seg.ptr, self.obuf, length)
+            f = <const uint8_t *>seg.ptr
+            seg.ptr = self.obuf
+        for k in range(o.nseg):
+            n = tso_segment(f, length, o, k, <uint8_t *>self.obuf)
+            seg.len = n
+            if self.put(to, &seg, 1, 0, n, NULL):
+                ok = True
+        if ok:
+            cnt[C_RX_SEGMENTED] += 1
+        return ok
+
+    cdef bint put(self, int to, const Seg *src, uint32_t nsrc, uint64_t skip, int64_t length,
+                  const uint8_t *vnet_hdr) noexcept nogil:
+        """A frame into binding `to`'s RX ring (or TAP), with vnet_hdr's
+        offload fields in its virtio-net header (NULL: none)."""
         cdef Binding *dst = &self.bindings[to]
         cdef Seg out
         cdef long w
         if dst.tap_fd >= 0:
-            # One write(2) per frame: the TAP takes one frame per call.
-            out.ptr = self.tap_out
+            # One write(2) per frame: the TAP takes one frame per call
+            # (after its virtio-net header, with IFF_VNET_HDR).
+            out.ptr = self.tap_out + dst.tap_hdr
             out.len = MAX_FRAME
-            if self.flen[i] > MAX_FRAME:
+            if length > MAX_FRAME:
                 dst.tap_cnt[C_RX_TOO_BIG] += 1
                 return False
-            copy_segs(&out, 1, 0, self.fsrc[i], self.fnsrc[i], self.fskip[i], self.flen[i])
-            w = write(dst.tap_fd, self.tap_out, self.flen[i])
-            if w != self.flen[i]:
+            if dst.tap_hdr:
+                memset(self.tap_out, 0, dst.tap_hdr)
+                if vnet_hdr != NULL:
+                    memcpy(self.tap_out, vnet_hdr, VNET_HDR_FIELDS)
+            copy_segs(&out, 1, 0, src, nsrc, skip, length)
+            w = write(dst.tap_fd, self.tap_out, length + dst.tap_hdr)
+            if w != length + dst.tap_hdr:
                 dst.tap_cnt[C_RX_NO_ROOM] += 1       # queue full (EAGAIN) or link down
                 return False
             dst.tap_cnt[C_RX_FRAMES] += 1
-            dst.tap_cnt[C_RX_BYTES] += self.flen[i]
+            dst.tap_cnt[C_RX_BYTES] += length
             if dst.cap_tx >= 0:
-                self.capture(dst.cap_tx, self.fsrc[i], self.fnsrc[i], self.fskip[i], self.flen[i])
+                self.capture(dst.cap_tx, src, nsrc, skip, length)
             return True
         if dst.rx == NULL or not dst.rx_enabled:
             return False
         dst.rx_dirty = True
-        if dev_rx_enqueue(dst.rx, self.fsrc[i], self.fnsrc[i], self.fskip[i], self.flen[i]) <= 0:
+        if dev_rx_enqueue_hdr(dst.rx, vnet_hdr, src, nsrc, skip, length) <= 0:
             return False       # counted on dst.rx as rx_no_room / rx_too_big
         if dst.cap_tx >= 0:
-            self.capture(dst.cap_tx, self.fsrc[i], self.fnsrc[i], self.fskip[i], self.flen[i])
+            self.capture(dst.cap_tx, src, nsrc, skip, length)
         return True
 
     cdef uint32_t forward(self, int bi) noexcept nogil:
@@ -713,6 +869,7 @@ cdef class Engine:
         cdef timespec ts
         cdef int *members
         cdef bint decide = self.app == APP_SWITCH and self.stage is None
+        cdef Seg *s0
         if n <= 0:
             return 0
         if self.ncap:
@@ -736,9 +893,16 @@ cdef class Engine:
                 self.flen[i] = -1
                 continue
             self.flen[i] = c.read_len - hdr
+            self.foff[i] = 0
+            s0 = &tx.segs[c.seg_start]
+            if vhu_unlikely(s0.len < 2 or ((<uint8_t>s0.ptr[0] & VNET_F_NEEDS_CSUM) | <uint8_t>s0.ptr[1])):
+                # The header asks for an offload (or is split): checked on
+                # a private copy of the whole frame, which is what goes on.
+                if not self.take_offload(b, i, tx.counters):
+                    continue
             frames += 1
             nbytes += c.read_len - hdr
-            if decide:
+            if decide and not self.foff[i]:
                 self.privatize(i)
             if b.cap_rx >= 0:
                 self.capture(b.cap_rx, self.fsrc[i], self.fnsrc[i], self.fskip[i], self.flen[i])
@@ -794,21 +958,31 @@ cdef class Engine:
         cdef uint64_t nbytes = 0
         cdef timespec ts
         cdef double t = 0
+        cdef uint32_t hdr = b.tap_hdr
+        cdef uint8_t *h
         while n < <int>self.batch:
-            r = read(b.tap_fd, self.tap_in + <size_t>n * MAX_FRAME, MAX_FRAME)
+            h = <uint8_t *>self.tap_in + <size_t>n * TAP_SLOT
+            r = read(b.tap_fd, h, MAX_FRAME + hdr)
             if r <= 0:
                 break                 # EAGAIN: nothing more now
-            if r > MAX_FRAME_LEN:     # cut to the buffer by read(2): not a whole frame
+            if r < hdr:
+                cnt[C_TX_SHORT] += 1
+                continue
+            if r - hdr > MAX_FRAME_LEN:     # cut to the buffer by read(2): not a whole frame
                 cnt[C_TX_TOO_BIG] += 1
                 continue
-            self.tap_segs[n].ptr = self.tap_in + <size_t>n * MAX_FRAME
+            self.tap_segs[n].ptr = <char *>h
             self.tap_segs[n].len = <uint32_t>r
             self.fsrc[n] = &self.tap_segs[n]
             self.fnsrc[n] = 1
-            self.fskip[n] = 0
-            self.flen[n] = r
+            self.fskip[n] = hdr
+            self.flen[n] = r - hdr
             self.verdict[n] = V_APP
-            nbytes += r
+            self.foff[n] = 0
+            if hdr and vhu_unlikely((h[0] & VNET_F_NEEDS_CSUM) | h[1]):
+                if not self.take_offload(b, n, cnt):
+                    continue
+            nbytes += r - hdr
             n += 1
         if n == 0:
             return 0
@@ -818,7 +992,7 @@ cdef class Engine:
             self.ts_usec = <uint32_t>(ts.tv_nsec // 1000)
             if b.cap_rx >= 0:
                 for r in range(n):
-                    self.capture(b.cap_rx, self.fsrc[r], 1, 0, self.flen[r])
+                    self.capture(b.cap_rx, self.fsrc[r], 1, self.fskip[r], self.flen[r])
         if self.app == APP_SWITCH:
             t = now()
         cnt[C_TX_FRAMES] += n
@@ -926,6 +1100,15 @@ cdef class Engine:
             m.buf = 0
             m.offset = soff
             header_fields(m, <uint8_t *>self.gathered[i].ptr, self.flen[i])
+            if self.foff[i]:
+                m.flags = self.finfo[i].flags
+                m.gso_type = self.finfo[i].gso_type
+                m.gso_size = self.finfo[i].gso_size
+                m.csum_start = self.finfo[i].csum_start
+                m.csum_offset = self.finfo[i].csum_offset
+            else:
+                m.flags = m.gso_type = 0
+                m.gso_size = m.csum_start = m.csum_offset = 0
             soff += (<uint64_t>self.flen[i] + 63) & ~<uint64_t>63   # frames on their own lines
         return j
 

@@ -78,7 +78,11 @@ class Batch:
     meta     numpy structured array (vhu.workers._engine.META_DTYPE), one row
              per frame: port, queue, length, buf, offset, and ethertype,
              dst_mac, src_mac (read in C when the batch was built; a stage
-             that rewrites a MAC does not update them).
+             that rewrites a MAC does not update them), and the frame's
+             virtio-net header as vhu checked it: flags (1: NEEDS_CSUM, a
+             partial checksum), gso_type (1 TCPV4, 4 TCPV6, | 0x80 ECN; 0:
+             not a large frame), gso_size (the MSS), csum_start, csum_offset
+             (all 0 for a frame that asks for no offload).
     bufs     uint8 numpy arrays; frame i is
              ``bufs[meta["buf"][i]][meta["offset"][i]:][:meta["length"][i]]``,
              the Ethernet frame without the virtio-net header. Each frame was
@@ -89,6 +93,17 @@ class Batch:
     verdicts int64 array, DROP / APP / port per frame.
 
     Views are valid only during the call: do not keep them.
+
+    Offloaded frames (flags & 1): a frame can be a TCP segment up to 64 KiB
+    (gso_type != 0, cut into gso_size segments by vhu or the receiver) whose
+    TCP/UDP checksum is partial: the field at csum_start + csum_offset holds
+    the pseudo-header sum, to be finished over csum_start..end. A stage that
+    rewrites bytes the pseudo-header covers (IP addresses; the length is
+    fixed) must adjust that field as it would a full checksum (RFC 1624),
+    or the finished checksum is wrong; bytes after csum_start (ports, the
+    payload) need no care, they are summed when the checksum is finished.
+    vhu's segmentation recomputes every checksum, so edits of a large
+    frame's headers are carried into each segment.
     """
 
     __slots__ = ("meta", "bufs", "verdicts")
@@ -156,6 +171,20 @@ class Batch:
     def src_mac(self):
         return self.meta["src_mac"]
 
+    @property
+    def needs_csum(self):
+        """True where the frame's L4 checksum is partial (virtio NEEDS_CSUM)."""
+        return (self.meta["flags"] & 1).astype(bool)
+
+    @property
+    def gso_type(self):
+        """0, or the large-frame type (1 TCPV4, 4 TCPV6; | 0x80 ECN)."""
+        return self.meta["gso_type"]
+
+    @property
+    def gso_size(self):
+        return self.meta["gso_size"]
+
 
 class StageRunner:
     """What the worker's engine calls once per batch: runs the Python stages
@@ -215,6 +244,7 @@ class Forwarder:
     pcap_dir   capture every port and direction (see vhu.workers.process.pcap_path)
     pcap_mode  mode of the capture files (default 0o600)
     control    a control socket path for python -m vhu.ctl (default: none)
+    offloads   offer checksum and TSO offloads to the front-ends (default True)
     cpus       pin worker i to cpus[i % len(cpus)]
     stats_file, stats_interval, metrics_port, log_level: as the CLI's flags
     """
@@ -223,14 +253,14 @@ class Forwarder:
                  batch=32, pcap_dir=None, pcap_mode=0o600, snaplen=65535, mac_ageing=300.0, cpus=(),
                  stats_file=None, stats_interval=1.0, metrics_port=None,
                  metrics_addr="127.0.0.1", log_level="INFO", socket_mode=0o600,
-                 pkt_size=64, control=None, config=None):
+                 pkt_size=64, control=None, offloads=True, config=None):
         if config is not None:          # the CLI: an already validated MasterConfig
             self.config = config
         else:
             self.config = self._config(ports, workers, queues, poll, pipeline, batch, pcap_dir,
                                        pcap_mode, control, snaplen, mac_ageing, cpus, stats_file, stats_interval,
                                        metrics_port, metrics_addr, log_level, socket_mode,
-                                       pkt_size)
+                                       pkt_size, offloads)
         self.control = None
         self.metrics = None
         self.error = None             # what ended a start()ed loop, if not stop()
@@ -242,7 +272,7 @@ class Forwarder:
                 snaplen,
                 mac_ageing,
                 cpus, stats_file, stats_interval, metrics_port, metrics_addr, log_level,
-                socket_mode, pkt_size):
+                socket_mode, pkt_size, offloads=True):
         ports = [p if isinstance(p, (VhostUserPort, TapDevice)) else VhostUserPort(p)
                  for p in ports]
         taps = [p.name for p in ports if isinstance(p, TapDevice)]
@@ -282,7 +312,8 @@ class Forwarder:
             control=os.fspath(control) if control else None,
             snaplen=snaplen,
             mac_ageing=mac_ageing, metrics_port=metrics_port, metrics_addr=metrics_addr,
-            stage=StageRunner(stages) if stages else None, taps=tuple(taps))
+            stage=StageRunner(stages) if stages else None, taps=tuple(taps),
+            offloads=bool(offloads))
 
     # -- life cycle -----------------------------------------------------------
 

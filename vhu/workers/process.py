@@ -34,6 +34,7 @@ import numpy as np
 from vhu._mem import GuestMemory
 from vhu._ring import DeviceRing
 from vhu.stats import COUNTERS_PER_RING, WorkerSlot, counter_offset
+from vhu.tap import TAP_FEATURES, vnet_hdr_len
 from vhu.workers import _guard, channel
 from vhu.workers._engine import Engine
 
@@ -67,6 +68,7 @@ class _Ring:
     call: int = -1
     enabled: bool = True
     polled: bool = False
+    features: int = 0           # negotiated: the engine reads the offloads it allows
 
 
 @dataclass
@@ -114,6 +116,7 @@ class WorkerState:
         self.engine = None
         self.captures = {}          # port -> (rx slot, tx slot, [fds])
         self.taps = {}              # port -> TAP fd (vhu.tap)
+        self.tap_hdr = {}           # port -> its virtio-net header bytes (IFF_VNET_HDR), or 0
         self.dirty = False          # the set of rings changed: rebind after the packet
         self.quit = False
 
@@ -249,7 +252,7 @@ class WorkerState:
                             port, index, skipped)
         self._stop(p, index)
         p.rings[index] = _Ring(ring, _nonblocking(kick), _nonblocking(call), setup.enabled,
-                               setup.polled)
+                               setup.polled, setup.features)
         self.dirty = True
         return True
 
@@ -330,6 +333,7 @@ class WorkerState:
             raise ValueError("tap: one fd")
         _close(self.taps.pop(port, None))
         self.taps[port] = fds[0]
+        self.tap_hdr[port] = vnet_hdr_len(fds[0])
         self.dirty = True
         return True
 
@@ -397,15 +401,16 @@ class WorkerState:
                     rx_call=rx.call if rx else -1, tx_call=tx.call if tx else -1,
                     rx_kick=-1 if not rx or rx.polled else rx.kick,
                     tx_kick=-1 if not tx or tx.polled else tx.kick,
-                    port=port, qp=qp, queue=qp))
+                    features=(rx or tx).features, port=port, qp=qp, queue=qp))
         for port in sorted(self.taps):
             # Its counters sit where a ring pair's would: the stats stay one table.
             off = counter_offset(port, 0, self.config["rings_per_port"])
             counters = (np.frombuffer(self.stats_map, np.uint64, 2 * COUNTERS_PER_RING, off)
                         if self.stats_map is not None else np.zeros(2 * COUNTERS_PER_RING, np.uint64))
             where[(port, 0)] = len(pairs)
+            hdr = self.tap_hdr.get(port, 0)
             pairs.append(dict(tap_fd=self.taps[port], tap_counters=counters, port=port, qp=0,
-                              queue=0))
+                              queue=0, tap_vnet_hdr=hdr, features=TAP_FEATURES if hdr else 0))
         app = self.config["app"]
         for pair in pairs:
             if self.config.get("pcap_dir"):
