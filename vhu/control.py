@@ -312,7 +312,7 @@ class ControlLoop:
     def port_stats(self, only=None):
         snap = self.stats.snapshot()
         return [stats_mod.port_stats(snap, i, p.queue_pairs_in_use, p.path, p.connected,
-                                     self.config.worker_of)
+                                     self.config.worker_of, logging=getattr(p, "logging", False))
                 for i, p in sorted(self.ports.items()) if only is None or i == only]
 
     def report(self):

@@ -92,7 +92,9 @@ STATS_KEYS = (("popped", "pushed", "published", "notify", "notify_suppressed",
                # written by the worker engine, never by a ring: kept so the tables match
                "kicks", "drop_filtered", "drop_no_port", "drop_stage", "drop_stage_error",
                "tx_too_big", "state_position")
-              + tuple(_BROKEN_KEYS.values()))
+              + tuple(_BROKEN_KEYS.values())
+              # dirty-page logging (the compiled ring's; the reference does not log)
+              + ("log_pages",))
 
 # Split ring layout (virtio 1.x 2.7.5, 2.7.6, 2.7.8).
 _DESC = struct.Struct("<QIHH")        # addr, len, flags, next
