@@ -93,3 +93,26 @@ def test_a_replaced_worker_keeps_logging(tmp_path):
         assert r.rx_packets > 100, r.summary()
         assert check.changed > 10 and not check.unmarked, check.summary()
         vhu.stop()
+
+
+def test_stats_document_and_line_say_logging_and_pages_marked():
+    import numpy as np
+
+    from vhu import stats
+    from vhu._ring import COUNTER_NAMES
+    snap = np.zeros((1, 4, len(COUNTER_NAMES)), dtype=np.uint64)
+    snap[0, 0, COUNTER_NAMES.index("log_pages")] = 5
+    snap[0, 3, COUNTER_NAMES.index("log_pages")] = 2
+    doc = stats.port_stats(snap, 0, 1, "/s", True, logging=True)
+    assert (doc["logging"], doc["log_pages"]) == ("on", 7)
+    assert stats.rate_line(doc, None, 0).endswith("| logging: on, 7 pages marked")
+    off = stats.port_stats(snap, 0, 1, "/s", True)
+    assert off["logging"] == "off" and "logging: off, 7 pages marked" in stats.rate_line(off, None, 0)
+
+
+def test_log_option_parses_and_refuses_legacy():
+    from vhu.frontend.__main__ import UsageError, parse_args
+    assert parse_args(["--socket", "/s", "--log"]).log
+    assert not parse_args(["--socket", "/s"]).log
+    with pytest.raises(UsageError):
+        parse_args(["--socket", "/s", "--log", "--legacy"])

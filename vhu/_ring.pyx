@@ -388,6 +388,8 @@ cdef int dev_pop_batch(DevRing *r, uint32_t max_chains) noexcept nogil:
 cdef int pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
     cdef int pending
     if r.packed:
+        if vhu_unlikely(r.log != NULL):
+            return log_pk_pop_chains(r, max_chains)
         return pk_pop_chains(r, max_chains)
     pending = dev_avail_pending(r)
     cdef uint32_t i, n, nseg = 0
@@ -510,6 +512,8 @@ cdef bint dev_publish_used(DevRing *r) noexcept nogil:
     if r.stash_n:
         dev_unpop_stash(r)
     if r.packed:
+        if vhu_unlikely(r.log != NULL):
+            return log_pk_publish_used(r)
         return pk_publish_used(r)
     old = r.published_used
     new = r.shadow_used

@@ -223,3 +223,26 @@ cdef void log_used_now(DevRing *r, uint64_t offset, uint64_t length) noexcept no
     while p <= last:
         r.counters[C_LOG_PAGES] += log_set(r, p)
         p += 1
+
+
+# Packed rings: the logging variants wrap the loops (left as they are).
+
+cdef int log_pk_pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
+    cdef int n = pk_pop_chains(r, max_chains)
+    if n > 0:
+        log_popped(r, <uint32_t>n)
+    return n
+
+
+cdef bint log_pk_publish_used(DevRing *r) noexcept nogil:
+    """pk_publish_used, then the descriptors it wrote back and every page
+    collected, marked (after its release store: data before bits)."""
+    cdef uint16_t first_pos = r.shadow_used
+    cdef bint notify = False
+    if r.npend and dev_mem_ok(r):
+        notify = pk_publish_used(r)
+        log_packed_used(r, first_pos, r.shadow_used)
+    # Nothing used, a merged frame that found no room midway may still have
+    # written into buffers it gave back: marked too (harmless).
+    log_flush(r)
+    return notify

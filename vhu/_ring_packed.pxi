@@ -214,8 +214,6 @@ cdef int pk_pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
     r.last_avail = pos
     r.avail_wrap = wrap
     r.counters[C_POPPED] += n
-    if vhu_unlikely(r.log != NULL):
-        log_popped(r, n)              # dirty logging: once per pop, not per frame
     return n
 
 
@@ -260,10 +258,6 @@ cdef bint pk_publish_used(DevRing *r) noexcept nogil:
     cdef uint32_t *pend_len = r.pend_len
     cdef uint16_t *id_ndesc = r.id_ndesc
     if n == 0 or not dev_mem_ok(r):
-        if vhu_unlikely(r.log != NULL):
-            # Nothing used, but a merged frame that found no room midway
-            # wrote into buffers it gave back: marked too (harmless).
-            log_flush(r)
         return False
     desc = r.desc
     for i in range(n):
@@ -284,9 +278,6 @@ cdef bint pk_publish_used(DevRing *r) noexcept nogil:
     # Release: every used descriptor above is complete before the driver can
     # see the first one (it polls only the next position, in order).
     vhu_store_release_u16(r.desc + 16 * <uint32_t>first_pos + 14, first_flags)
-    if vhu_unlikely(r.log != NULL):
-        log_packed_used(r, first_pos, pos)
-        log_flush(r)
     old = r.shadow_used
     r.shadow_used = pos
     r.used_wrap = wrap

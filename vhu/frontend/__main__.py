@@ -105,7 +105,8 @@ def parse_args(argv=None) -> Options:
     if a.legacy and a.queues > 1:
         raise UsageError("--legacy allows one queue pair (MQ needs PROTOCOL_FEATURES)")
     if a.legacy and a.log:
-        raise UsageError("--legacy and --log exclude each other (LOG_SHMFD needs PROTOCOL_FEATURES)")
+        raise UsageError("--legacy and --log exclude each other "
+                         "(LOG_SHMFD needs PROTOCOL_FEATURES)")
     return Options(a.socket, a.listen, a.mode, a.pkt_size, a.queues, a.duration, a.count,
                    a.ring_size, a.packed, a.legacy, a.batch, a.poll, a.timeout, a.quiet, a.log)
 
