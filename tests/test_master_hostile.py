@@ -387,7 +387,7 @@ CASES = [
     ("vring_addr_outside_memory", _then(_mem_then, _msg(R.SET_VRING_ADDR, ADDR_OUTSIDE)), "nack", f"descriptor table [{UVA + MEM_SIZE:#x}, +0x1000) is not inside one memory region"),
     ("vring_addr_straddles_end", _then(_mem_then, _msg(R.SET_VRING_ADDR, ADDR_STRADDLES)), "nack", f"descriptor table [{UVA + MEM_SIZE - 0x800:#x}, +0x1000)"),
     ("vring_addr_misaligned", _then(_mem_then, _msg(R.SET_VRING_ADDR, ADDR_MISALIGNED)), "nack", "descriptor table at 0x7f0000000004 is not 8-byte aligned"),
-    ("vring_addr_log_flag", _then(_mem_then, _msg(R.SET_VRING_ADDR, VringAddr(0, 1, UVA, UVA + 0x2000, UVA + 0x1000, 0).pack())), "nack", "address flags 0x1 not supported"),
+    ("vring_addr_unknown_flag", _then(_mem_then, _msg(R.SET_VRING_ADDR, VringAddr(0, 2, UVA, UVA + 0x2000, UVA + 0x1000, 0).pack())), "nack", "address flags 0x2 not supported"),
     # memory tables
     ("mem_overlap_gpa", _bad_table(region(0x200000), region(0x200000, gpa=0x100000, uva=UVA + (1 << 30))), "nack", "overlap in guest_phys_addr"),
     ("mem_overlap_uva", _bad_table(region(0x200000), region(0x200000, gpa=1 << 30, uva=UVA + 0x1000)), "nack", "overlap in userspace_addr"),

@@ -288,12 +288,13 @@ QEMU_RINGS = {0: (0x7f47ee9df000, 0x7f47ee9e0000, 0x7f47ee9e0240),
 
 def test_qemu_7_2_guest_boot(peer):
     p, h = peer, peer.hooks
-    # +RING_PACKED, IN_ORDER, MTU, and the offloads (OFFLOAD_FEATURES)
-    assert p.send(R.GET_FEATURES) == pack_reply(R.GET_FEATURES, u64(0xD70408008 | OFFLOAD_FEATURES))
-    assert p.send(R.GET_PROTOCOL_FEATURES) == pack_reply(R.GET_PROTOCOL_FEATURES, u64(0x1803d))  # +MTU, RARP
+    # +RING_PACKED, IN_ORDER, MTU, LOG_ALL, and the offloads (OFFLOAD_FEATURES)
+    assert p.send(R.GET_FEATURES) == pack_reply(R.GET_FEATURES, u64(0xD74408008 | OFFLOAD_FEATURES))
+    # +MTU, RARP, LOG_SHMFD
+    assert p.send(R.GET_PROTOCOL_FEATURES) == pack_reply(R.GET_PROTOCOL_FEATURES, u64(0x1803f))
     proto = 0x10cbf & SUPPORTED_PROTOCOL_FEATURES          # what QEMU acks of our offer
     assert p.send(R.SET_PROTOCOL_FEATURES, u64(proto)) == b""
-    assert p.dev.acked_protocol_features == 0x1003d
+    assert p.dev.acked_protocol_features == 0x1003f
     assert p.send(R.GET_QUEUE_NUM) == pack_reply(R.GET_QUEUE_NUM, u64(8))
     req = efd()
     assert p.send(R.SET_BACKEND_REQ_FD, fds=[req], need_reply=True) == ack(R.SET_BACKEND_REQ_FD)
@@ -686,7 +687,7 @@ def test_vring_num_limits_and_started_ring(acked):
     (0x10000004, 0x10001000, 0x10002000, 0),       # descriptor table not 8-aligned
     (0x10000000, 0x10001001, 0x10002000, 0),       # avail not 2-aligned
     (0x10000000, 0x10001000, 0x10002002, 0),       # used not 4-aligned
-    (0x10000000, 0x10001000, 0x10002000, 1),       # VRING_F_LOG without logging
+    (0x10000000, 0x10001000, 0x10002000, 2),       # a flag other than VRING_F_LOG
     (0x0, 0x10001000, 0x10002000, 0),              # outside the table
     (0x10fff800, 0x10001000, 0x10002000, 0),       # runs past the region's end
     (0x10000000, 0x10001000, 0xfffffffffffffff0, 0),
@@ -763,7 +764,7 @@ def test_unknown_request_and_bad_flags(acked):
     assert is_closed(fd)
     assert acked.send(R.SET_OWNER, flags=0x4, need_reply=True) == ack(R.SET_OWNER, 1)
     assert acked.send(R.SET_OWNER, flags=0x100, need_reply=True) == ack(R.SET_OWNER, 1)
-    # Known but not implemented, and its protocol feature never offered.
+    # Known, but without the fd it must carry.
     assert acked.send(R.SET_LOG_FD, need_reply=True) == ack(R.SET_LOG_FD, 1)
     assert acked.raw(R.GET_CONFIG, b"\0" * 12).close
 
@@ -787,7 +788,7 @@ def test_unoffered_feature_bits_are_refused(peer):
     assert peer.send(R.SET_FEATURES, u64(1 << VF.NOTIFICATION_DATA), need_reply=True) == \
         ack(R.SET_FEATURES, 1)
     assert peer.dev.acked_features == 0
-    assert peer.send(R.SET_PROTOCOL_FEATURES, u64(1 << PF.LOG_SHMFD), need_reply=True) == \
+    assert peer.send(R.SET_PROTOCOL_FEATURES, u64(1 << PF.PAGEFAULT), need_reply=True) == \
         ack(R.SET_PROTOCOL_FEATURES, 1)
     assert peer.dev.acked_protocol_features == mask(PF.MQ, PF.REPLY_ACK)
     # A protocol feature not negotiated: its requests are refused.

@@ -1,5 +1,5 @@
 # Declarations of vhu_barriers.h: ordering and little-endian access helpers.
-from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from "vhu_barriers.h" nogil:
     uint16_t vhu_load_acquire_u16(const void *p)
@@ -12,6 +12,8 @@ cdef extern from "vhu_barriers.h" nogil:
     void vhu_write_once_u32(void *p, uint32_t v)
     void vhu_write_once_u64(void *p, uint64_t v)
     void vhu_prefetch(const void *p)
+    void vhu_fence_release()
+    void vhu_log_or_u8(void *p, uint8_t bits)
     bint vhu_likely(bint x)
     bint vhu_unlikely(bint x)
     void VHU_ASSERT(bint cond)

@@ -68,7 +68,10 @@ cdef enum:
     C_OFFLOAD_END
 
 cdef enum:
-    C_COUNT = C_OFFLOAD_END
+    # Dirty-log bits set for a migration (vhu/_ring_log.pxi): a page counts
+    # once per batch that wrote it. After the offload counters: appended.
+    C_LOG_PAGES = C_OFFLOAD_END
+    C_COUNT = C_LOG_PAGES + 1
     # virtio-net's largest frame (also TSO's): an Ethernet frame, without the
     # virtio-net header, is at most 65535 bytes. A chain that carries more is
     # dropped (C_TX_TOO_BIG); the device never builds or delivers a bigger one.
@@ -137,6 +140,20 @@ cdef struct DevRing:
     uint16_t *pend_id              # used elements not yet written to the ring
     uint32_t *pend_len
     uint32_t npend
+    # Dirty-page logging (vhost-user "Migration", _ring_log.pxi). log is NULL
+    # unless LOG_ALL is on and a log is mapped: then every pop collects the
+    # pages its writable buffers lie in, and every publish marks them (and
+    # the used-ring writes) in the log, once per batch.
+    uint8_t *log
+    uint64_t log_size                # bytes of the bitmap (4 KiB guest-physical page a bit)
+    bint log_used                    # VHOST_VRING_F_LOG: used-ring writes logged ...
+    uint64_t log_used_gpa            # ... at log_guest_addr
+    uint64_t *dirty                  # pages collected since the last publish
+    uint32_t ndirty
+    uint32_t max_dirty
+    bint dirty_all                   # more than max_dirty: every mapped page is marked
+    uint64_t last_page               # the page collected last (consecutive repeats skipped)
+    int log_hit                      # region the last host-to-gpa lookup found
 
 cdef struct DrvRing:
     MemTable **table_ref           # as in DevRing: re-translate after a table change
@@ -179,6 +196,7 @@ cdef class DeviceRing:
     cdef GuestMemory mem
     cdef uint64_t own_counters[C_COUNT]
     cdef object counters_owner
+    cdef object log_owner
     cdef DevRing *ring(self)
     cdef Chain _chain_object(self, ChainInfo *c)
 

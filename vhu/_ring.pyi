@@ -79,6 +79,14 @@ class DeviceRing:
     def bind_counters(self, buffer: memoryview | bytearray, offset: int = 0) -> None:
         """Keep the counters (len(COUNTER_NAMES) u64s) in buffer at offset, e.g. shared memory;
         the values already there are counted on from."""
+    def set_log(self, log: memoryview | bytearray | None = None, offset: int = 0, size: int = 0,
+                *, log_used: bool = False, used_gpa: int = 0) -> None:
+        """Dirty-page logging on (a log buffer) or off (None); see vhu/_ring_log.pxi."""
+    @property
+    def logging(self) -> bool: ...
+    def flush_log(self) -> None:
+        """Mark the pages collected and not yet published (before the ring stops)."""
+
     @property
     def last_avail_idx(self) -> int: ...
     @last_avail_idx.setter

@@ -74,7 +74,8 @@ COUNTER_NAMES = (["popped", "pushed", "published", "notify", "notify_suppressed"
                   "broken_ok_unused"]
                  + ["broken_" + n.lower() for n, _ in _BROKEN[1:]]
                  + ["tx_bad_offload", "tx_gso", "tx_csum", "rx_gso", "rx_csum", "rx_segmented",
-                    "rx_csum_done"])
+                    "rx_csum_done"]
+                 + ["log_pages"])
 assert len(COUNTER_NAMES) == C_COUNT
 
 
@@ -389,6 +390,8 @@ cdef int dev_pop_batch(DevRing *r, uint32_t max_chains) noexcept nogil:
 cdef int pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
     cdef int pending
     if r.packed:
+        if vhu_unlikely(r.log != NULL):
+            return log_pk_pop_chains(r, max_chains)
         return pk_pop_chains(r, max_chains)
     pending = dev_avail_pending(r)
     cdef uint32_t i, n, nseg = 0
@@ -457,6 +460,8 @@ cdef int pop_chains(DevRing *r, uint32_t max_chains) noexcept nogil:
     VHU_ASSERT(nseg <= max_segs and n <= r.max_chains)
     r.last_avail = <uint16_t>(last_avail + n)
     r.counters[C_POPPED] += n
+    if vhu_unlikely(r.log != NULL):
+        log_popped(r, n)              # dirty logging: once per pop, not per frame
     return n
 
 
@@ -509,14 +514,23 @@ cdef bint dev_publish_used(DevRing *r) noexcept nogil:
     if r.stash_n:
         dev_unpop_stash(r)
     if r.packed:
+        if vhu_unlikely(r.log != NULL):
+            return log_pk_publish_used(r)
         return pk_publish_used(r)
     old = r.published_used
     new = r.shadow_used
     if new == old or not dev_mem_ok(r):
+        if vhu_unlikely(r.log != NULL):
+            # Nothing used, but a merged frame that found no room midway
+            # wrote into buffers it gave back: marked too (harmless).
+            log_flush(r)
         return False
     # Release: every used element written above is visible before the index.
     vhu_store_release_u16(r.used + RING_IDX, new)
     r.published_used = new
+    if vhu_unlikely(r.log != NULL):
+        log_split_used(r, old, new)
+        log_flush(r)
     # Where a replacement worker resumes (vhu.workers.supervisor).
     r.counters[C_POSITION] = new
     r.counters[C_PUSHED] += <uint16_t>(new - old)
@@ -548,6 +562,8 @@ cdef void dev_notifications_off(DevRing *r) noexcept nogil:
         # more (when it passes it), then not again until we move it.
         return
     vhu_write_once_u16(r.used + RING_FLAGS, USED_F_NO_NOTIFY)
+    if vhu_unlikely(r.log != NULL):
+        log_used_now(r, RING_FLAGS, 2)
 
 
 cdef bint dev_notifications_on(DevRing *r) noexcept nogil:
@@ -561,8 +577,12 @@ cdef bint dev_notifications_on(DevRing *r) noexcept nogil:
         pk_notifications(r, True)
     elif r.event_idx:
         vhu_write_once_u16(used_entry(r.used, <uint16_t>r.size), r.last_avail)
+        if vhu_unlikely(r.log != NULL):
+            log_used_now(r, RING_ENTRIES + 8 * <uint64_t>r.size, 2)
     else:
         vhu_write_once_u16(r.used + RING_FLAGS, 0)
+        if vhu_unlikely(r.log != NULL):
+            log_used_now(r, RING_FLAGS, 2)
     # Store (flags / avail_event) then load (avail->idx): full fence.
     vhu_fence_full()
     return dev_avail_pending(r) > 0
@@ -644,6 +664,10 @@ cdef int dev_rx_enqueue_hdr(DevRing *r, const uint8_t *vnet_hdr, const Seg *src,
         c = rx_next_chain(r)
         if c == NULL:
             # Out of buffers (or broken) midway: give back what we took.
+            if vhu_unlikely(r.log != NULL) and not r.packed:
+                # Split used entries already written past used->idx (never
+                # published, but written): logged with the batch.
+                log_split_used(r, start_used, r.shadow_used)
             r.counters[C_POPPED] = popped_before
             r.last_avail = start_avail
             r.avail_wrap = start_wrap
@@ -902,6 +926,7 @@ cdef int drv_reclaim_in_order(DrvRing *r, uint16_t *heads, uint32_t *lens, int m
 
 
 include "_ring_packed.pxi"
+include "_ring_log.pxi"
 
 
 cdef class Chain:
@@ -989,6 +1014,7 @@ cdef class DeviceRing:
         free(self.r.id_ndesc)
         free(self.r.pend_id)
         free(self.r.pend_len)
+        free(self.r.dirty)
 
     cdef DevRing *ring(self):
         return &self.r
@@ -1019,6 +1045,49 @@ cdef class DeviceRing:
             raise ValueError(f"counters need {need} bytes at an 8-aligned offset inside the buffer")
         self.r.counters = <uint64_t *>&mv[offset]
         self.counters_owner = buffer
+
+    def set_log(self, log=None, Py_ssize_t offset=0, uint64_t size=0, *, log_used=False,
+                uint64_t used_gpa=0):
+        """Dirty-page logging (vhost-user "Migration", vhu/_ring_log.pxi).
+        log: the mapped log (a writable buffer; the bitmap is `size` bytes at
+        byte `offset` of it), or None: logging off. log_used / used_gpa:
+        VHOST_VRING_F_LOG and log_guest_addr of SET_VRING_ADDR (used-ring
+        writes are logged there). Between batches only (the worker applies
+        it between two packets); pages collected and not yet published stay
+        collected across a change of log, and are dropped when it goes off."""
+        cdef unsigned char[::1] mv
+        if log is None:
+            self.r.log = NULL
+            self.r.log_size = 0
+            self.log_owner = None
+            log_discard(&self.r)
+            return
+        mv = log
+        if offset < 0 or size == 0 or <uint64_t>offset + size > <uint64_t>mv.shape[0]:
+            raise ValueError(f"log of {size} bytes at {offset} does not fit the buffer "
+                             f"({mv.shape[0]} bytes)")
+        if self.r.dirty == NULL:
+            self.r.dirty = <uint64_t *>malloc(LOG_MAX_DIRTY * sizeof(uint64_t))
+            if self.r.dirty == NULL:
+                raise MemoryError()
+            self.r.max_dirty = LOG_MAX_DIRTY
+            log_discard(&self.r)
+        self.log_owner = log
+        self.r.log_used = bool(log_used)
+        self.r.log_used_gpa = used_gpa
+        self.r.log_size = size
+        self.r.log = <uint8_t *>&mv[offset]
+
+    @property
+    def logging(self):
+        """True while dirty pages are logged."""
+        return self.r.log != NULL
+
+    def flush_log(self):
+        """Mark what was collected and not published yet (the ring stops:
+        buffers a frame wrote into before finding no room are marked too)."""
+        if self.r.log != NULL:
+            log_flush(&self.r)
 
     # -- configuration and state -------------------------------------------
 

@@ -306,6 +306,8 @@ cdef bint pk_publish_used(DevRing *r) noexcept nogil:
 
 cdef void pk_notifications(DevRing *r, bint on) noexcept nogil:
     vhu_write_once_u16(r.used + EVENT_FLAGS, EVENT_ENABLE if on else EVENT_DISABLE)
+    if vhu_unlikely(r.log != NULL):
+        log_used_now(r, EVENT_FLAGS, 2)
 
 
 cdef void pk_unpop(DevRing *r, uint32_t first_unused) noexcept nogil:

@@ -313,7 +313,7 @@ class ControlLoop:
     def port_stats(self, only=None):
         snap = self.stats.snapshot()
         out = [stats_mod.port_stats(snap, i, p.queue_pairs_in_use, p.path, p.connected,
-                                    self.config.worker_of)
+                                    self.config.worker_of, logging=getattr(p, "logging", False))
                for i, p in sorted(self.ports.items()) if only is None or i == only]
         for ps in out:
             ps["offloads"] = self._offloads(self.ports[ps["port"]])

@@ -24,13 +24,16 @@ import asyncio
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import socket
 import stat
 import time
 
+from vhu import regions as region_rules
 from vhu._mem import GuestMemory
-from vhu.protocol.backend import OFFLOAD_FEATURES, SUPPORTED_FEATURES, BackendConfig, NetBackend
+from vhu.protocol.backend import (F_LOG_ALL, OFFLOAD_FEATURES, SUPPORTED_FEATURES, BackendConfig,
+                                  NetBackend)
 from vhu.protocol.dispatch import Dispatcher
 from vhu.protocol.effects import StopRing
 from vhu.protocol.messages import MAX_FDS
@@ -50,6 +53,9 @@ LISTEN_BACKLOG = 4
 # What a running ring is started with; any change of these restarts it
 # (in the worker, from where it stopped).
 _RESTART_FIELDS = ("num", "desc_addr", "avail_addr", "used_addr", "features")
+# ... except LOG_ALL, and these, which change in place (ring_log), between two
+# batches: a migration starts or ends.
+_LOG_FIELDS = ("log_all", "log_used", "log_addr")
 _F_SEAL_SHRINK = 0x0002
 
 
@@ -60,6 +66,19 @@ def rarp_frame(mac: bytes) -> bytes:
     rarp = (b"\x00\x01\x08\x00\x06\x04\x00\x03"    # Ethernet, IPv4, 6, 4, reverse request
             + mac + bytes(4) + mac + bytes(4))
     return (eth + rarp).ljust(60, b"\0")
+
+
+def _restart_value(cfg, field):
+    # LOG_ALL is not a restart: a migration turns it on under running rings.
+    v = getattr(cfg, field)
+    return v & ~F_LOG_ALL if field == "features" else v
+
+
+def _map_log(fd, size, offset):
+    """An mmap of the log's [offset, offset + size) (offset rounded down to a page)."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    return mmap.mmap(fd, size + offset - start, mmap.MAP_SHARED,
+                     mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
 
 
 def is_eventfd(fd: int) -> bool:
@@ -132,7 +151,8 @@ class WorkerHooks:
                 self.running.pop(index)
                 self._submit(self._worker_of(index), "ring_stop", index)
             return
-        if was is None or any(getattr(cfg, f) != getattr(was, f) for f in _RESTART_FIELDS):
+        if was is None or any(_restart_value(cfg, f) != _restart_value(was, f)
+                              for f in _RESTART_FIELDS):
             # base None: a running ring restarts where it stopped in its worker.
             self._submit(self._worker_of(index), "ring_start", index,
                          self._setup(cfg, cfg.base if was is None else None),
@@ -141,6 +161,9 @@ class WorkerHooks:
                 (was.enabled, was.kick_fd, was.call_fd, was.polling):
             self._submit(self._worker_of(index), "ring_update", index, cfg.enabled,
                          cfg.kick_fd < 0, fds=self._fds(cfg), key=("ring", self.index, index))
+        if was is not None and any(getattr(cfg, f) != getattr(was, f) for f in _LOG_FIELDS):
+            self._submit(self._worker_of(index), "ring_log", index, cfg.log_all, cfg.log_used,
+                         cfg.log_addr)
         self.running[index] = cfg
 
     @staticmethod
@@ -148,7 +171,8 @@ class WorkerHooks:
         return RingSetup(size=cfg.num, desc=cfg.desc_addr, avail=cfg.avail_addr,
                          used=cfg.used_addr, base=base, features=cfg.features,
                          event_idx=cfg.event_idx, indirect=cfg.indirect, enabled=cfg.enabled,
-                         polled=cfg.kick_fd < 0, packed=cfg.packed, resume=resume)
+                         polled=cfg.kick_fd < 0, packed=cfg.packed, resume=resume,
+                         log_all=cfg.log_all, log_used=cfg.log_used, log_addr=cfg.log_addr)
 
     @staticmethod
     def _fds(cfg):
@@ -173,7 +197,21 @@ class WorkerHooks:
             base = self.control.stats.position(self.index, index)
         return base
 
-    def replay(self, worker, regions):
+    def log_changed(self, area):
+        """SET_LOG_BASE: check the fd (as a region's: size bounded by its real
+        size) and map it here first, then every worker maps it."""
+        if self.closed:
+            return
+        try:
+            region_rules.check_log_area(area.size, area.offset, os.fstat(area.fd).st_size)
+        except region_rules.RegionTableError as e:
+            raise ValueError(str(e)) from None
+        _map_log(area.fd, area.size, area.offset).close()     # refused here if it cannot map
+        for w in range(self.control.pool.count):
+            self._submit(w, "log", area.size, area.offset, fds=[os.dup(area.fd)],
+                         key=("log", self.index), adjacent=True)
+
+    def replay(self, worker, regions, log_area=None):
         """What a replacement worker `worker` must be told to run this port's
         rings again: (name, args, fds, port) commands."""
         if self.closed:
@@ -182,6 +220,10 @@ class WorkerHooks:
         if regions:
             cmds.append(("mem", (self.index, [tuple(r)[1:] for r in regions]),
                          [os.dup(r.fd) for r in regions], self))
+        if log_area is not None:
+            # Before the rings: a ring that logs starts logging at once.
+            cmds.append(("log", (self.index, log_area.size, log_area.offset),
+                         [os.dup(log_area.fd)], self))
         for index, cfg in sorted(self.running.items()):
             if self._worker_of(index) != worker:
                 continue
@@ -313,6 +355,12 @@ class Port:
     @property
     def connected(self):
         return self.conn is not None
+
+    @property
+    def logging(self):
+        """The front-end has dirty-page logging on (a migration runs): LOG_ALL and a log."""
+        d = self.session.device if self.session is not None else None
+        return d is not None and d.log is not None and bool(d.acked_features & F_LOG_ALL)
 
     @property
     def loop(self):
@@ -579,7 +627,7 @@ class Port:
     def replay(self, worker):
         if self.hooks is None or self.session is None:
             return []
-        return self.hooks.replay(worker, self.session.device.regions)
+        return self.hooks.replay(worker, self.session.device.regions, self.session.device.log)
 
     def memory_fault(self, sig, addr):
         """Guest memory of this port killed a worker: count it on every ring,

@@ -95,7 +95,9 @@ STATS_KEYS = (("popped", "pushed", "published", "notify", "notify_suppressed",
               + tuple(_BROKEN_KEYS.values())
               # the worker engine's offload counters (vhu.workers._offload), after the broken ones
               + ("tx_bad_offload", "tx_gso", "tx_csum", "rx_gso", "rx_csum", "rx_segmented",
-                 "rx_csum_done"))
+                 "rx_csum_done")
+              # dirty-page logging (the compiled ring's; the reference does not log)
+              + ("log_pages",))
 
 # Split ring layout (virtio 1.x 2.7.5, 2.7.6, 2.7.8).
 _DESC = struct.Struct("<QIHH")        # addr, len, flags, next

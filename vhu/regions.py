@@ -48,3 +48,22 @@ def check_region_table(regions, max_regions=MAX_REGIONS):
                 raise RegionTableError(
                     f"regions {a} and {b} overlap in {name} "
                     f"([{rs[a][key]:#x}, +{rs[a][1]:#x}) and [{rs[b][key]:#x}, +{rs[b][1]:#x}))")
+
+
+def check_log_area(mmap_size, mmap_offset, fd_size=None):
+    """The dirty log of SET_LOG_BASE (vhost-user "Migration"), checked as a
+    region is: mmap_size and mmap_offset u64s, a size that is not 0, an end
+    (offset + size) that fits in 64 bits and, once the fd's real size is
+    known (fd_size, from fstat), lies inside the fd. Raises RegionTableError."""
+    size, off = int(mmap_size), int(mmap_offset)
+    for name, v in (("mmap_size", size), ("mmap_offset", off)):
+        if not 0 <= v <= U64_MAX:
+            raise RegionTableError(f"log: {name} {v:#x} is not a u64")
+    if size == 0:
+        raise RegionTableError("log: mmap_size is 0")
+    if off + size > U64_MAX:
+        raise RegionTableError(f"log: mmap_offset {off:#x} + size {size:#x} wraps "
+                               f"(its end does not fit in 64 bits)")
+    if fd_size is not None and off + size > int(fd_size):
+        raise RegionTableError(f"log: fd is {int(fd_size):#x} bytes, the log needs offset "
+                               f"{off:#x} + size {size:#x}")

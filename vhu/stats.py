@@ -182,11 +182,13 @@ def queues_in_use(snap, port, in_use):
     return max(1, int(in_use), int(moved[-1]) + 1 if moved.size else 0)
 
 
-def port_stats(snap, port, queues, name, connected, worker_of=None):
+def port_stats(snap, port, queues, name, connected, worker_of=None, logging=False):
     """One port's document (the stats line, JSON, metrics). queues: the queue
     pairs front-ends have used on it; queues_in_use decides which are listed.
     The totals are over every ring (kicks on a ring never enabled included).
-    worker_of: queue pair -> index of the worker polling it (MasterConfig.worker_of)."""
+    worker_of: queue pair -> index of the worker polling it (MasterConfig.worker_of).
+    logging: the front-end has dirty-page logging on (a live migration runs);
+    log_pages counts the log bits set, over every ring, since the master started."""
     every = [queue_stats(snap, port, q) for q in range(snap.shape[1] // 2)]
     qs = every[:queues_in_use(snap, port, queues)]
     if worker_of is not None:
@@ -205,7 +207,8 @@ def port_stats(snap, port, queues, name, connected, worker_of=None):
     offload = {n: sum(q["offload"][n] for q in every) for n in OFFLOAD_COUNTERS}
     return {"port": port, "socket": name, "connected": connected, **total,
             "drops": sum(drops.values()), "drops_by_reason": drops, "broken": broken,
-            "offload": offload, "queues": qs}
+            "offload": offload, "queues": qs, "logging": "on" if logging else "off",
+            "log_pages": int(snap[port, :, _INDEX["log_pages"]].sum())}
 
 
 def rates(now, before, dt):
@@ -229,7 +232,15 @@ def rate_line(now, before, dt):
     return (f"port {now['port']} {now['socket']} {'up' if now['connected'] else 'down'}: "
             f"rx {now['rx_packets']} pkts {rx_pps / 1e6:.3f} Mpps {rx_bps / 1e9:.3f} Gbps | "
             f"tx {now['tx_packets']} pkts {tx_pps / 1e6:.3f} Mpps {tx_bps / 1e9:.3f} Gbps | "
-            f"drops {now['drops']} | broken {broken}")
+            f"drops {now['drops']} | broken {broken}"
+            f"{_logging_part(now)}")
+
+
+def _logging_part(doc):
+    # Migration state: said while a front-end logs, or once it has (pages marked).
+    if "logging" not in doc:
+        return ""
+    return f" | logging: {doc['logging']}, {doc.get('log_pages', 0)} pages marked"
 
 
 def write_json(path, ports, **extra):

@@ -50,6 +50,18 @@ static inline void vhu_write_once_u64(void *p, uint64_t v) {
     *(volatile uint64_t *)p = htole64(v);
 }
 
+/* Dirty-page log (vhost-user "Migration"): the front-end clears bits while
+ * we set them, so each bit is set with an atomic OR (as DPDK's
+ * vhost_log_page). The release fence goes once before a batch of ORs: the
+ * guest-memory writes the bits stand for are visible before any of them,
+ * or the front-end could copy a page, clear its bit, and miss our write. */
+static inline void vhu_fence_release(void) {
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+static inline void vhu_log_or_u8(void *p, uint8_t bits) {
+    __atomic_fetch_or((uint8_t *)p, bits, __ATOMIC_RELAXED);
+}
+
 /* Hint the next cache line of a ring entry in: the peer wrote it last. */
 static inline void vhu_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 

@@ -1,11 +1,16 @@
 """python -m vhu.frontend: drive a vhost-user back-end as a front-end would.
 
     python -m vhu.frontend --socket PATH [--listen] [--mode tx|rx|loop] [--pkt-size N]
-                           [--queues Q] [--duration S] [--count N]
+                           [--queues Q] [--duration S] [--count N] [--log]
 
 tx generates frames, rx counts them, loop sends numbered frames and checks
 each one that comes back. One rate line per second, then a summary line.
-Exit status: 0; 1 on a protocol failure or (loop) any error; 2 on bad arguments.
+--log turns dirty-page logging on after set-up, as QEMU does when a live
+migration starts (LOG_ALL, a log memfd, VHOST_VRING_F_LOG on every ring),
+and after the run checks that every page of the receive buffers and used
+rings the back-end changed meanwhile is marked in the log.
+Exit status: 0; 1 on a protocol failure, (loop) any error, or (--log) a page
+written and not marked; 2 on bad arguments.
 """
 import argparse
 import logging
@@ -44,6 +49,7 @@ class Options:
     poll: str = "busy"
     timeout: float = 10.0
     quiet: bool = False
+    log: bool = False
 
 
 def build_parser():
@@ -68,6 +74,8 @@ def build_parser():
     p.add_argument("--timeout", type=float, default=10.0, metavar="S",
                    help="connect/accept and reply timeout")
     p.add_argument("--quiet", action="store_true", help="summary line only")
+    p.add_argument("--log", action="store_true",
+                   help="dirty-page logging on (as during a live migration); check the log after")
     return p
 
 
@@ -96,8 +104,11 @@ def parse_args(argv=None) -> Options:
         raise UsageError("--legacy and --packed exclude each other (packed rings need VERSION_1)")
     if a.legacy and a.queues > 1:
         raise UsageError("--legacy allows one queue pair (MQ needs PROTOCOL_FEATURES)")
+    if a.legacy and a.log:
+        raise UsageError("--legacy and --log exclude each other "
+                         "(LOG_SHMFD needs PROTOCOL_FEATURES)")
     return Options(a.socket, a.listen, a.mode, a.pkt_size, a.queues, a.duration, a.count,
-                   a.ring_size, a.packed, a.legacy, a.batch, a.poll, a.timeout, a.quiet)
+                   a.ring_size, a.packed, a.legacy, a.batch, a.poll, a.timeout, a.quiet, a.log)
 
 
 def run(o: Options, out=None) -> int:
@@ -113,16 +124,24 @@ def run(o: Options, out=None) -> int:
     try:
         with Frontend(o.socket, listen=o.listen, queues=o.queues, ring_size=o.ring_size,
                       packed=o.packed, legacy=o.legacy, pkt_size=o.pkt_size,
-                      timeout=o.timeout) as fe:
+                      timeout=o.timeout, log=o.log) as fe:
             if not o.quiet:
                 say(f"connected to {o.socket}: features {fe.features:#x}, "
                     f"{'packed' if o.packed else 'split'} rings of {o.ring_size}, "
                     f"{o.queues} queue pair(s), {fe.hdr_len}-byte header, mode {o.mode}")
             result = fe.run(o.mode, duration=o.duration, count=o.count, batch=o.batch,
                             poll=o.poll, on_second=None if o.quiet else say)
+            check = None
+            if o.log:
+                fe.stop()                 # GET_VRING_BASE: the back-end writes nothing more
+                check = fe.check_log()
     finally:
         signal.signal(signal.SIGTERM, old)
     say(result.summary())
+    if check is not None:
+        say(check.summary())
+        if check.unmarked:
+            return 1
     if o.mode == "loop" and result.errors:
         return 1
     return 0

@@ -20,8 +20,8 @@ import stat
 import time
 
 from vhu.protocol.messages import (
-    FLAG_REPLY, ProtocolFeature as PF, Request as R, U64, VringAddr, VringFile, VringState, MemoryTable,
-    MemoryRegion,
+    FLAG_REPLY, LogDescription, ProtocolFeature as PF, Request as R, U64, VringAddr, VringFile,
+    VringState, MemoryTable, MemoryRegion,
 )
 from vhu.protocol.table import TABLE
 from vhu.protocol.wire import FramingError, MessageReader, close_fds, pack_request
@@ -199,8 +199,16 @@ class Client:
     def set_vring_base(self, index: int, base: int) -> None:
         self.request(R.SET_VRING_BASE, VringState(index, base).pack())
 
-    def set_vring_addr(self, index: int, desc: int, used: int, avail: int) -> None:
-        self.request(R.SET_VRING_ADDR, VringAddr(index, 0, desc, used, avail, 0).pack())
+    def set_vring_addr(self, index: int, desc: int, used: int, avail: int, flags: int = 0,
+                       log_guest_addr: int = 0) -> None:
+        self.request(R.SET_VRING_ADDR,
+                     VringAddr(index, flags, desc, used, avail, log_guest_addr).pack())
+
+    def set_log_base(self, size: int, offset: int, fd: int) -> None:
+        """The dirty log (LOG_SHMFD): always answered, with a u64 (0: taken)."""
+        reply = self.request(R.SET_LOG_BASE, LogDescription(size, offset).pack(), [fd])
+        if len(reply) == 8 and U64.STRUCT.unpack(reply)[0] != 0:
+            raise FrontendError(f"SET_LOG_BASE refused (status {U64.STRUCT.unpack(reply)[0]})")
 
     def set_vring_call(self, index: int, fd: int) -> None:
         self.request(R.SET_VRING_CALL, VringFile(index, False).pack(), [fd])

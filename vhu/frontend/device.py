@@ -13,7 +13,9 @@ Memory: one memfd, mapped here through vhu._mem.GuestMemory and sent to the
 back-end; rings and buffer slots are carved out of it. Queue 2i is receiveq
 i, 2i+1 transmitq i (virtio-net 5.1.2).
 """
+import fcntl
 import logging
+import mmap
 import os
 import select
 import time
@@ -22,7 +24,7 @@ from typing import Callable, Optional
 
 from vhu._mem import GuestMemory
 from vhu._ring import DriverRing, packed_ring_layout, split_ring_layout, check_queue_size
-from vhu.protocol.messages import ProtocolFeature as PF, VirtioFeature as VF, mask
+from vhu.protocol.messages import VRING_F_LOG, ProtocolFeature as PF, VirtioFeature as VF, mask
 
 from . import _traffic
 from .client import Client, FrontendError
@@ -39,6 +41,24 @@ DEFAULT_FEATURES = mask(VF.VERSION_1, VF.MRG_RXBUF, VF.EVENT_IDX, VF.PROTOCOL_FE
 # PROTOCOL_FEATURES, like the Vapp reference client or an old guest.
 LEGACY_FEATURES = mask(VF.EVENT_IDX)
 PROTOCOL_WANTED = mask(PF.MQ, PF.REPLY_ACK)
+LOG_PAGE = 4096                 # VHOST_LOG_PAGE: a bit of the dirty log per guest page
+_SEALS = getattr(fcntl, "F_SEAL_SHRINK", 2) | getattr(fcntl, "F_SEAL_GROW", 4)
+
+
+@dataclass
+class LogCheck:
+    """What --log found after the run: pages of the RX buffers and used rings
+    whose bytes changed while logging was on, and which of them the log
+    does not mark (the back-end missed them: a migration would lose them)."""
+    changed: int
+    marked_total: int
+    unmarked: list
+
+    def summary(self) -> str:
+        state = "all marked" if not self.unmarked else (
+            f"{len(self.unmarked)} NOT marked (first at gpa {self.unmarked[0]:#x})")
+        return (f"log: {self.changed} pages written by the back-end while logging, {state}; "
+                f"{self.marked_total} pages marked in all")
 
 
 def _align(n: int, a: int) -> int:
@@ -111,7 +131,8 @@ class Frontend:
 
     def __init__(self, socket_path: str, listen: bool = False, queues: int = 1,
                  ring_size: int = 256, packed: bool = False, legacy: bool = False,
-                 features: Optional[int] = None, pkt_size: int = 64, timeout: float = 10.0):
+                 features: Optional[int] = None, pkt_size: int = 64, timeout: float = 10.0,
+                 log: bool = False):
         if not 1 <= queues <= MAX_QUEUES:
             raise ValueError(f"queues {queues}: 1..{MAX_QUEUES}")
         check_queue_size(ring_size, packed)
@@ -149,6 +170,11 @@ class Frontend:
         self.call_fds = []
         self.started = False
         self.bases = None               # GET_VRING_BASE replies, after stop()
+        self.log = log                  # dirty-page logging on after start (as a migration)
+        self.log_fd = -1
+        self.log_map = None
+        self.log_size = 0
+        self._log_before = None
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -179,8 +205,13 @@ class Frontend:
             raise FrontendError(f"the back-end does not offer feature bits {missing:#x} "
                                 f"({', '.join(f.name for f in VF if missing >> f & 1)})")
         features = want & offered
+        if self.log and not offered & mask(VF.LOG_ALL):
+            raise FrontendError("the back-end does not offer VHOST_F_LOG_ALL (no migration)")
         if features & mask(VF.PROTOCOL_FEATURES):
-            pf = c.get_protocol_features() & PROTOCOL_WANTED
+            offered_pf = c.get_protocol_features()
+            pf = offered_pf & (PROTOCOL_WANTED | (mask(PF.LOG_SHMFD) if self.log else 0))
+            if self.log and not pf & mask(PF.LOG_SHMFD):
+                raise FrontendError("the back-end does not offer protocol feature LOG_SHMFD")
             c.set_protocol_features(pf)
             self.protocol_features = pf
             if self.queues > 1:
@@ -192,6 +223,8 @@ class Frontend:
                                         f"{self.queues} asked")
         elif self.queues > 1:
             raise FrontendError("several queue pairs need PROTOCOL_FEATURES, not offered")
+        elif self.log:
+            raise FrontendError("dirty logging needs PROTOCOL_FEATURES (LOG_SHMFD)")
         c.set_features(features)
         self.features = features
         log.info("features %#x (offered %#x), protocol features %#x, header %d bytes",
@@ -264,7 +297,82 @@ class Frontend:
             for q in range(len(layout)):
                 c.set_vring_enable(q, True)
         self._slots = [GPA_BASE + parts[3] for parts in layout]
+        self._layout_parts, self._total = layout, total
         self.started = True
+        if self.log:
+            self.start_logging()
+
+    # -- dirty-page logging (vhost-user "Migration") ----------------------------
+
+    def start_logging(self) -> None:
+        """What QEMU does when a migration starts (vhost_dev_set_log), on
+        running rings: SET_LOG_BASE with a sealed memfd covering all guest
+        memory, SET_FEATURES with LOG_ALL, then SET_VRING_ADDR with
+        VHOST_VRING_F_LOG and each ring's used-ring guest address. Then the
+        areas only the back-end writes are snapshotted (check_log compares)."""
+        c = self._client()
+        pages = (GPA_BASE + self._total + LOG_PAGE - 1) // LOG_PAGE
+        self.log_size = _align((pages + 7) // 8, 8)
+        self.log_fd = os.memfd_create("vhu-frontend-log", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.log_fd, _align(self.log_size, PAGE))
+        fcntl.fcntl(self.log_fd, fcntl.F_ADD_SEALS, _SEALS)
+        self.log_map = mmap.mmap(self.log_fd, _align(self.log_size, PAGE))
+        c.set_log_base(self.log_size, 0, self.log_fd)
+        c.set_features(self.features | mask(VF.LOG_ALL))
+        for q, (desc, avail, used, _) in enumerate(self._layout_parts):
+            c.set_vring_addr(q, self.uva + desc, self.uva + used, self.uva + avail,
+                             VRING_F_LOG, GPA_BASE + used)
+        # With REPLY_ACK each of these was acknowledged once the workers log.
+        self._log_before = [(gpa, self.mem.read(gpa, n)) for gpa, n in self._back_end_areas()]
+
+    def restart_log_check(self) -> None:
+        """Clear the log and take the snapshot again: what a migration's next
+        dirty-sync round does (QEMU clears the bits it copied)."""
+        if self.log_map is None:
+            raise FrontendError("dirty logging was not started")
+        self.log_map[:self.log_size] = bytes(self.log_size)
+        self._log_before = [(gpa, self.mem.read(gpa, n)) for gpa, n in self._back_end_areas()]
+
+    def stop_logging(self) -> None:
+        """What QEMU does when a migration fails or is cancelled: LOG_ALL off,
+        VHOST_VRING_F_LOG off, on running rings."""
+        c = self._client()
+        c.set_features(self.features)
+        for q, (desc, avail, used, _) in enumerate(self._layout_parts):
+            c.set_vring_addr(q, self.uva + desc, self.uva + used, self.uva + avail)
+
+    def _back_end_areas(self):
+        """(gpa, bytes) of memory only the back-end writes: each ring's used
+        ring (packed: device event area), and the receive rings' buffer slots."""
+        n = self.ring_size
+        sizes = packed_ring_layout(n) if self.packed else split_ring_layout(n)
+        for q, (desc, avail, used, slots) in enumerate(self._layout_parts):
+            yield GPA_BASE + used, sizes[2]
+            if q % 2 == 0:
+                yield GPA_BASE + slots, self.rx_slot * n
+
+    def logged(self, gpa: int) -> bool:
+        page = gpa // LOG_PAGE
+        return page // 8 < self.log_size and bool(self.log_map[page // 8] >> (page % 8) & 1)
+
+    def check_log(self) -> LogCheck:
+        """After stop() (the back-end writes nothing more): every page of the
+        back-end's areas whose bytes changed since logging started must be
+        marked in the log."""
+        if self._log_before is None:
+            raise FrontendError("dirty logging was not started")
+        changed, unmarked = 0, []
+        for gpa, before in self._log_before:
+            after = self.mem.read(gpa, len(before))
+            start = gpa // LOG_PAGE * LOG_PAGE
+            for page in range(start, gpa + len(before), LOG_PAGE):
+                lo, hi = max(page, gpa) - gpa, min(page + LOG_PAGE, gpa + len(before)) - gpa
+                if after[lo:hi] != before[lo:hi]:
+                    changed += 1
+                    if not self.logged(page):
+                        unmarked.append(page)
+        total = sum(bin(b).count("1") for b in self.log_map[:self.log_size])
+        return LogCheck(changed, total, unmarked)
 
     def _client(self) -> Client:
         if self.client is None:
@@ -387,6 +495,12 @@ class Frontend:
             for fd in self.kick_fds + self.call_fds + ([self.memfd] if self.memfd >= 0 else []):
                 os.close(fd)
             self.kick_fds, self.call_fds, self.memfd = [], [], -1
+            if self.log_fd >= 0:
+                os.close(self.log_fd)
+                self.log_fd = -1
+            if self.log_map is not None:
+                self.log_map.close()
+                self.log_map = None
             self.rings = []
             if self.mem is not None:
                 self.mem.clear()

@@ -41,9 +41,9 @@ from vhu import regions as region_rules
 
 from .effects import StopRing
 from .messages import (
-    VIRTQUEUE_MAX_SIZE, VHOST_MEMORY_BASELINE_NREGIONS, MemoryTable, ProtocolError,
-    ProtocolFeature as PF, SingleMemoryRegion, U64, VirtioFeature as VF, VringAddr, VringFile,
-    VringState, mask,
+    VIRTQUEUE_MAX_SIZE, VHOST_MEMORY_BASELINE_NREGIONS, VRING_F_LOG, LogDescription, MemoryTable,
+    ProtocolError, ProtocolFeature as PF, SingleMemoryRegion, U64, VirtioFeature as VF, VringAddr,
+    VringFile, VringState, mask,
 )
 from .wire import Message, close_fds
 from ..ring_layout import MisalignedRing, check_alignment, ring_parts
@@ -57,12 +57,15 @@ log = logging.getLogger(__name__)
 OFFLOAD_FEATURES = mask(VF.NET_CSUM, VF.NET_GUEST_CSUM, VF.NET_HOST_TSO4, VF.NET_HOST_TSO6,
                         VF.NET_HOST_ECN, VF.NET_GUEST_TSO4, VF.NET_GUEST_TSO6, VF.NET_GUEST_ECN)
 SUPPORTED_FEATURES = mask(VF.VERSION_1, VF.MRG_RXBUF, VF.EVENT_IDX, VF.INDIRECT_DESC, VF.MQ,
-                          VF.PROTOCOL_FEATURES, VF.RING_PACKED, VF.IN_ORDER,
-                          VF.NET_MTU) | OFFLOAD_FEATURES
+                          VF.PROTOCOL_FEATURES, VF.RING_PACKED, VF.IN_ORDER, VF.NET_MTU,
+                          VF.LOG_ALL) | OFFLOAD_FEATURES
 # IN_ORDER costs the device nothing: every app returns the chains it pops in
 # the order it popped them (RX chains given back unused are popped again first).
+# LOG_ALL with LOG_SHMFD: dirty-page logging for live migration (vhost-user
+# "Migration"; QEMU refuses to migrate without them). The log is a memfd the
+# front-end shares (SET_LOG_BASE); the workers mark pages (vhu/_ring_log.pxi).
 SUPPORTED_PROTOCOL_FEATURES = mask(PF.MQ, PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIGURE_MEM_SLOTS,
-                                   PF.STATUS, PF.MTU, PF.RARP)
+                                   PF.STATUS, PF.MTU, PF.RARP, PF.LOG_SHMFD)
 MTU_MIN, MTU_MAX = 68, 65535          # virtio-net config mtu: a u16, at least IPv4's minimum
 MAX_MEM_SLOTS = region_rules.MAX_REGIONS
 # The most queue pairs a port may have: what GET_QUEUE_NUM answers at most
@@ -71,6 +74,9 @@ MAX_MEM_SLOTS = region_rules.MAX_REGIONS
 MAX_QUEUE_PAIRS = 64
 _F_PROTOCOL = 1 << VF.PROTOCOL_FEATURES
 _F_PACKED = 1 << VF.RING_PACKED
+# The one feature a front-end may flip while rings run: logging starts and
+# stops with a migration (QEMU's vhost_dev_set_log), between two batches.
+F_LOG_ALL = 1 << VF.LOG_ALL
 
 
 class SetupRefused(ProtocolError):
@@ -168,6 +174,23 @@ class RingConfig:
     def packed(self) -> bool:
         return bool(self.features & _F_PACKED)
 
+    @property
+    def log_all(self) -> bool:
+        """VHOST_F_LOG_ALL: every write into guest memory is logged."""
+        return bool(self.features & F_LOG_ALL)
+
+    @property
+    def log_used(self) -> bool:
+        """VHOST_VRING_F_LOG: used-ring writes are logged at log_addr."""
+        return bool(self.flags & VRING_F_LOG)
+
+
+class LogArea(NamedTuple):
+    """The dirty log SET_LOG_BASE gave (fd borrowed, as a Region's)."""
+    fd: int
+    size: int
+    offset: int
+
 
 class DeviceHooks(Protocol):
     """How the I/O side learns about changes. Called synchronously, only on transitions."""
@@ -200,6 +223,12 @@ class DeviceHooks(Protocol):
         the guest had sent a RARP frame (after a migration, so switches learn
         where the guest now is)."""
 
+    def log_changed(self, log: LogArea) -> None:
+        """SET_LOG_BASE: the dirty log to mark pages in from now on (replacing
+        any earlier one), before it is committed: raise ValueError/OSError to
+        refuse it (an fd smaller than offset + size, one that cannot be mapped).
+        The fd is borrowed; the old log's is closed after this returns."""
+
     def reset(self) -> None:
         """Stop every ring and drop the memory table: all fds are about to be closed."""
 
@@ -213,6 +242,7 @@ class NullHooks:
     def check_eventfd(self, fd): pass
     def status_changed(self, status): pass
     def send_rarp(self, mac): pass
+    def log_changed(self, log): pass
     def reset(self): pass
 
 
@@ -286,6 +316,8 @@ class NetBackend:
         self.regions: list[Region] = []
         self._dup_regions: dict = {}     # (gpa, size, uva) -> ADD_MEM_REG repeats not yet removed
         self.backend_req_fd = -1
+        self.log: Optional[LogArea] = None   # SET_LOG_BASE
+        self.log_call_fd = -1                # SET_LOG_FD
         self.rings = [_Ring() for _ in range(self.nrings)]
         self._published = [self.ring_config(i) for i in range(self.nrings)]
         self._published_status = 0
@@ -321,6 +353,10 @@ class NetBackend:
             fds.update(r.fds())
         if self.backend_req_fd >= 0:
             fds.add(self.backend_req_fd)
+        if self.log is not None:
+            fds.add(self.log.fd)
+        if self.log_call_fd >= 0:
+            fds.add(self.log_call_fd)
         return fds
 
     def ring_config(self, index: int) -> RingConfig:
@@ -430,7 +466,9 @@ class NetBackend:
         extra = features & ~self.config.features
         if extra:
             raise ProtocolError(f"feature bits {extra:#x} were not offered")
-        if features != self.acked_features and any(r.started for r in self.rings):
+        if (features ^ self.acked_features) & ~F_LOG_ALL and any(r.started for r in self.rings):
+            # LOG_ALL alone may flip on running rings ("Migration"); the
+            # workers switch logging between two batches.
             raise ProtocolError("features changed while rings are started")
         if not features & _F_PACKED:
             # A ring size set while RING_PACKED was on (any size) must still
@@ -439,6 +477,11 @@ class NetBackend:
                 if r.num & (r.num - 1):
                     raise ProtocolError(f"ring {i}: size {r.num} is not a power of two, "
                                         f"needed without RING_PACKED")
+        if (features ^ self.acked_features) == F_LOG_ALL:
+            # A migration starts or ends: said at INFO (the full line is for set-up).
+            self.acked_features = features
+            log.info("dirty-page logging %s", "on" if features & F_LOG_ALL else "off")
+            return
         self.acked_features = features
         log.info("virtio features %#x (net header %d bytes; protocol features %#x)", features,
                  vnet_header_size(features), self.acked_protocol_features)
@@ -503,6 +546,42 @@ class NetBackend:
             raise ProtocolError(f"SEND_RARP: {mac.hex(':')} is not a station address")
         log.info("announcing %s (RARP)", mac.hex(":"))
         self.hooks.send_rarp(mac)
+
+    # -- migration: the dirty log ("Migration") -------------------------------
+
+    def set_log_base(self, msg: Message) -> bytes:
+        """Map the log the workers mark dirty pages in; replaces (and closes)
+        an earlier one. Always answered (QEMU waits for this reply even
+        without REPLY_ACK): a u64 0, as DPDK and libvhost-user answer."""
+        d = LogDescription.unpack(msg.payload)
+        if len(msg.fds) != 1:
+            raise ProtocolError("SET_LOG_BASE without its log fd (LOG_SHMFD)")
+        try:
+            region_rules.check_log_area(d.mmap_size, d.mmap_offset)
+        except region_rules.RegionTableError as e:
+            raise ProtocolError(str(e)) from None
+        area = LogArea(msg.fds[0], d.mmap_size, d.mmap_offset)
+        try:
+            self.hooks.log_changed(area)
+        except (ValueError, OSError) as e:
+            raise ProtocolError(f"log refused: {e}") from None
+        msg.take_fds()
+        if self.log is not None:
+            self._to_close.append(self.log.fd)
+        self.log = area
+        log.info("dirty log: %#x bytes at offset %#x (guest memory up to %#x)",
+                 d.mmap_size, d.mmap_offset, d.mmap_size * 8 * 4096)
+        return U64(0).pack()
+
+    def set_log_fd(self, msg: Message) -> None:
+        """An eventfd for "the log was modified" notices. Kept (and closed
+        with the connection); vhu does not signal it: QEMU never sends it,
+        and polls the log itself."""
+        try:
+            self.hooks.check_eventfd(msg.fds[0])
+        except (ValueError, OSError) as e:
+            raise ProtocolError(f"SET_LOG_FD: {e}") from None
+        self.log_call_fd = self._replace(self.log_call_fd, msg.take_fds()[0])
 
     def net_set_mtu(self, msg: Message) -> None:
         """The MTU the front-end gives the guest (QEMU host_mtu=): kept and
@@ -578,9 +657,9 @@ class NetBackend:
     def set_vring_addr(self, msg: Message) -> None:
         a = VringAddr.unpack(msg.payload)
         r = self._ring(a.index)
-        if a.flags:
-            # VRING_F_LOG needs dirty logging (LOG_ALL, LOG_SHMFD), which we never offer.
-            raise ProtocolError(f"ring {a.index}: address flags {a.flags:#x} not supported")
+        if a.flags & ~VRING_F_LOG:
+            raise ProtocolError(f"ring {a.index}: address flags {a.flags:#x} not supported "
+                                f"(only VHOST_VRING_F_LOG)")
         packed = self._packed
         try:
             out_of_spec = check_alignment(a.desc_user_addr, a.avail_user_addr,

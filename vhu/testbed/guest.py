@@ -42,6 +42,7 @@ import gzip
 import hashlib
 import io
 import itertools
+import json
 import logging
 import lzma
 import os
@@ -436,7 +437,8 @@ class Guest:
                  mem_mb: int = 256, serial: str = "stdio", cpu: Optional[int] = None,
                  device_opts: Optional[Dict[str, str]] = None, extra_args: Sequence[str] = (),
                  kernel_version: Optional[str] = None, extra_cmdline: str = "",
-                 log_path: Optional[str] = None, name: Optional[str] = None) -> None:
+                 log_path: Optional[str] = None, name: Optional[str] = None,
+                 qmp: bool = False, incoming: Optional[str] = None) -> None:
         if serial not in ("stdio", "unix"):
             raise ValueError("serial must be 'stdio' or 'unix'")
         self.sock, self.mac, self.ip, self.gw, self.mtu = sock, mac, ip, gw, mtu
@@ -447,6 +449,11 @@ class Guest:
         self.extra_args, self.kernel_version, self.extra_cmdline = list(extra_args), kernel_version, extra_cmdline
         self.log_path = log_path
         self.name = name or f"vhu-guest-{os.getpid()}-{next(_counter)}"
+        # Live migration: a QMP socket next to ``sock`` (qmp=True), and for a
+        # destination the same command line plus -incoming (e.g. "unix:PATH").
+        self.qmp_path = f"{sock}.qmp" if qmp else None
+        self.incoming = incoming
+        self._qmp: Optional[Qmp] = None
         self.proc: Optional[subprocess.Popen] = None
         self.boot_time: Optional[float] = None
         self._serial_path = f"{sock}.serial" if serial == "unix" else None
@@ -506,6 +513,10 @@ class Guest:
             "-chardev", chardev, "-netdev", netdev, "-device", device,
             *self.extra_args,
         ]
+        if self.qmp_path:
+            args += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if self.incoming:
+            args += ["-incoming", self.incoming]
         if self.cpu is not None:
             args = ["taskset", "-c", str(self.cpu)] + args
         return args
@@ -521,6 +532,8 @@ class Guest:
         if self._serial_path and os.path.exists(self._serial_path):
             os.unlink(self._serial_path)
         self._t_launch = time.monotonic()
+        if self.qmp_path and os.path.exists(self.qmp_path):
+            os.unlink(self.qmp_path)
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
         self._spawn(self._pump_stderr, "stderr")
@@ -710,6 +723,34 @@ class Guest:
         return {"transmitted": int(m.group(1)), "received": int(m.group(2)),
                 "loss_pct": float(m.group(3)), "rc": rc, "output": out}
 
+    # ------------------------------------------------------------------ QMP, migration
+
+    def qmp(self, command: str, timeout: float = 30.0, **arguments):
+        """One QMP command's return value (GuestError on an error reply)."""
+        if not self.qmp_path:
+            raise GuestError("this guest has no QMP socket (qmp=True)")
+        if self._qmp is None:
+            self._qmp = Qmp(self.qmp_path, timeout, alive=self.alive)
+        return self._qmp.execute(command, timeout, **arguments)
+
+    def migrate(self, uri: str, timeout: float = 300.0, poll: float = 0.2) -> Dict:
+        """QMP ``migrate`` to ``uri`` (a destination started with
+        ``incoming=uri``), then ``query-migrate`` until ``completed``; its
+        last answer. GuestError if the migration fails or takes too long."""
+        self.qmp("migrate", uri=uri)
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.qmp("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                raise GuestError(f"migration {status}: {info.get('error-desc', info)}\n"
+                                 f"{self._diag()}")
+            if time.monotonic() > deadline:
+                raise GuestError(f"migration not completed in {timeout}s: {info}")
+            time.sleep(poll)
+
     # ------------------------------------------------------------------ termination
 
     def poweroff(self, timeout: float = 20.0) -> Optional[int]:
@@ -754,6 +795,14 @@ class Guest:
                 except subprocess.TimeoutExpired:
                     continue
         self.proc.wait(timeout=10)
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+        if self.qmp_path:
+            try:
+                os.unlink(self.qmp_path)
+            except OSError:
+                pass
         if self._conn is not None:
             self._conn.close()
         for t in self._threads:
@@ -770,3 +819,63 @@ class Guest:
             except OSError:
                 pass
         return self.proc.returncode
+
+
+class Qmp:
+    """A minimal QMP client (QEMU Machine Protocol: JSON lines on a unix
+    socket): greeting, qmp_capabilities, then one command at a time;
+    asynchronous events are skipped."""
+
+    def __init__(self, path: str, timeout: float = 30.0, alive=lambda: True) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline or not alive():
+                    raise GuestError(f"cannot connect to QMP at {path}")
+                time.sleep(0.05)
+        self.sock = s
+        self._buf = b""
+        self._read(timeout)                     # the greeting
+        self.execute("qmp_capabilities", timeout)
+
+    def _read(self, timeout: float) -> Dict:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestError("QMP: no answer")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                raise GuestError("QMP: QEMU closed the socket")
+            self._buf += data
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def execute(self, command: str, timeout: float = 30.0, **arguments):
+        msg = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            reply = self._read(timeout)
+            if "event" in reply:
+                log.debug("QMP event %s", reply.get("event"))
+                continue
+            if "error" in reply:
+                raise GuestError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
+            return reply.get("return")
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

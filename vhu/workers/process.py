@@ -59,6 +59,11 @@ class RingSetup:
     polled: bool = False        # no kick fd: the ring is polled, never slept on
     packed: bool = False        # VIRTIO_F_RING_PACKED: base carries the wrap counter in bit 15
     resume: bool = False        # a replacement worker takes the ring over (see DeviceRing.resume)
+    # Dirty-page logging (a migration): LOG_ALL, and SET_VRING_ADDR's
+    # VHOST_VRING_F_LOG with its log_guest_addr (used-ring writes).
+    log_all: bool = False
+    log_used: bool = False
+    log_addr: int = 0
 
 
 @dataclass
@@ -69,12 +74,16 @@ class _Ring:
     enabled: bool = True
     polled: bool = False
     features: int = 0           # negotiated: the engine reads the offloads it allows
+    log_all: bool = False
+    log_used: bool = False
+    log_addr: int = 0
 
 
 @dataclass
 class _Port:
     mem: GuestMemory = field(default_factory=GuestMemory)
     rings: dict = field(default_factory=dict)     # ring index -> _Ring
+    log: Optional[tuple] = None                   # (mmap, offset in it, size): SET_LOG_BASE
 
 
 def _close(fd):
@@ -251,10 +260,54 @@ class WorkerState:
                             "position skipped (the previous worker died while publishing)",
                             port, index, skipped)
         self._stop(p, index)
-        p.rings[index] = _Ring(ring, _nonblocking(kick), _nonblocking(call), setup.enabled,
-                               setup.polled, setup.features)
+        r = p.rings[index] = _Ring(ring, _nonblocking(kick), _nonblocking(call), setup.enabled,
+                                   setup.polled, features=setup.features, log_all=setup.log_all,
+                                   log_used=setup.log_used, log_addr=setup.log_addr)
+        self._apply_log(p, r)
         self.dirty = True
         return True
+
+    @command
+    def cmd_log(self, port, size, offset, fds):
+        """SET_LOG_BASE: map the dirty log (fds: [its fd]); the port's rings
+        that log switch to it (between batches: this is a command), and the
+        old one is unmapped once no ring points into it."""
+        if len(fds) != 1:
+            for fd in fds:
+                _close(fd)
+            raise ValueError("log: one fd")
+        try:
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            m = mmap.mmap(fds[0], size + offset - start, mmap.MAP_SHARED,
+                          mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        finally:
+            _close(fds[0])
+        p = self.ports.setdefault(port, _Port())
+        p.log = (m, offset - start, size)
+        for r in p.rings.values():
+            self._apply_log(p, r)
+        self._guard_ranges()
+        return True
+
+    @command
+    def cmd_ring_log(self, port, index, log_all, log_used, log_addr, fds):
+        """LOG_ALL or SET_VRING_ADDR's log flag/address changed on a running
+        ring: logging goes on or off in place, between two batches."""
+        p = self.ports.get(port)
+        r = p.rings.get(index) if p is not None else None
+        if r is None:
+            return None       # not running here: its next ring_start carries the state
+        r.log_all, r.log_used, r.log_addr = bool(log_all), bool(log_used), int(log_addr)
+        self._apply_log(p, r)
+        return r.ring.logging
+
+    @staticmethod
+    def _apply_log(p, r):
+        if r.log_all and p.log is not None:
+            m, off, size = p.log
+            r.ring.set_log(m, off, size, log_used=r.log_used, used_gpa=r.log_addr)
+        else:
+            r.ring.set_log(None)
 
     @staticmethod
     def _start_index(mem, index, setup, base):
@@ -321,6 +374,7 @@ class WorkerState:
             self.dirty = True
             self._rebind()            # before the mappings go: the engine still points there
             p.mem.clear()
+            p.log = None              # unmapped as the last ring holding it goes
             self._guard_ranges()
         return True
 
@@ -374,8 +428,13 @@ class WorkerState:
 
     def _guard_ranges(self):
         """Tell the fault guard where each port's memory lies in this process."""
-        _guard.set_ranges([(addr, length, port) for port, p in self.ports.items()
-                           for addr, length in p.mem.host_ranges()])
+        ranges = [(addr, length, port) for port, p in self.ports.items()
+                  for addr, length in p.mem.host_ranges()]
+        for port, p in self.ports.items():
+            if p.log is not None:     # the dirty log is the front-end's memory too
+                ranges.append((np.frombuffer(p.log[0], np.uint8).ctypes.data, len(p.log[0]),
+                               port))
+        _guard.set_ranges(ranges)
 
     def _stop(self, p, index):
         r = p.rings.pop(index, None)
@@ -383,6 +442,8 @@ class WorkerState:
             return None
         _close(r.kick)
         _close(r.call)
+        # Before GET_VRING_BASE's reply: every page written is marked by now.
+        r.ring.flush_log()
         # GET_VRING_BASE: the next avail index (packed: position | wrap << 15).
         return r.ring.last_avail_idx
 
