@@ -56,8 +56,15 @@ cdef enum:  # Broken
     B_KICK_FD_ERROR         # the kick fd reported an error or hang-up
     B_COUNT
 
+# Counters appended after the Broken ones (COUNTER_NAMES keeps this order).
 cdef enum:
-    C_COUNT = C_BROKEN_FIRST + B_COUNT
+    C_VXLAN_BAD = C_BROKEN_FIRST + B_COUNT  # VXLAN: a datagram with a bad header, VNI or size
+    C_VXLAN_FOREIGN         # VXLAN: a datagram from an address not in the remote list
+    C_VXLAN_TOO_BIG         # VXLAN: an inner frame over the underlay MTU (never fragmented)
+    C_APPENDED_END
+
+cdef enum:
+    C_COUNT = C_APPENDED_END
     # virtio-net's largest frame (also TSO's): an Ethernet frame, without the
     # virtio-net header, is at most 65535 bytes. A chain that carries more is
     # dropped (C_TX_TOO_BIG); the device never builds or delivers a bigger one.

@@ -72,7 +72,8 @@ COUNTER_NAMES = (["popped", "pushed", "published", "notify", "notify_suppressed"
                   "tx_frames", "tx_bytes", "tx_short", "kicks", "drop_filtered",
                   "drop_no_port", "drop_stage", "drop_stage_error", "tx_too_big", "state_position",
                   "broken_ok_unused"]
-                 + ["broken_" + n.lower() for n, _ in _BROKEN[1:]])
+                 + ["broken_" + n.lower() for n, _ in _BROKEN[1:]]
+                 + ["vxlan_bad", "vxlan_foreign", "vxlan_too_big"])
 assert len(COUNTER_NAMES) == C_COUNT
 
 

@@ -122,6 +122,9 @@ DROP_REASONS = {
     "stage": ("drop_stage",),               # a pipeline stage said drop
     "stage_error": ("drop_stage_error",),   # a pipeline stage raised on the batch
     "tx_too_big": ("tx_too_big",),          # a chain over virtio-net's 65535-byte frame bound
+    "vxlan_bad": ("vxlan_bad",),            # VXLAN: bad flags, another VNI, short or oversized
+    "vxlan_foreign": ("vxlan_foreign",),    # VXLAN: from an address not in the remote list
+    "vxlan_too_big": ("vxlan_too_big",),    # VXLAN: an inner frame over the underlay MTU
 }
 
 

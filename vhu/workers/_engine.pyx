@@ -17,7 +17,9 @@ Apps (what happens to a frame the guest sends on its TX ring):
 
 A binding may also be a Linux TAP device instead of rings (tap_fd): frames
 read from it go through the same apps and stages as a guest's, frames for
-it are written to it.
+it are written to it. Or a VXLAN port (vxlan, _vxlan.pxi): inner frames of
+the datagrams one recvmmsg(2) reads, and frames for it encapsulated and
+sent with sendmmsg(2) at the end of the batch.
 
 A worker owns queue pair i of every port (see MasterConfig.worker_of), so
 the bindings with the same queue index form a group, and patch, switch and
@@ -60,7 +62,8 @@ from vhu._ring cimport (DeviceRing, DevRing, Seg, ChainInfo, dev_pop_batch, dev_
                         C_TX_FRAMES, C_TX_BYTES, C_TX_SHORT, C_TX_TOO_BIG, C_RX_NO_ROOM, C_KICKS,
                         C_DROP_FILTERED, C_DROP_NO_PORT, C_DROP_STAGE, C_DROP_STAGE_ERROR,
                         C_RX_FRAMES, C_RX_BYTES, C_RX_TOO_BIG, C_COUNT, C_BROKEN_FIRST,
-                        B_KICK_FD_ERROR, MAX_FRAME_LEN)
+                        B_KICK_FD_ERROR, MAX_FRAME_LEN, C_VXLAN_BAD, C_VXLAN_FOREIGN,
+                        C_VXLAN_TOO_BIG)
 from vhu._sys cimport (epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLLERR,
                        EPOLLHUP, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CLOEXEC, pollfd, poll,
                        POLLIN, sched_yield, signal_eventfd, drain_eventfd)
@@ -99,6 +102,7 @@ cdef enum:
     KIND_RX_KICK = 0          # epoll tags: binding << 2 | kind
     KIND_TX_KICK = 1
     KIND_TAP = 2
+    KIND_VXLAN = 3            # a VXLAN port's receive socket
 
 # Verdicts a pipeline stage returns per frame (>= 0: output port index).
 cdef enum:
@@ -129,6 +133,8 @@ META_DTYPE = np.dtype({"names": ["port", "queue", "length", "buf", "ethertype", 
                                    np.uint64, np.uint64, np.uint64],
                        "offsets": [0, 2, 4, 8, 12, 16, 24, 32], "itemsize": 40})
 
+include "_vxlan_defs.pxi"
+
 cdef struct Binding:
     # One queue pair of one port: the guest's RX ring (we fill) and TX ring
     # (we drain), each NULL unless started. rx_enabled: we may supply RX
@@ -149,6 +155,7 @@ cdef struct Binding:
     bint rx_dirty       # RX pushes (or a stash) to publish at the end of the batch
     int tap_fd          # a TAP device instead of rings (O_NONBLOCK, IFF_NO_PI), -1: none
     uint64_t *tap_cnt   # its counters: 2 x C_COUNT, as for a ring pair (RX ring first)
+    VxPort *vx          # a VXLAN port instead of rings (counters: tap_cnt), NULL: none
 
 cdef struct MacEntry:
     uint64_t mac        # 48-bit address; 0: empty slot
@@ -188,6 +195,9 @@ cdef inline void header_fields(Meta *m, const uint8_t *f, int64_t length) noexce
     m.dst_mac = mac_of(f)
     m.src_mac = mac_of(f + 6)
     m.ethertype = (<uint16_t>f[12] << 8) | f[13]
+
+
+include "_vxlan.pxi"
 
 
 cdef class Engine:
@@ -443,6 +453,7 @@ cdef class Engine:
         cdef Binding *b
         cdef epoll_event ev
         cdef uint64_t[::1] cnt
+        cdef VxlanSocket vs
         if len(pairs) > MAX_BINDINGS:
             raise ValueError(f"at most {MAX_BINDINGS} queue pairs per worker")
         # Everything is checked before anything changes: a bad set leaves the
@@ -463,6 +474,15 @@ cdef class Engine:
                 slot = p.get(k, -1)
                 if not -1 <= slot < self.ncap or (slot >= 0 and self.caps[slot].buf == NULL):
                     raise ValueError(f"{k} {slot} is not a capture slot")
+            if p.get("vxlan") is not None:
+                if (p.get("rx") is not None or p.get("tx") is not None
+                        or p.get("tap_fd", -1) >= 0):
+                    raise ValueError("a binding is rings, a TAP or a VXLAN port")
+                if not isinstance(p["vxlan"], VxlanSocket):
+                    raise TypeError("vxlan: a VxlanSocket")
+                cnt = p.get("tap_counters")
+                if cnt is None or len(cnt) < 2 * C_COUNT:
+                    raise ValueError(f"tap_counters: need {2 * C_COUNT} u64s")
             if p.get("tap_fd", -1) >= 0:
                 if p.get("rx") is not None or p.get("tx") is not None:
                     raise ValueError("a binding is rings or a TAP, not both")
@@ -502,10 +522,16 @@ cdef class Engine:
             b.cap_tx = p.get("cap_tx", -1)
             b.tap_fd = p.get("tap_fd", -1)
             b.tap_cnt = NULL
-            if b.tap_fd >= 0:
+            b.vx = NULL
+            if b.tap_fd >= 0 or p.get("vxlan") is not None:
                 cnt = p["tap_counters"]
                 keep.append(cnt)
                 b.tap_cnt = <uint64_t *>&cnt[0]
+            if p.get("vxlan") is not None:
+                vs = p["vxlan"]
+                keep.append(vs)
+                b.vx = &vs.p
+                b.vx.ageing = self.mac_ageing
             g, port = b.group, b.port
             self.port_bind[g][port] = i
             self.members[g][self.nmembers[g]] = i
@@ -526,6 +552,8 @@ cdef class Engine:
                               (KIND_TAP, "tap_fd")):
                 if p.get(key, -1) >= 0:
                     tags[p[key]] = (i << 2) | kind
+            if p.get("vxlan") is not None and p["vxlan"].fd >= 0:
+                tags[p["vxlan"].fd] = (i << 2) | KIND_VXLAN
         if self.ctrl_fd >= 0:
             tags[self.ctrl_fd] = CTRL_TAG
         for fd, tag in tags.items():
@@ -673,6 +701,14 @@ cdef class Engine:
         cdef Binding *dst = &self.bindings[to]
         cdef Seg out
         cdef long w
+        if dst.vx != NULL:
+            # Queued here, sent with the batch (vx_flush, end of dispatch).
+            if not vx_queue(dst.vx, dst.tap_cnt, self.fsrc[i], self.fnsrc[i], self.fskip[i],
+                            self.flen[i]):
+                return False
+            if dst.cap_tx >= 0:
+                self.capture(dst.cap_tx, self.fsrc[i], self.fnsrc[i], self.fskip[i], self.flen[i])
+            return True
         if dst.tap_fd >= 0:
             # One write(2) per frame: the TAP takes one frame per call.
             out.ptr = self.tap_out
@@ -826,6 +862,38 @@ cdef class Engine:
         self.dispatch(bi, n, n, cnt, t)
         return <uint32_t>n
 
+    cdef uint32_t forward_vxlan(self, int bi) noexcept nogil:
+        """Read up to a batch of datagrams from binding bi's VXLAN socket
+        (one recvmmsg) and send each good inner frame where its verdict
+        says. Returns datagrams handled."""
+        cdef Binding *b = &self.bindings[bi]
+        cdef uint64_t *cnt = b.tap_cnt + C_COUNT       # the "TX ring" half: frames from it
+        cdef uint64_t nbytes = 0
+        cdef uint32_t handled = 0
+        cdef timespec ts
+        cdef double t = now()
+        cdef int i
+        cdef int n = vx_receive(b.vx, self.batch, self.tap_segs, cnt, &nbytes, &handled, t)
+        if n <= 0:
+            return handled
+        for i in range(n):
+            self.fsrc[i] = &self.tap_segs[i]
+            self.fnsrc[i] = 1
+            self.fskip[i] = 0
+            self.flen[i] = self.tap_segs[i].len
+            self.verdict[i] = V_APP
+        if self.ncap:
+            clock_gettime(CLOCK_REALTIME, &ts)
+            self.ts_sec = <uint32_t>ts.tv_sec
+            self.ts_usec = <uint32_t>(ts.tv_nsec // 1000)
+            if b.cap_rx >= 0:
+                for i in range(n):
+                    self.capture(b.cap_rx, self.fsrc[i], 1, 0, self.flen[i])
+        cnt[C_TX_FRAMES] += n
+        cnt[C_TX_BYTES] += nbytes
+        self.dispatch(bi, n, n, cnt, t)
+        return handled
+
     cdef void dispatch(self, int bi, int n, int frames, uint64_t *cnt, double t) noexcept nogil:
         """Frames 0..n of the current batch (flen < 0: skip) from binding bi:
         the stage's verdicts, then the app's; deliver; publish the receivers."""
@@ -865,7 +933,8 @@ cdef class Engine:
                 if v < 0:
                     cnt[C_DROP_NO_PORT] += 1
                     continue
-            if not self.deliver(i, v) and self.bindings[v].tap_fd < 0 and (
+            if not self.deliver(i, v) and self.bindings[v].tap_fd < 0 and \
+                    self.bindings[v].vx == NULL and (
                     self.bindings[v].rx == NULL or not self.bindings[v].rx_enabled):
                 cnt[C_RX_NO_ROOM] += 1      # no receiving ring at all
         for k in range(self.nmembers[b.group]):
@@ -874,6 +943,8 @@ cdef class Engine:
                 self.bindings[m].rx_dirty = False
                 if dev_publish_used(self.bindings[m].rx):
                     signal_eventfd(self.bindings[m].rx_call)
+            elif self.bindings[m].vx != NULL and self.bindings[m].vx.nslots:
+                vx_flush(self.bindings[m].vx, self.bindings[m].tap_cnt)
 
     cdef void call_stage(self, int bi, int n, int nframes) noexcept:
         """Run the Python stage on the batch (GIL held). A raising or
@@ -985,6 +1056,8 @@ cdef class Engine:
                 work += self.forward(i)
             elif b.tap_fd >= 0:
                 work += self.forward_tap(i)
+            elif b.vx != NULL:
+                work += self.forward_vxlan(i)
         return work
 
     cdef bint sleep(self, int timeout_ms) noexcept nogil:
@@ -996,6 +1069,8 @@ cdef class Engine:
         cdef epoll_event events[64]
         cdef uint32_t tag
         cdef uint64_t kicks
+        cdef int sockerr = 0
+        cdef socklen_t sockerr_len
         for i in range(self.nbind):
             b = &self.bindings[i]
             # After enabling, re-check: a chain made available before the
@@ -1016,6 +1091,14 @@ cdef class Engine:
                 b = NULL
                 if (tag >> 2) < <uint32_t>self.nbind:
                     b = &self.bindings[tag >> 2]
+                if (tag & 3) == KIND_VXLAN:
+                    # Datagrams: read by forward_vxlan. An error pending on
+                    # a UDP socket (an ICMP report) is cleared, not fatal.
+                    if events[i].events & EPOLLERR:
+                        sockerr_len = sizeof(int)
+                        getsockopt(<int><uint32_t>events[i].data.u64, SOL_SOCKET, SO_ERROR,
+                                   &sockerr, &sockerr_len)
+                    continue
                 if events[i].events & (EPOLLERR | EPOLLHUP):
                     # Level-triggered: left in the set, this fd would wake
                     # us at once, forever (a spinning idle worker).
