@@ -196,16 +196,29 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--sizes", default="64,1400")
+    p.add_argument("--runs", type=int, default=3,
+                   help="repeat the whole set (interleaved A/B); the median is reported")
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    rows = run(a.seconds, [int(s) for s in a.sizes.split(",")])
-    print(f"{'path':6} {'who':7} {'size':>5} {'Mpps':>7}")
-    for r in rows:
-        extra = f"  (delivered {r['delivered_mpps']:.3f})" if "delivered_mpps" in r else ""
-        print(f"{r['path']:6} {r['who']:7} {r['size']:5d} {r['mpps']:7.3f}{extra}")
+    sizes = [int(s) for s in a.sizes.split(",")]
+    runs = [run(a.seconds, sizes) for _ in range(a.runs)]
+    print(f"{'path':6} {'who':7} {'size':>5} {'Mpps (median)':>14}  runs")
+    table = []
+    for i, r in enumerate(runs[0]):
+        values = sorted(run_[i]["mpps"] for run_ in runs)
+        med = values[len(values) // 2]
+        extra = ""
+        if "delivered_mpps" in r:
+            d = sorted(run_[i]["delivered_mpps"] for run_ in runs)[len(values) // 2]
+            extra = f"  (delivered to testpmd {d:.3f})"
+        table.append({**{k: r[k] for k in ("path", "who", "size")}, "mpps_median": med,
+                      "mpps_runs": [run_[i]["mpps"] for run_ in runs]})
+        print(f"{r['path']:6} {r['who']:7} {r['size']:5d} {med:14.3f}  "
+              f"{' '.join(f'{v:.3f}' for v in values)}{extra}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"time": time.time(), "seconds": a.seconds, "rows": rows}, f, indent=1)
+            json.dump({"time": time.time(), "seconds": a.seconds, "table": table, "runs": runs},
+                      f, indent=1)
 
 
 if __name__ == "__main__":
