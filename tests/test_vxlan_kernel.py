@@ -123,7 +123,7 @@ class Lab:
         self.spec = f"vni={VNI},local={A_IP},remote={B_IP},remote={C_IP}"
         self.control = self.d / "vhu.ctl"
         self.vhu = VhuMaster(self.d, "--app", "switch", "--tap", self.tap, "--vxlan", self.spec,
-                             "--control", self.control, "--cpus", "0",
+                             "--control", self.control, "--cpus", "0", "--metrics-port", "0",
                              sockets=("g.sock",), netns=self.a.name)
         self.vhu.wait_sockets()
         self.vhu.wait_started()
@@ -197,6 +197,72 @@ def test_tap_host_and_kernel_vxlan_ping_and_tcp_both_ways(lab):
     assert vx["underlay_mtu"] == 1500 and vx["max_inner_frame"] == 1464
     assert len(vx["source_ports"]) == vxlan.SEND_SOCKETS
     assert all(lo <= sp <= hi for sp in vx["source_ports"]), vx
+
+
+CAPTURE = r"""
+import socket, struct, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+s.bind((sys.argv[1], 0x0800))
+s.settimeout(1.0)
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    try:
+        ip = s.recv(65536)
+    except socket.timeout:
+        continue
+    ihl = (ip[0] & 15) * 4
+    if ip[9] != 17 or socket.inet_ntoa(ip[12:16]) != sys.argv[2]:
+        continue
+    sport, dport, ulen, csum = struct.unpack_from("!HHHH", ip, ihl)
+    if dport == 4789:
+        df = bool(struct.unpack_from("!H", ip, 6)[0] & 0x4000)
+        print(sport, csum, int(df), ip[ihl + 8:ihl + 16].hex(), ip[ihl + 16:ihl + 22].hex(),
+              flush=True)
+        break
+"""
+
+
+def test_datagrams_on_the_wire(lab):
+    """What vhu sends, as the underlay sees it: UDP to 4789 from one of its
+    send sockets' ports, checksum zero, DF set (never fragmented), the VXLAN
+    header with the I flag and VNI 42, the inner frame behind it."""
+    cap = lab.b.popen(sys.executable, "-c", CAPTURE, "v16b0", A_IP, 30, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
+    try:
+        assert cap.stdout.readline().strip() == "ready", cap.stderr.read()
+        got, out = busybox_ping(lab.t, B_OV, 1)
+        assert got == 1, out
+        out, err = cap.communicate(timeout=60)
+    finally:
+        if cap.poll() is None:
+            cap.kill()
+            cap.wait()
+    sport, csum, df, hdr, inner_dst = out.split()
+    vx = [p for p in ctl(lab.control, "show")["ports"] if p["kind"] == "vxlan"][0]["vxlan"]
+    assert int(sport) in vx["source_ports"], (sport, vx)
+    assert int(csum) == 0 and df == "1"
+    assert hdr == vxlan.header(VNI).hex() == "08000000" + "00002a00"
+    assert inner_dst in ("ffffffffffff", B_MAC.replace(":", ""))
+
+
+METRICS = r"""
+import re, sys, urllib.request
+print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10).read().decode())
+"""
+
+
+def test_prometheus_has_the_remotes(lab):
+    port = int(re.search(r"metrics: http://127\.0\.0\.1:(\d+)/metrics", lab.vhu.output()).group(1))
+    busybox_ping(lab.t, B_OV, 2)
+    text = lab.a.python(METRICS, str(port)).stdout
+    sent = re.search(r'^vhu_vxlan_remote_tx_packets_total\{port="2",remote="%s",'
+                     r'socket="vxlan:42@10.16.0.1:4789"\} (\S+)$' % re.escape(B_IP), text, re.M)
+    assert sent and float(sent.group(1)) > 0, text[-3000:]
+    assert re.search(r'^vhu_vxlan_remote_macs\{port="2",remote="%s",[^}]*\} [1-9]' %
+                     re.escape(B_IP), text, re.M), text[-3000:]
+    assert re.search(r'^vhu_drops_total\{port="2",queue="0",reason="vxlan_bad",'
+                     r'socket="vxlan:42@10.16.0.1:4789"\} ', text, re.M), text[-3000:]
 
 
 def test_three_hosts_flood_then_learn(lab):
