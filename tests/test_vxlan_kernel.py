@@ -182,13 +182,13 @@ def test_tap_host_and_kernel_vxlan_ping_and_tcp_both_ways(lab):
     # 4 MiB each way at most 1410 bytes of TCP payload a frame: thousands
     # each way (the stats file is rewritten every 0.2 s).
     v = wait_for(lambda: (lambda v: v["rx_packets"] > FILE_SIZE // 1450 and
-                          v["tx_packets"] > FILE_SIZE // 1450 and v)(lab.port("vxlan:")),
+                          v["tx_packets"] > FILE_SIZE // 1450 and v["rx_bytes"] > FILE_SIZE and
+                          v["tx_bytes"] > FILE_SIZE and v)(lab.port("vxlan:")),
                  10, "the VXLAN port's counters")
     assert v["socket"] == f"vxlan:{VNI}@{A_IP}:4789" and v["connected"]
-    assert v["rx_bytes"] > FILE_SIZE and v["tx_bytes"] > FILE_SIZE
-    r = lab.remote(B_IP)
-    assert r["rx_packets"] > FILE_SIZE // 1450 and r["tx_packets"] > FILE_SIZE // 1450
-    assert r["macs"] >= 1
+    r = wait_for(lambda: (lambda r: r["rx_packets"] > FILE_SIZE // 1450 and
+                          r["tx_packets"] > FILE_SIZE // 1450 and r["macs"] >= 1 and r)(
+                              lab.remote(B_IP)), 10, "the remote's counters")
     assert v["drops_by_reason"]["vxlan_bad"] == 0 and v["drops_by_reason"]["vxlan_foreign"] == 0
     # The send sockets' source ports are the kernel vxlan's range.
     lo, hi = map(int, lab.a.run("cat", "/proc/sys/net/ipv4/ip_local_port_range").stdout.split())
