@@ -115,6 +115,11 @@ def test_cli_numbers_vxlan_ports_last():
                     "--vxlan", "vni=42,local=10.0.0.1,remote=10.0.0.2",
                     "--vxlan", "vni=43,local=10.0.0.1,remote=10.0.0.3,port=4790"])
     assert [v.vni for v in c.vxlans] == [42, 43]
+    # Several VNIs on one local address and UDP port share its socket.
+    shared = parse_args(["--socket", "/tmp/a.sock",
+                         "--vxlan", "vni=42,local=10.0.0.1,remote=10.0.0.2",
+                         "--vxlan", "vni=43,local=10.0.0.1,remote=10.0.0.2"])
+    assert [(v.vni, v.port) for v in shared.vxlans] == [(42, 4789), (43, 4789)]
     from vhu.control import initial_specs
     kinds = [type(s).__name__ for s in initial_specs(c)]
     assert kinds == ["VhostUserPort", "TapDevice", "VxlanPort", "VxlanPort"]
@@ -123,7 +128,7 @@ def test_cli_numbers_vxlan_ports_last():
 @pytest.mark.parametrize("argv, why", [
     (["--vxlan", "vni=42,local=10.0.0.1"], "remote= is missing"),
     (["--vxlan", "vni=42,local=10.0.0.1,remote=10.0.0.2",
-      "--vxlan", "vni=43,local=10.0.0.1,remote=10.0.0.3"], "twice"),
+      "--vxlan", "vni=42,local=10.0.0.1,remote=10.0.0.3"], "vni 42 on 10.0.0.1:4789 twice"),
     (["--app", "patch", "--vxlan", "vni=1,local=10.0.0.1,remote=10.0.0.2",
       "--tap", "t0"], "exactly two ports"),
 ])

@@ -412,6 +412,47 @@ def test_runtime_add_and_del_vxlan_port(lab):
 
 
 
+def test_two_vnis_share_one_udp_port(lab):
+    """vni 43 added at runtime on vni 42's address and UDP port: one socket,
+    read once for both ports; each datagram goes to the port of its VNI (a
+    kernel vxlan with id 43 in v16c answers through it); once vni 43 is
+    removed its datagrams are vxlan_bad on the port left, whose own traffic
+    never paused."""
+    lab.c.sysctl("net.ipv4.conf.all.arp_ignore", 1)     # vx0 must not answer for vx43's address
+    kernel_vxlan(lab.c, "vx43", 43, C_IP, [A_IP], "v16c0", "10.16.43.3")
+    lab.t.ip("addr", "add", "10.16.43.1/24", "dev", lab.tap)
+    added = None
+    try:
+        added = ctl(lab.control, "add-port", "--vxlan", f"vni=43,local={A_IP},remote={C_IP}")
+        assert added["socket"] == f"vxlan:43@{A_IP}:4789"
+        bad42 = lab.port("vxlan:42")["drops_by_reason"]["vxlan_bad"]
+        got, out = busybox_ping(lab.t, "10.16.43.3", 5)
+        assert got == 5, out
+        got, out = busybox_ping(lab.t, B_OV, 3)
+        assert got == 3, out
+        p43 = wait_for(lambda: (lambda p: p["rx_packets"] >= 5 and p)(lab.port("vxlan:43")), 10,
+                       "vni 43's counters")
+        assert p43["vxlan"]["remotes"][0]["rx_packets"] >= 5
+        assert p43["drops_by_reason"]["vxlan_bad"] == 0
+        assert lab.port("vxlan:42")["drops_by_reason"]["vxlan_bad"] == bad42
+        assert lab.c.counter("vx43", "rx_packets") >= 5
+        ctl(lab.control, "del-port", added["socket"])
+        added = None
+        got, out = busybox_ping(lab.t, B_OV, 3)
+        assert got == 3, out
+        got, out = busybox_ping(lab.t, "10.16.43.3", 2, deadline=4)
+        assert got == 0, out
+        got, out = busybox_ping(lab.c, "10.16.43.1", 2, deadline=4)     # vx43 -> vhu
+        assert got == 0, out
+        wait_for(lambda: lab.port("vxlan:42")["drops_by_reason"]["vxlan_bad"] > bad42, 10,
+                 "vni 43 datagrams counted bad on the port left")
+    finally:
+        if added is not None:
+            ctl(lab.control, "del-port", added["socket"])
+        lab.t.ip("addr", "del", "10.16.43.1/24", "dev", lab.tap, check=False)
+        lab.c.ip("link", "del", "vx43", check=False)
+
+
 def test_a_replacement_worker_gets_the_vxlan_sockets(lab):
     """The worker owning the VXLAN port dies: the supervisor replays the
     port (duplicates of the master's sockets and counters) into its

@@ -210,7 +210,7 @@ def parse_args(argv):
 
 
 def parse_vxlans(texts):
-    """--vxlan specs -> VxlanPort tuple; one VNI per local address and UDP port."""
+    """--vxlan specs -> VxlanPort tuple; a VNI once per local address and UDP port."""
     specs = []
     for text in texts:
         try:
@@ -218,8 +218,7 @@ def parse_vxlans(texts):
         except vxlan.VxlanError as exc:
             raise UsageError(f"--vxlan {text}: {exc}") from None
         for other in specs:
-            if (other.local, other.port) == (spec.local, spec.port):
-                raise UsageError(f"--vxlan: {spec.local}:{spec.port} twice (one VNI per local "
-                                 f"address and UDP port)")
+            if (other.vni, other.local, other.port) == (spec.vni, spec.local, spec.port):
+                raise UsageError(f"--vxlan: vni {spec.vni} on {spec.local}:{spec.port} twice")
         specs.append(spec)
     return tuple(specs)

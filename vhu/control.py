@@ -32,7 +32,7 @@ from vhu.controlsock import ControlServer
 from vhu.portspecs import TapDevice, VhostUserPort, VxlanPort
 from vhu.ports import Port
 from vhu.tap import TapPort
-from vhu.vxlanport import VxlanPortState, same_endpoint
+from vhu.vxlanport import VxlanPortState, same_port
 from vhu.workers.supervisor import REPLACED, WorkerPool
 
 log = logging.getLogger("vhu.master")
@@ -72,7 +72,8 @@ class ControlLoop:
         self.loop = None
         self.stats = None
         self.pool = None
-        self.ports = {}               # index -> Port | TapPort
+        self.ports = {}               # index -> Port | TapPort | VxlanPortState
+        self.vxlan_endpoints = {}     # (local, udp port) -> vhu.vxlanport.Endpoint
         self.control_server = None
         self.stopping = False
         self._stop_event = None
@@ -209,9 +210,9 @@ class ControlLoop:
                     other.spec.name == spec.name:
                 raise ControlError(f"TAP {spec.name} is port {other.index} already")
             if isinstance(spec, VxlanPort) and isinstance(other.spec, VxlanPort) and \
-                    same_endpoint(spec, other.spec):
-                raise ControlError(f"{spec.local}:{spec.port} is VXLAN port {other.index} "
-                                   f"already (one VNI per local address and UDP port)")
+                    same_port(spec, other.spec):
+                raise ControlError(f"vni {spec.vni} on {spec.local}:{spec.port} is port "
+                                   f"{other.index} already")
         free = [i for i in range(MAX_PORTS) if i not in self.ports]
         if not free:
             raise ControlError(f"at most {MAX_PORTS} ports")

@@ -7,7 +7,8 @@ duplicates to the worker owning queue pair 0, whose compiled loop
 sendmmsg(2):
 
 * one UDP socket bound to local:port: every datagram from the remote VTEPs
-  arrives here (the kernel answers nothing else on that port for us);
+  arrives here; the ports (one per VNI) on one local address and UDP port
+  share it (Endpoint), and the worker reads it once for all of them;
 * vhu.vxlan.SEND_SOCKETS UDP sockets bound to local and an ephemeral port
   (net.ipv4.ip_local_port_range, the kernel vxlan's source port range),
   SO_NO_CHECK (UDP checksum zero on IPv4, as the kernel's vxlan sends by
@@ -61,14 +62,22 @@ def _buffer(sock, force, plain, size):
         sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
-def open_sockets(spec):
-    """(receive socket, [send sockets]) for spec, non-blocking, close-on-exec."""
-    made = []
+def open_receive_socket(spec):
+    """The socket bound to spec.local:spec.port, non-blocking, close-on-exec."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
     try:
-        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-        made.append(rx)
         rx.bind((spec.local, spec.port))
         _buffer(rx, SO_RCVBUFFORCE, socket.SO_RCVBUF, RECV_BUFFER)
+    except OSError as exc:
+        rx.close()
+        raise OSError(exc.errno, f"VXLAN {spec.local}:{spec.port}: {exc.strerror}") from None
+    return rx
+
+
+def open_send_sockets(spec):
+    """vhu.vxlan.SEND_SOCKETS sockets bound to spec.local, ephemeral ports."""
+    made = []
+    try:
         sends = []
         for _ in range(vxlan.SEND_SOCKETS):
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
@@ -79,11 +88,28 @@ def open_sockets(spec):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)   # the kernel's minimum
             _buffer(s, SO_SNDBUFFORCE, socket.SO_SNDBUF, SEND_BUFFER)
             sends.append(s)
-        return rx, sends
+        return sends
     except OSError as exc:
         for s in made:
             s.close()
         raise OSError(exc.errno, f"VXLAN {spec.local}:{spec.port}: {exc.strerror}") from None
+
+
+class Endpoint:
+    """One local address and UDP port: its receive socket, shared by the
+    VXLAN ports (one per VNI) on it. The worker reads it once for all of
+    them and hands each datagram to the port of its VNI."""
+
+    def __init__(self, spec):
+        self.key = (spec.local, spec.port)
+        self.rx = open_receive_socket(spec)
+        self.vnis = {}                # vni -> port index
+
+    def close(self):
+        self.rx.close()
+
+
+MAX_SHARED = 16                       # vhu/workers/_vxlan_defs.pxi VX_MAX_SHARED
 
 
 class VxlanPortState:
@@ -96,6 +122,7 @@ class VxlanPortState:
         self.spec = spec
         self.path = spec.name
         self.rx = None
+        self.endpoint = None
         self.sends = []
         self.mem_fd = None
         self.counters = None
@@ -119,7 +146,12 @@ class VxlanPortState:
             raise OSError(exc.errno, f"VXLAN {self.spec.local} -> {' '.join(self.spec.remotes)}: "
                                      f"{exc.strerror}") from None
         self.max_inner = vxlan.max_inner_frame(self.mtu)
-        self.rx, self.sends = open_sockets(self.spec)
+        self._join()
+        try:
+            self.sends = open_send_sockets(self.spec)
+        except OSError:
+            self._leave()
+            raise
         self.source_ports = [s.getsockname()[1] for s in self.sends]
         self.mem_fd = os.memfd_create(f"vhu-vxlan-{self.index}", os.MFD_CLOEXEC)
         os.ftruncate(self.mem_fd, COUNTERS_BYTES)
@@ -131,6 +163,28 @@ class VxlanPortState:
                  self.spec.local, self.spec.port, " ".join(self.spec.remotes), self.mtu,
                  self.max_inner, self.mtu - vxlan.GUEST_MTU_OVERHEAD,
                  " ".join(map(str, self.source_ports)))
+
+    def _join(self):
+        """Take the endpoint's receive socket (opened by the first port on it)."""
+        endpoints = self.control.vxlan_endpoints
+        ep = endpoints.get((self.spec.local, self.spec.port))
+        if ep is None:
+            ep = endpoints[(self.spec.local, self.spec.port)] = Endpoint(self.spec)
+        elif self.spec.vni in ep.vnis:
+            raise ValueError(f"vni {self.spec.vni} on {self.spec.local}:{self.spec.port} is port "
+                             f"{ep.vnis[self.spec.vni]} already")
+        elif len(ep.vnis) >= MAX_SHARED:
+            raise ValueError(f"at most {MAX_SHARED} VNIs on {self.spec.local}:{self.spec.port}")
+        ep.vnis[self.spec.vni] = self.index
+        self.endpoint, self.rx = ep, ep.rx
+
+    def _leave(self):
+        ep, self.endpoint, self.rx = self.endpoint, None, None
+        if ep is not None:
+            ep.vnis.pop(self.spec.vni, None)
+            if not ep.vnis:
+                ep.close()
+                self.control.vxlan_endpoints.pop(ep.key, None)
 
     def _command(self):
         fds = [os.dup(self.rx.fileno())] + [os.dup(s.fileno()) for s in self.sends] + \
@@ -172,9 +226,7 @@ class VxlanPortState:
                 "max_inner_frame": self.max_inner, "source_ports": self.source_ports}
 
     def _drop(self):
-        if self.rx is not None:
-            self.rx.close()
-            self.rx = None
+        self._leave()
         for s in self.sends:
             s.close()
         self.sends = []
@@ -198,3 +250,8 @@ class VxlanPortState:
 def same_endpoint(a, b):
     """Two specs that would bind the same local address and UDP port."""
     return a.port == b.port and ipaddress.IPv4Address(a.local) == ipaddress.IPv4Address(b.local)
+
+
+def same_port(a, b):
+    """Two specs for the same VNI on the same local address and UDP port."""
+    return a.vni == b.vni and same_endpoint(a, b)

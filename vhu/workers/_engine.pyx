@@ -239,6 +239,7 @@ cdef class Engine:
     cdef char *injected                    # a frame sent on a guest's behalf (inject)
     cdef Seg injected_seg
     cdef Seg tap_segs[MAX_BATCH]
+    cdef uint8_t vx_owner[MAX_BATCH]         # VXLAN: the port (of a shared socket) of each frame
     # pipeline stage (Python, once per batch)
     cdef object stage
     cdef object meta_arr
@@ -538,6 +539,7 @@ cdef class Engine:
             self.nmembers[g] += 1
         self.keep = keep
         self.nbind = len(pairs)
+        self.group_vxlan()
         if self.epfd >= 0:
             close(self.epfd)
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -552,13 +554,43 @@ cdef class Engine:
                               (KIND_TAP, "tap_fd")):
                 if p.get(key, -1) >= 0:
                     tags[p[key]] = (i << 2) | kind
-            if p.get("vxlan") is not None and p["vxlan"].fd >= 0:
+            if p.get("vxlan") is not None and p["vxlan"].fd >= 0 and self.bindings[i].vx.reader:
                 tags[p["vxlan"].fd] = (i << 2) | KIND_VXLAN
         if self.ctrl_fd >= 0:
             tags[self.ctrl_fd] = CTRL_TAG
         for fd, tag in tags.items():
             if self.watch(fd, tag) != 0:
                 raise OSError(errno, f"epoll_ctl ADD {fd}")
+
+    cdef void group_vxlan(self) noexcept:
+        """VXLAN ports whose sockets are one (the same inode: the master
+        gave each a duplicate) form a group: the first bound reads for all."""
+        cdef int i, j
+        cdef VxPort *p
+        cdef VxPort *q
+        for i in range(self.nbind):
+            p = self.bindings[i].vx
+            if p == NULL:
+                continue
+            p.reader = False
+            p.nshared = 0
+            p.rxcnt = self.bindings[i].tap_cnt + C_COUNT
+        for i in range(self.nbind):
+            p = self.bindings[i].vx
+            if p == NULL or p.nshared or p.reader:
+                continue
+            p.reader = True
+            p.shared[0] = p
+            p.shared_bind[0] = i
+            p.nshared = 1
+            for j in range(i + 1, self.nbind):
+                q = self.bindings[j].vx
+                if (q != NULL and not q.reader and q.nshared == 0 and q.ino == p.ino
+                        and p.nshared < VX_MAX_SHARED):
+                    p.shared[p.nshared] = q
+                    p.shared_bind[p.nshared] = j
+                    p.nshared += 1
+                    q.nshared = -1           # read by p
 
     cdef int watch(self, int fd, uint32_t tag) noexcept:
         cdef epoll_event ev
@@ -864,34 +896,49 @@ cdef class Engine:
 
     cdef uint32_t forward_vxlan(self, int bi) noexcept nogil:
         """Read up to a batch of datagrams from binding bi's VXLAN socket
-        (one recvmmsg) and send each good inner frame where its verdict
-        says. Returns datagrams handled."""
+        (one recvmmsg; bi reads for every port sharing its socket) and send
+        each good inner frame where its verdict says, as a frame from the
+        port of its VNI. Returns datagrams handled."""
         cdef Binding *b = &self.bindings[bi]
-        cdef uint64_t *cnt = b.tap_cnt + C_COUNT       # the "TX ring" half: frames from it
-        cdef uint64_t nbytes = 0
+        cdef Binding *sb
+        cdef VxPort *p = b.vx
+        cdef uint64_t *cnt
+        cdef uint64_t nbytes
         cdef uint32_t handled = 0
         cdef timespec ts
         cdef double t = now()
-        cdef int i
-        cdef int n = vx_receive(b.vx, self.batch, self.tap_segs, cnt, &nbytes, &handled, t)
+        cdef int i, k, m, sbi
+        cdef int n = vx_receive(p, self.batch, self.tap_segs, self.vx_owner, &handled, t)
         if n <= 0:
             return handled
-        for i in range(n):
-            self.fsrc[i] = &self.tap_segs[i]
-            self.fnsrc[i] = 1
-            self.fskip[i] = 0
-            self.flen[i] = self.tap_segs[i].len
-            self.verdict[i] = V_APP
         if self.ncap:
             clock_gettime(CLOCK_REALTIME, &ts)
             self.ts_sec = <uint32_t>ts.tv_sec
             self.ts_usec = <uint32_t>(ts.tv_nsec // 1000)
-            if b.cap_rx >= 0:
-                for i in range(n):
-                    self.capture(b.cap_rx, self.fsrc[i], 1, 0, self.flen[i])
-        cnt[C_TX_FRAMES] += n
-        cnt[C_TX_BYTES] += nbytes
-        self.dispatch(bi, n, n, cnt, t)
+        for k in range(p.nshared):
+            # The frames of one port, in the order they came.
+            sbi = p.shared_bind[k]
+            sb = &self.bindings[sbi]
+            m = 0
+            nbytes = 0
+            for i in range(n):
+                if self.vx_owner[i] != k:
+                    continue
+                self.fsrc[m] = &self.tap_segs[i]
+                self.fnsrc[m] = 1
+                self.fskip[m] = 0
+                self.flen[m] = self.tap_segs[i].len
+                self.verdict[m] = V_APP
+                nbytes += self.tap_segs[i].len
+                if sb.cap_rx >= 0:
+                    self.capture(sb.cap_rx, self.fsrc[m], 1, 0, self.flen[m])
+                m += 1
+            if m == 0:
+                continue
+            cnt = sb.tap_cnt + C_COUNT       # the "TX ring" half: frames from it
+            cnt[C_TX_FRAMES] += m
+            cnt[C_TX_BYTES] += nbytes
+            self.dispatch(sbi, m, m, cnt, t)
         return handled
 
     cdef void dispatch(self, int bi, int n, int frames, uint64_t *cnt, double t) noexcept nogil:
@@ -1056,7 +1103,7 @@ cdef class Engine:
                 work += self.forward(i)
             elif b.tap_fd >= 0:
                 work += self.forward_tap(i)
-            elif b.vx != NULL:
+            elif b.vx != NULL and b.vx.reader:
                 work += self.forward_vxlan(i)
         return work
 

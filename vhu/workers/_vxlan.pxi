@@ -102,18 +102,22 @@ cdef inline int vx_remote_of(VxPort *p, sockaddr_in *sa, socklen_t salen) noexce
     return -1
 
 
-cdef int vx_receive(VxPort *p, uint32_t batch, Seg *out, uint64_t *cnt, uint64_t *nbytes,
-                    uint32_t *handled, double t) noexcept nogil:
-    """One recvmmsg(2): the good inner frames into out[0..n) (pointing into
-    p.rbuf, valid until the next call); the bad ones counted on cnt (the
-    port's "from the port" half). Returns n; *handled: datagrams read."""
-    cdef int got, i, r, n = 0
+cdef int vx_receive(VxPort *p, uint32_t batch, Seg *out, uint8_t *owner, uint32_t *handled,
+                    double t) noexcept nogil:
+    """One recvmmsg(2) on reader p's socket: the good inner frames into
+    out[0..n) (pointing into p.rbuf, valid until the next call), owner[k]
+    the index in p.shared of the port (VNI) frame k is for; the bad ones
+    counted on that port's (or, with no port of their VNI, p's) counters.
+    Returns n; *handled: datagrams read."""
+    cdef int got, i, r, k, n = 0
     cdef uint32_t len_
     cdef const uint8_t *d
     cdef uint32_t *w
     cdef uint64_t src
-    if t - p.last_scan >= 1.0:
-        vx_count_macs(p, t)
+    cdef VxPort *q
+    for k in range(p.nshared):
+        if t - p.shared[k].last_scan >= 1.0:
+            vx_count_macs(p.shared[k], t)
     handled[0] = 0
     if p.rfd < 0:
         return 0
@@ -130,28 +134,40 @@ cdef int vx_receive(VxPort *p, uint32_t batch, Seg *out, uint64_t *cnt, uint64_t
         return 0
     handled[0] = <uint32_t>got
     for i in range(got):
-        r = vx_remote_of(p, &p.rsrc[i], p.rmsg[i].msg_hdr.msg_namelen)
-        if r < 0:
-            cnt[C_VXLAN_FOREIGN] += 1         # not one of our VTEPs: never read further
-            continue
         len_ = p.rmsg[i].msg_len
         d = <const uint8_t *>p.riov[i].iov_base
         w = <uint32_t *>p.riov[i].iov_base
+        # The port of this VNI (the datagram's second word, reserved byte
+        # included), else the reader stands for "none of ours".
+        q = p
+        k = 0
+        if len_ >= VX_HDR:
+            for k in range(p.nshared):
+                if p.shared[k].hdr1 == w[1]:
+                    q = p.shared[k]
+                    break
+            else:
+                k = 0
+        r = vx_remote_of(q, &p.rsrc[i], p.rmsg[i].msg_hdr.msg_namelen)
+        if r < 0:
+            q.rxcnt[C_VXLAN_FOREIGN] += 1     # not one of its VTEPs: never read further
+            continue
         if (vhu_unlikely(p.rmsg[i].msg_hdr.msg_flags & MSG_TRUNC) or len_ < VX_HDR + VX_MIN_FRAME
-                or w[0] != p.hdr0 or w[1] != p.hdr1):
-            # Oversized (cut to the slot), short, other flags, another VNI
-            # or a reserved byte set: the kernel's vxlan drops these too.
-            cnt[C_VXLAN_BAD] += 1
-            p.rcnt[r * VR_COUNT + VR_RX_BAD] += 1
+                or len_ > VX_HDR + q.max_inner or w[0] != q.hdr0 or w[1] != q.hdr1):
+            # Oversized (cut to the slot, or over this port's bound), short,
+            # other flags, a VNI of no port here or a reserved byte set: the
+            # kernel's vxlan drops these too.
+            q.rxcnt[C_VXLAN_BAD] += 1
+            q.rcnt[r * VR_COUNT + VR_RX_BAD] += 1
             continue
         out[n].ptr = <char *>d + VX_HDR
         out[n].len = len_ - VX_HDR
-        nbytes[0] += len_ - VX_HDR
-        p.rcnt[r * VR_COUNT + VR_RX_PACKETS] += 1
-        p.rcnt[r * VR_COUNT + VR_RX_BYTES] += len_ - VX_HDR
+        owner[n] = <uint8_t>k
+        q.rcnt[r * VR_COUNT + VR_RX_PACKETS] += 1
+        q.rcnt[r * VR_COUNT + VR_RX_BYTES] += len_ - VX_HDR
         src = vx_mac(d + VX_HDR + 6)
         if not (d[VX_HDR + 6] & 1) and src != 0:     # never learn group addresses
-            vx_fdb_learn(p, src, r, t)
+            vx_fdb_learn(q, src, r, t)
         n += 1
     return n
 
@@ -325,6 +341,7 @@ cdef class VxlanSocket:
                     pass
             raise
         self.p.rfd = recv_fd
+        self.p.ino = os.fstat(recv_fd).st_ino     # ports sharing this socket: the same inode
         for i, fd in enumerate(send_fds):
             self.p.sfd[i] = fd
         self.p.nsend = len(send_fds)

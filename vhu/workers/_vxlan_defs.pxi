@@ -77,6 +77,7 @@ cdef enum:
     VR_TX_ERRORS = 5          # datagrams the kernel refused (not EMSGSIZE / full queue)
     VR_RX_BAD = 6             # datagrams from the remote dropped as vxlan_bad
     VR_COUNT = 8
+    VX_MAX_SHARED = 16        # VXLAN ports (VNIs) sharing one local address and UDP port
 
 cdef struct VxFdb:
     uint64_t mac              # 0: empty
@@ -112,3 +113,12 @@ cdef struct VxPort:
     uint32_t npend
     mmsghdr *fmsg             # ... ordered by send socket at flush
     int *fremote
+    # Ports (VNIs) on one local address and UDP port share its socket: the
+    # first bound reads for all of them (set_bindings groups them by the
+    # socket's inode) and hands each datagram to the port of its VNI.
+    uint64_t ino              # the receive socket's inode
+    bint reader
+    int nshared               # reader: ports in its group, itself first
+    VxPort *shared[VX_MAX_SHARED]
+    int shared_bind[VX_MAX_SHARED]          # ... and their bindings
+    uint64_t *rxcnt           # the binding's "from the port" counters (bad, foreign)

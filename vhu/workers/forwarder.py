@@ -255,8 +255,8 @@ class Forwarder:
             raise ValueError("list TAP devices after the vhost-user ports")
         ports = ports[:len(ports) - len(taps)]
         for i, v in enumerate(vxlans):
-            if any((v.local, v.port) == (w.local, w.port) for w in vxlans[:i]):
-                raise ValueError(f"VXLAN {v.local}:{v.port} twice (one VNI per address and port)")
+            if any((v.vni, v.local, v.port) == (w.vni, w.local, w.port) for w in vxlans[:i]):
+                raise ValueError(f"VXLAN vni {v.vni} on {v.local}:{v.port} twice")
         if not ports:
             raise ValueError("a Forwarder needs at least one vhost-user port")
         if len(set(taps)) != len(taps):
