@@ -453,6 +453,54 @@ def test_two_vnis_share_one_udp_port(lab):
         lab.c.ip("link", "del", "vx43", check=False)
 
 
+FORWARDER = r"""
+import json, socket, subprocess, sys, tempfile, time, os
+from vhu.workers import Forwarder, TapDevice, VxlanPort
+d = tempfile.mkdtemp(prefix="v16fw-")
+spec = VxlanPort(vni=42, local=sys.argv[1], remotes=[sys.argv[2]], port=4791)
+with Forwarder([os.path.join(d, "x.sock"), TapDevice(sys.argv[3]), spec], pipeline=["switch"],
+               stats_interval=0.2) as fw:
+    subprocess.run(["ip", "link", "set", sys.argv[3], "up"], check=True)
+    kinds = [p["kind"] for p in fw.ports()]
+    print("ready", json.dumps(kinds), flush=True)
+    sys.stdin.readline()                       # the test sent its datagram
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        st = fw.stats()
+        if st[2]["rx_packets"] and st[1]["tx_packets"]:
+            break
+        time.sleep(0.1)
+    print(json.dumps(st), flush=True)
+"""
+
+
+def test_forwarder_with_a_vxlan_port(lab):
+    """vhu.workers.Forwarder([..., TapDevice, VxlanPort(...)]) in vhu's
+    namespace: a datagram from B is decapsulated and switched to the TAP."""
+    fw = lab.a.popen(sys.executable, "-c", FORWARDER, A_IP, B_IP, "v16ftap", stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        line = fw.stdout.readline()
+        assert line.startswith("ready"), line + fw.stderr.read()
+        assert json.loads(line.split(" ", 1)[1]) == ["vhost-user", "tap", "vxlan"]
+        frame = b"\xff" * 6 + bytes.fromhex("021600000077") + bytes.fromhex("88b5") + bytes(50)
+        lab.b.python("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                     "s.bind((sys.argv[2], 0)); s.sendto(bytes.fromhex(sys.argv[1]), "
+                     "(sys.argv[3], 4791))", (vxlan.header(42) + frame).hex(), B_IP, A_IP)
+        out, err = fw.communicate("sent\n", timeout=120)
+        assert fw.returncode == 0, err[-3000:]
+        st = json.loads(out)
+        assert st[2]["socket"] == f"vxlan:42@{A_IP}:4791"
+        assert st[2]["rx_packets"] == 1 and st[2]["rx_bytes"] == len(frame)
+        assert st[2]["vxlan"]["remotes"][0]["rx_packets"] == 1
+        assert st[1]["tx_packets"] == 1                 # switched (flooded) to the TAP
+    finally:
+        if fw.poll() is None:
+            fw.kill()
+            fw.wait()
+
+
 def test_a_replacement_worker_gets_the_vxlan_sockets(lab):
     """The worker owning the VXLAN port dies: the supervisor replays the
     port (duplicates of the master's sockets and counters) into its
