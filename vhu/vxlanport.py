@@ -75,7 +75,9 @@ def open_receive_socket(spec):
 
 
 def open_send_sockets(spec):
-    """vhu.vxlan.SEND_SOCKETS sockets bound to spec.local, ephemeral ports."""
+    """vhu.vxlan.SEND_SOCKETS sockets bound to spec.local, ephemeral ports;
+    connected to the remote if there is one (the kernel then keeps the route
+    and the source address checked once, not per datagram)."""
     made = []
     try:
         sends = []
@@ -87,6 +89,8 @@ def open_send_sockets(spec):
             s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)   # the kernel's minimum
             _buffer(s, SO_SNDBUFFORCE, socket.SO_SNDBUF, SEND_BUFFER)
+            if len(spec.remotes) == 1:
+                s.connect((spec.remotes[0], spec.port))
             sends.append(s)
         return sends
     except OSError as exc:
@@ -190,7 +194,7 @@ class VxlanPortState:
         fds = [os.dup(self.rx.fileno())] + [os.dup(s.fileno()) for s in self.sends] + \
               [os.dup(self.mem_fd)]
         return ("vxlan", (self.index, self.spec.vni, list(self.spec.remotes), self.spec.port,
-                          self.max_inner), fds)
+                          self.max_inner, len(self.spec.remotes) == 1), fds)
 
     def serve(self):
         name, args, fds = self._command()

@@ -267,8 +267,12 @@ cdef bint vx_queue(VxPort *p, uint64_t *cnt, const Seg *src, uint32_t nsrc, uint
         if rem >= 0 and r != rem:
             continue
         m = &p.pmsg[p.npend]
-        m.msg_hdr.msg_name = &p.rsa[r]
-        m.msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        if p.connected:
+            m.msg_hdr.msg_name = NULL             # the socket's peer: its route is kept
+            m.msg_hdr.msg_namelen = 0
+        else:
+            m.msg_hdr.msg_name = &p.rsa[r]
+            m.msg_hdr.msg_namelen = sizeof(sockaddr_in)
         m.msg_hdr.msg_iov = iov
         m.msg_hdr.msg_iovlen = 1
         m.msg_hdr.msg_control = NULL
@@ -313,7 +317,7 @@ cdef class VxlanSocket:
             self.p.sfd[i] = -1
 
     def __init__(self, int recv_fd, send_fds, uint32_t vni, remotes, int port,
-                 uint32_t max_inner, counters):
+                 uint32_t max_inner, counters, bint connected=False):
         cdef uint64_t[::1] cnt
         cdef int i
         cdef size_t slots
@@ -333,6 +337,8 @@ cdef class VxlanSocket:
                 raise ValueError(f"max_inner must be {VX_MIN_FRAME}..{MAX_FRAME_LEN}")
             if cnt.shape[0] < VX_MAX_REMOTES * VR_COUNT:
                 raise ValueError(f"counters: need {VX_MAX_REMOTES * VR_COUNT} u64s")
+            if connected and len(remotes) != 1:
+                raise ValueError("connected send sockets: for exactly one remote")
         except BaseException:
             for fd in [recv_fd] + send_fds:
                 try:
@@ -349,6 +355,7 @@ cdef class VxlanSocket:
         self.counters = counters
         self.p.rcnt = &cnt[0]
         self.p.nremotes = len(remotes)
+        self.p.connected = connected
         for i, r in enumerate(remotes):
             self.p.raddr[i] = int.from_bytes(ipaddress.IPv4Address(r).packed, sys.byteorder)
             self.p.rsa[i].sin_family = AF_INET

@@ -111,6 +111,7 @@ cdef struct VxPort:
     int *premote
     uint8_t *psock
     uint32_t npend
+    bint connected            # the send sockets are connected to the one remote: no msg_name
     mmsghdr *fmsg             # ... ordered by send socket at flush
     int *fremote
     # Ports (VNIs) on one local address and UDP port share its socket: the

@@ -337,9 +337,10 @@ class WorkerState:
         return True
 
     @command
-    def cmd_vxlan(self, port, vni, remotes, udp_port, max_inner, fds):
+    def cmd_vxlan(self, port, vni, remotes, udp_port, max_inner, connected, fds):
         """A VXLAN port as port `port` (queue pair 0): fds = [receive socket,
-        send sockets..., per-remote counters memfd] (vhu.vxlanport)."""
+        send sockets (connected to the one remote if `connected`)..., per-remote
+        counters memfd] (vhu.vxlanport)."""
         if len(fds) < 3:
             for fd in fds:
                 _close(fd)
@@ -355,7 +356,7 @@ class WorkerState:
             _close(mem_fd)
         try:
             vx = VxlanSocket(recv_fd, send_fds, vni, remotes, udp_port, max_inner,
-                             np.frombuffer(mapping, np.uint64))
+                             np.frombuffer(mapping, np.uint64), connected)
         except BaseException:
             try:
                 mapping.close()
