@@ -11,6 +11,7 @@ import sys
 import time
 
 from vhu.testbed.dpdk import Testpmd, vhost_vdev, virtio_user_vdev
+from vhu.testbed.ovs import Ovs
 from vhu.testbed.procs import process_tree
 
 Testpmd.__test__ = False
@@ -24,6 +25,15 @@ ROWS = {
     "source": {"dpdk": "txonly", "frontend": "rxonly", "count": "rx_packets"},
     "echo":   {"dpdk": "macswap", "frontend": "io", "count": "rx_packets", "tx_first": True},
 }
+
+# Two-port rows: one testpmd with two virtio-user ports bounces unicast
+# frames through the back-end (mac forwarding, each port's peer MAC the
+# other port's), so every frame crosses the back-end's switch (or patch)
+# and the rate is the total RX of both testpmd ports. The peer back-end is
+# Open vSwitch-DPDK: the NORMAL action for switch, two port-to-port flows
+# for patch.
+SWITCH_ROWS = ("switch", "patch")
+SWITCH_MACS = ("02:00:00:00:00:01", "02:00:00:00:00:02")
 
 
 def cpu_seconds(pids):
@@ -80,10 +90,12 @@ class VhuBackend:
     in place (a baseline to compare a change against, in the same run)."""
     name = "vhu"
 
-    def __init__(self, sock, row, pkt_size, queues=1, workers=1, poll="busy", tree=None):
+    def __init__(self, sock, row, pkt_size, queues=1, workers=1, poll="busy", tree=None,
+                 more_sockets=()):
         self.sock = sock
         self.tree = tree
-        self.argv = [sys.executable, "-m", "vhu.master", "--socket", sock, "--app", row,
+        more = [arg for s in more_sockets for arg in ("--socket", s)]
+        self.argv = [sys.executable, "-m", "vhu.master", "--socket", sock, *more, "--app", row,
                      "--pkt-size", str(pkt_size), "--queues", str(queues),
                      "--workers", str(workers), "--poll", poll,
                      "--cpus", str(BACKEND_CPU), "--stats-interval", "5", "--log-level", "WARNING"]
@@ -114,6 +126,84 @@ class VhuBackend:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class OvsBackend:
+    """Open vSwitch with DPDK (vhu.testbed.ovs) on BACKEND_CPU: a netdev
+    bridge with two dpdkvhostuser ports (OVS listens; their sockets are in its
+    run directory), the NORMAL action (MAC learning) for the switch row, two
+    port-to-port flows for patch."""
+    name = "ovs"
+
+    def __init__(self, row):
+        self.row = row
+        self.ovs = None
+        self.sockets = []
+
+    def __enter__(self):
+        self.ovs = Ovs(pmd_cpu=BACKEND_CPU, main_cpu=BACKEND_CPU)
+        try:
+            self.ovs.start()
+            self.ovs.add_bridge("br0")
+            self.sockets = [self.ovs.add_vhost_user_port("br0", f"vh{i}") for i in (0, 1)]
+            # The port exists in the database before ovs-vswitchd listens on
+            # its socket; a front-end that comes too early is refused.
+            deadline = time.monotonic() + 20
+            while not all(os.path.exists(s) for s in self.sockets):
+                if time.monotonic() > deadline or not self.ovs.alive():
+                    raise RuntimeError(f"OVS never listened on {self.sockets}")
+                time.sleep(0.05)
+            if self.row == "patch":
+                self.ovs.connect_ports("br0", "vh0", "vh1")
+            else:
+                self.ovs.set_flows("br0", ["actions=NORMAL"])
+        except BaseException:
+            self.ovs.stop()
+            raise
+        return self
+
+    def ready(self):
+        for name in ("vh0", "vh1"):
+            self.ovs.wait_link_up(name)
+
+    def pids(self):
+        return [p for proc in (self.ovs.vswitchd, self.ovs.ovsdb) if proc
+                for p in process_tree(proc.pid)]
+
+    def __exit__(self, *exc):
+        if exc[0] is not None:   # what OVS said goes with the failure
+            self.log_tail = "\n".join(self.ovs.log_text().splitlines()[-40:])
+        self.ovs.stop()
+
+
+def measure_two_ports(backend, sockets, pkt_size, seconds=3.0, warmup=1.0, packed=False):
+    """A SWITCH_ROWS row: testpmd's two virtio-user ports on sockets (the
+    back-end already serving them), mac forwarding toward each other, started
+    with a first burst; the rate is both ports' RX."""
+    with backend:
+        socks = sockets or backend.sockets
+        vdevs = [virtio_user_vdev(s, i, packed_vq=packed, mac=SWITCH_MACS[i])
+                 for i, s in enumerate(socks)]
+        peers = [f"--eth-peer={i},{SWITCH_MACS[1 - i]}" for i in (0, 1)]
+        fe = Testpmd(vdevs, forward_mode="mac", cpus=PEER_CPU, huge=False, txpkts=pkt_size,
+                     nb_cores=1, extra_args=peers)
+        with fe:
+            fe.wait_link_up(0, timeout=20)
+            fe.wait_link_up(1, timeout=20)
+            backend.ready()
+            fe.start(tx_first=True)
+            time.sleep(warmup)
+            pids = backend.pids()
+            s0, c0, t0 = fe.port_stats(), cpu_seconds(pids), time.monotonic()
+            time.sleep(seconds)
+            s1, c1, t1 = fe.port_stats(), cpu_seconds(pids), time.monotonic()
+            rss = peak_rss_kib(pids)
+            fe.stop()
+    packets = sum(s1[p]["rx_packets"] - s0[p]["rx_packets"] for p in (0, 1))
+    dt = t1 - t0
+    return {"mpps": packets / dt / 1e6, "packets": packets, "seconds": dt,
+            "cpu_ns_per_pkt": (c1 - c0) / packets * 1e9 if packets else None,
+            "rss_mib": rss / 1024}
 
 
 def measure(backend, sock, row, pkt_size, seconds=3.0, warmup=1.0, queues=1, packed=False):

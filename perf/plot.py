@@ -19,7 +19,8 @@ import sys
 BACKENDS = {"vhu": ("vhu", "#1f77b4"), "dpdk": ("DPDK vhost", "#ff7f0e"),
             "ovs": ("Open vSwitch", "#2ca02c"), "snabb": ("Snabb", "#9467bd")}
 OTHER_COLOURS = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-ROW_NAMES = {"sink": "sink / txonly", "source": "source / rxonly", "echo": "echo / io"}
+ROW_NAMES = {"sink": "sink / txonly", "source": "source / rxonly", "echo": "echo / io",
+             "switch": "switch / 2 ports", "patch": "patch / 2 ports"}
 
 
 def backends(entries):

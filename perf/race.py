@@ -10,7 +10,13 @@ back-end on CPU 0, against DPDK testpmd `--vdev net_virtio_user0` on CPU 1,
 and prints DPDK Mpps, vhu Mpps, vhu/DPDK, CPU time per packet and peak RSS
 of each back-end. --rings packed makes the front-end use packed virtqueues
 (virtio-user packed_vq=1); --queues 4 runs 4 queue pairs with as many vhu
-workers (--workers caps it), all on the back-end's one CPU. Only ratios from one run are meaningful on shared machines.
+workers (--workers caps it), all on the back-end's one CPU.
+The two-port rows (--rows switch,patch) race `vhu.master --app switch` (or
+patch) with one worker against Open vSwitch-DPDK (netdev bridge, two
+dpdkvhostuser ports, the NORMAL action or two port-to-port flows, its PMD on
+CPU 0): one testpmd on CPU 1 with two virtio-user ports in mac forwarding,
+each port's --eth-peer the other port's MAC, --tx-first; the rate is both
+ports' RX (single queue pair only). Only ratios from one run are meaningful on shared machines.
 With --results, the chart of every row (perf/plot.py, needs the perf extra) is
 written beside the JSON (race.json -> race.png) and embedded in the markdown.
 """
@@ -24,7 +30,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from backends import DpdkBackend, VhuBackend, measure  # noqa: E402
+from backends import (SWITCH_ROWS, DpdkBackend, OvsBackend, VhuBackend,  # noqa: E402
+                      measure, measure_two_ports)
 
 
 def machine():
@@ -63,7 +70,12 @@ def main(argv=None):
     for ring, queues, size, row in itertools.product(
             a.rings.split(","), [int(q) for q in a.queues.split(",")],
             [int(x) for x in a.sizes.split(",")], a.rows.split(",")):
-        entry = race_row(row, size, ring, queues, a.workers or queues, a)
+        if row in SWITCH_ROWS:
+            if queues != 1:
+                continue
+            entry = race_two_port_row(row, size, ring, a)
+        else:
+            entry = race_row(row, size, ring, queues, a.workers or queues, a)
         results.append(entry)
         print(format_row(entry), flush=True)
     doc = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
@@ -96,19 +108,44 @@ def write_chart(doc, json_path):
 def race_row(row, size, ring, queues, workers, a):
     """Both back-ends on one row, interleaved repeats; medians compared."""
     entry = {"row": row, "pkt_size": size, "queues": queues, "workers": workers, "ring": ring}
-    names = ("dpdk", "vhu") + (("base",) if getattr(a, "baseline", None) else ())
+
+    def run(name):
+        sock = os.path.join(tempfile.mkdtemp(prefix="vhu-race-"), "vhost.sock")
+        be = (DpdkBackend(sock, row, size, queues) if name == "dpdk" else
+              VhuBackend(sock, row, size, queues, workers, a.poll,
+                         tree=a.baseline if name == "base" else None))
+        return measure(be, sock, row, size, a.seconds, queues=queues, packed=ring == "packed")
+    return interleaved(entry, "dpdk", run, a)
+
+
+def race_two_port_row(row, size, ring, a):
+    """vhu --app switch|patch against Open vSwitch-DPDK (and the baseline),
+    interleaved repeats; medians compared."""
+    entry = {"row": row, "pkt_size": size, "queues": 1, "workers": 1, "ring": ring, "peer": "ovs"}
+
+    def run(name):
+        if name == "ovs":
+            return measure_two_ports(OvsBackend(row), None, size, a.seconds, packed=ring == "packed")
+        d = tempfile.mkdtemp(prefix="vhu-race-")
+        socks = [os.path.join(d, f"vhost{i}.sock") for i in (0, 1)]
+        be = VhuBackend(socks[0], row, size, 1, 1, a.poll, more_sockets=socks[1:],
+                        tree=a.baseline if name == "base" else None)
+        return measure_two_ports(be, socks, size, a.seconds, packed=ring == "packed")
+    return interleaved(entry, "ovs", run, a)
+
+
+def interleaved(entry, peer, run, a):
+    """a.repeat rounds of run(name) for the peer, vhu and (--baseline) base,
+    interleaved so slow phases of a shared host hit every back-end; each
+    back-end's median run, its runs' rates and its error go into entry,
+    with vhu/peer and vhu/base."""
+    names = (peer, "vhu") + (("base",) if getattr(a, "baseline", None) else ())
     runs = {name: [] for name in names}
     errors = {}
-    # Interleaved, so slow phases of a shared host hit every back-end.
     for _ in range(a.repeat):
         for name in names:
-            sock = os.path.join(tempfile.mkdtemp(prefix="vhu-race-"), "vhost.sock")
-            be = (DpdkBackend(sock, row, size, queues) if name == "dpdk" else
-                  VhuBackend(sock, row, size, queues, workers, a.poll,
-                             tree=a.baseline if name == "base" else None))
             try:
-                runs[name].append(measure(be, sock, row, size, a.seconds, queues=queues,
-                                          packed=ring == "packed"))
+                runs[name].append(run(name))
             except Exception as exc:          # a failed run is reported, not hidden
                 errors[name] = str(exc).splitlines()[0][:200]
             time.sleep(0.3)
@@ -117,8 +154,8 @@ def race_row(row, size, ring, queues, workers, a):
         entry[name]["runs_mpps"] = [round(r["mpps"], 3) for r in runs[name]]
         if name in errors:
             entry[name]["error"] = errors[name]
-    d, v = entry["dpdk"].get("mpps"), entry["vhu"].get("mpps")
-    entry["ratio"] = v / d if d and v is not None else None
+    p, v = entry[peer].get("mpps"), entry["vhu"].get("mpps")
+    entry["ratio"] = v / p if p and v is not None else None
     if "base" in entry:
         b = entry["base"].get("mpps")
         entry["vs_base"] = v / b if b and v is not None else None
@@ -136,12 +173,14 @@ def _f(x, fmt):
 
 
 def format_row(e):
-    d, v = e["dpdk"], e["vhu"]
+    peer = e.get("peer", "dpdk")
+    d, v = e[peer], e["vhu"]
     base = (f"  base {_f(e['base'].get('mpps'), '6.2f')} Mpps  vhu/base {_f(e['vs_base'], '.2f')}"
             if "base" in e else "")
-    return (f"{e['row']:6} {e.get('ring', 'split'):6} {e['queues']}q {e['pkt_size']:5}B  dpdk {_f(d.get('mpps'), '6.2f')} Mpps  "
-            f"vhu {_f(v.get('mpps'), '6.2f')} Mpps  ratio {_f(e['ratio'], '.2f')}{base}  "
-            f"{d.get('error', '')}{v.get('error', '')}{e.get('base', {}).get('error', '')}")
+    errors = "".join(f"  {name} failed: {e[name]['error']}" for name in (peer, "vhu", "base")
+                     if e.get(name, {}).get("error"))
+    return (f"{e['row']:6} {e.get('ring', 'split'):6} {e['queues']}q {e['pkt_size']:5}B  {peer:4} {_f(d.get('mpps'), '6.2f')} Mpps  "
+            f"vhu {_f(v.get('mpps'), '6.2f')} Mpps  ratio {_f(e['ratio'], '.2f')}{base}{errors}")
 
 
 def _rate(side):
@@ -161,11 +200,17 @@ def render(doc, chart=None):
              f"(testpmd) on CPU 1; rates read at the front-end. Each figure is the median of "
              f"interleaved runs, with the lowest and highest run in brackets (all runs "
              f"in the JSON file).", "",
-             "| row (back-end/front-end) | ring | size | queues | DPDK Mpps | vhu Mpps | vhu/DPDK | "
-             "DPDK CPU ns/pkt | vhu CPU ns/pkt | DPDK RSS MiB | vhu RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    names = {"sink": "sink / txonly", "source": "source / rxonly", "echo": "echo / io"}
+             ]
+    names = {"sink": "sink / txonly", "source": "source / rxonly", "echo": "echo / io",
+             "switch": "switch / 2 ports mac", "patch": "patch / 2 ports mac"}
+    two_port = [e for e in doc["results"] if e.get("peer") == "ovs"]
+    if len(two_port) < len(doc["results"]):
+        lines += ["| row (back-end/front-end) | ring | size | queues | DPDK Mpps | vhu Mpps | vhu/DPDK | "
+                  "DPDK CPU ns/pkt | vhu CPU ns/pkt | DPDK RSS MiB | vhu RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in doc["results"]:
+        if e in two_port:
+            continue
         d, v = e["dpdk"], e["vhu"]
         lines.append(
             f"| {names.get(e['row'], e['row'])} | {e.get('ring', 'split')} | {e['pkt_size']} | "
@@ -173,6 +218,21 @@ def render(doc, chart=None):
             f"{_rate(d)} | {_rate(v)} | {_f(e['ratio'], '.2f')} | "
             f"{_f(d.get('cpu_ns_per_pkt'), '.0f')} | {_f(v.get('cpu_ns_per_pkt'), '.0f')} | "
             f"{_f(d.get('rss_mib'), '.0f')} | {_f(v.get('rss_mib'), '.0f')} |")
+    if two_port:
+        lines += ["", "Two ports through the back-end's switch (or patch) against Open "
+                  "vSwitch-DPDK (NORMAL action, or two port-to-port flows; its PMD on CPU 0), "
+                  "one vhu worker on CPU 0; one testpmd on CPU 1 with two virtio-user ports "
+                  "in mac forwarding toward each other; the rate is both ports' RX:", "",
+                  "| row (back-end/front-end) | ring | size | OVS Mpps | vhu Mpps | vhu/OVS | "
+                  "OVS CPU ns/pkt | vhu CPU ns/pkt | OVS RSS MiB | vhu RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for e in two_port:
+            o, v = e["ovs"], e["vhu"]
+            lines.append(
+                f"| {names.get(e['row'], e['row'])} | {e.get('ring', 'split')} | {e['pkt_size']} | "
+                f"{_rate(o)} | {_rate(v)} | {_f(e['ratio'], '.2f')} | "
+                f"{_f(o.get('cpu_ns_per_pkt'), '.0f')} | {_f(v.get('cpu_ns_per_pkt'), '.0f')} | "
+                f"{_f(o.get('rss_mib'), '.0f')} | {_f(v.get('rss_mib'), '.0f')} |")
     based = [e for e in doc["results"] if "base" in e]
     if based:
         lines += ["", "Against the baseline build (`--baseline`), same run:", "",

@@ -100,3 +100,23 @@ def test_committed_results_chart_and_json_agree():
     assert rows and w >= 700 and h >= 300 * len(plot.panels(doc["results"]))
     with open(os.path.join(REPO, "README.md")) as f:
         assert "perf/race.png" in f.read()
+
+
+def test_two_port_rows_get_their_own_table_against_open_vswitch():
+    doc = document()
+    doc["results"] = [dict(e, peer="ovs") for e in [
+        {"row": "switch", "pkt_size": 64, "queues": 1, "workers": 1, "ring": "split",
+         "ovs": side(4.0, 5.0, 5.5), "vhu": side(6.0, 7.5, 8.0), "ratio": 1.5},
+        {"row": "patch", "pkt_size": 1500, "queues": 1, "workers": 1, "ring": "split",
+         "ovs": side(error="port 1 link still down"), "vhu": side(2.0, 2.5, 3.0), "ratio": None}]]
+    md = race.render(doc)
+    assert "DPDK Mpps" not in md, "no single-port table without single-port rows"
+    assert "| switch / 2 ports mac | split | 64 | 5.00 (4.0–5.5) | 7.50 (6.0–8.0) | 1.50 |" in md
+    assert "| patch / 2 ports mac | split | 1500 | - | 2.50 (2.0–3.0) | - |" in md
+    line = race.format_row(doc["results"][1])
+    assert line == ("patch  split  1q  1500B  ovs  - Mpps  vhu   2.50 Mpps  ratio -"
+                    "  ovs failed: port 1 link still down")
+    doc["results"].insert(0, document()["results"][0])
+    md = race.render(doc)
+    assert md.index("| sink / txonly | split | 64 | 1 |") < md.index("Open vSwitch-DPDK") \
+        < md.index("| switch / 2 ports mac |")

@@ -106,7 +106,7 @@ def test_killed_worker_is_replaced_and_its_ring_resumes(guest, packed):
         os.eventfd_write(replay.kick, 1)
         assert wait_for(lambda: back.reaches(used + 50))
         assert replay.calls == 10
-        assert int(w.stats.array[0, 1, _index("tx_frames")]) == 1050
+        assert int(w.stats.ring(0, 1)[_index("tx_frames")]) == 1050
         os.close(replay.kick)
 
 

@@ -202,7 +202,7 @@ def warm_multiprocessing():
 
 
 def ring_counters(stats, port, ring):
-    return dict(zip(COUNTER_NAMES, (int(x) for x in stats.array[port, ring])))
+    return dict(zip(COUNTER_NAMES, (int(x) for x in stats.ring(port, ring))))
 
 
 def wait_for(cond, timeout=10.0):
@@ -347,3 +347,36 @@ def test_engine_drops_an_oversized_chain_and_delivers_nothing(guest):
     assert got == frames(3), "only the three real frames come back"
     st = pairs[0]["tx"].stats
     assert st["tx_too_big"] == 1 and st["tx_frames"] == 3
+
+
+def test_no_two_queue_pairs_share_a_cache_line_of_counters():
+    """Each queue pair's counters (written by the worker that owns the pair)
+    sit on cache lines of their own, and counter_offset, the view and the
+    snapshot agree on where each ring's counters are."""
+    from vhu.stats import COUNTERS_PER_RING, StatsMemory, counter_offset
+    rings = 8
+    lines = {}
+    for port in range(3):
+        for ring in range(rings):
+            off = counter_offset(port, ring, rings)
+            for line in range(off // 64, (off + COUNTERS_PER_RING * 8 - 1) // 64 + 1):
+                owner = lines.setdefault(line, (port, ring // 2))
+                assert owner == (port, ring // 2), f"line {line}: {owner} and {(port, ring // 2)}"
+    mem = StatsMemory(3, rings, 2)
+    try:
+        words = np.frombuffer(mem._map, dtype=np.uint64)
+        for port in range(3):
+            for ring in range(rings):
+                mem.count(port, ring, COUNTER_NAMES[ring % len(COUNTER_NAMES)], port * 100 + ring + 1)
+        snap = mem.snapshot()
+        for port in range(3):
+            for ring in range(rings):
+                i = ring % len(COUNTER_NAMES)
+                assert words[counter_offset(port, ring, rings) // 8 + i] == port * 100 + ring + 1
+                assert snap[port, ring, i] == port * 100 + ring + 1
+        assert snap.sum() == sum(p * 100 + r + 1 for p in range(3) for r in range(rings))
+        mem.ring(0, 0)[0] += 1
+        assert snap[0, 0, 0] == 1, "a snapshot is a copy"
+    finally:
+        del words
+        mem.close()

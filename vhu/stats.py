@@ -20,6 +20,10 @@ from vhu._ring import COUNTER_NAMES
 _INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 BROKEN_NAMES = [n for n in COUNTER_NAMES if n.startswith("broken_") and n != "broken_ok_unused"]
 COUNTERS_PER_RING = len(COUNTER_NAMES)
+# A queue pair's two rings (one worker writes both) share a block padded to
+# whole cache lines, so no two workers ever write one line (false sharing
+# would cost a line transfer per batch on each side).
+PAIR_WORDS = (2 * COUNTERS_PER_RING + 7) // 8 * 8
 POSITION = _INDEX["state_position"]     # a ring's published position, not a counter
 
 
@@ -32,7 +36,7 @@ class Layout(NamedTuple):
 
     @property
     def counters_bytes(self):
-        return self.ports * self.rings_per_port * COUNTERS_PER_RING * 8
+        return self.ports * (self.rings_per_port // 2) * PAIR_WORDS * 8
 
     @property
     def size(self):
@@ -40,8 +44,10 @@ class Layout(NamedTuple):
 
 
 def counter_offset(port, ring, rings_per_port):
-    """Byte offset of (port, ring)'s counters in the shared stats memory."""
-    return ((port * rings_per_port) + ring) * COUNTERS_PER_RING * 8
+    """Byte offset of (port, ring)'s counters in the shared stats memory (a
+    queue pair's RX ring, then its TX ring, in a block of PAIR_WORDS)."""
+    return ((port * (rings_per_port // 2) + ring // 2) * PAIR_WORDS
+            + (ring % 2) * COUNTERS_PER_RING) * 8
 
 
 class WorkerSlot:
@@ -60,6 +66,8 @@ class StatsMemory:
     """The shared counter array: created by the master, handed to workers as an fd."""
 
     def __init__(self, ports, rings_per_port, workers=0):
+        if rings_per_port % 2:
+            raise ValueError("rings come in queue pairs")
         self.layout = Layout(ports, rings_per_port, workers)
         self.ports = ports
         self.rings_per_port = rings_per_port
@@ -68,8 +76,10 @@ class StatsMemory:
         os.ftruncate(self.fd, self.size)
         self._map = mmap.mmap(self.fd, self.size)
         words = np.frombuffer(self._map, dtype=np.uint64)
-        self.array = words[: ports * rings_per_port * COUNTERS_PER_RING].reshape(
-            ports, rings_per_port, COUNTERS_PER_RING)
+        pairs = words[: self.layout.counters_bytes // 8].reshape(ports, rings_per_port // 2, PAIR_WORDS)
+        # [port, pair, RX or TX ring, counter]: a view, padding left out
+        self.array = pairs[:, :, : 2 * COUNTERS_PER_RING].reshape(
+            ports, rings_per_port // 2, 2, COUNTERS_PER_RING)
         self.slots = words[self.layout.counters_bytes // 8:][
             : workers * WorkerSlot.SIZE // 8].reshape(workers, WorkerSlot.SIZE // 8)
 
@@ -77,7 +87,12 @@ class StatsMemory:
         return os.dup(self.fd)
 
     def snapshot(self):
-        return self.array.copy()
+        """A copy of every counter: [port, ring, counter]."""
+        return np.array(self.array).reshape(self.ports, self.rings_per_port, COUNTERS_PER_RING)
+
+    def ring(self, port, ring):
+        """A view of one ring's counters."""
+        return self.array[port, ring // 2, ring % 2]
 
     def heartbeat(self, worker):
         return int(self.slots[worker, WorkerSlot.HEARTBEAT // 8])
@@ -94,15 +109,15 @@ class StatsMemory:
     def position(self, port, ring):
         """Where the ring's last published batch left it (split: used idx;
         packed: position | wrap << 15)."""
-        return int(self.array[port, ring, POSITION])
+        return int(self.ring(port, ring)[POSITION])
 
     def reset_port(self, port):
         """Zero a port index's counters (a new port takes an index a removed one had)."""
-        self.array[port, :, :] = 0
+        self.array[port] = 0
 
     def count(self, port, ring, name, n=1):
         """Add to a counter from the master (only while no worker runs the ring)."""
-        self.array[port, ring, _INDEX[name]] += n
+        self.ring(port, ring)[_INDEX[name]] += n
 
     def close(self):
         self.array = None
