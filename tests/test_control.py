@@ -162,7 +162,7 @@ def test_bad_requests_get_an_error_and_vhu_goes_on(master):
     (bad,) = raw(c, b'["cmd", "show"]\n')
     assert not bad["ok"] and "object" in bad["error"]
     (bad,) = raw(c, b'{"cmd": "add-port"}\n')
-    assert not bad["ok"] and "one of socket or tap" in bad["error"]
+    assert not bad["ok"] and "one of socket, tap or vxlan" in bad["error"]
     (bad,) = raw(c, b'{"cmd": "del-port", "port": true}\n')
     assert not bad["ok"]
     # A 10 MiB line: an error, then the connection is closed (the sender may

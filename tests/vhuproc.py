@@ -36,7 +36,7 @@ class VhuMaster:
     start (tests.balance). balance=False for a test that kills vhu itself."""
 
     def __init__(self, tmp_path, *args, sockets=("vhost.sock",), stats_interval=0.2,
-                 cpus=None, env=None, balance=True):
+                 cpus=None, env=None, balance=True, netns=None):
         self.tmp = tmp_path
         self.sockets = [str(tmp_path / s) for s in sockets]
         self.stats_file = str(tmp_path / "vhu-stats.json")
@@ -47,6 +47,8 @@ class VhuMaster:
         argv += ["--stats-interval", str(stats_interval), "--stats-file", self.stats_file]
         argv += [str(a) for a in args]
         cmd = argv if cpus is None else ["taskset", "-c", str(cpus)] + argv
+        if netns is not None:       # ip netns exec execs vhu: proc.pid is still the master's
+            cmd = ["ip", "netns", "exec", netns] + cmd
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
                                      env=dict(os.environ, **(env or {})))
@@ -92,7 +94,8 @@ class VhuMaster:
                 ports = json.load(f)["ports"]
         except (OSError, ValueError):
             return False              # no report yet (a long --stats-interval): just compare
-        return any(p["connected"] for p in ports if not p["socket"].startswith("tap:"))
+        return any(p["connected"] for p in ports
+                   if not p["socket"].startswith(("tap:", "vxlan:")))
 
     def output(self):
         with open(self.log_path) as f:

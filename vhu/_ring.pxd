@@ -71,7 +71,16 @@ cdef enum:
     # Dirty-log bits set for a migration (vhu/_ring_log.pxi): a page counts
     # once per batch that wrote it. After the offload counters: appended.
     C_LOG_PAGES = C_OFFLOAD_END
-    C_COUNT = C_LOG_PAGES + 1
+
+# VXLAN port counters (vhu/workers/_vxlan.pxi), appended after the log's.
+cdef enum:
+    C_VXLAN_BAD = C_LOG_PAGES + 1  # VXLAN: a datagram with a bad header, VNI or size
+    C_VXLAN_FOREIGN         # VXLAN: a datagram from an address not in the remote list
+    C_VXLAN_TOO_BIG         # VXLAN: an inner frame over the underlay MTU (never fragmented)
+    C_APPENDED_END
+
+cdef enum:
+    C_COUNT = C_APPENDED_END
     # virtio-net's largest frame (also TSO's): an Ethernet frame, without the
     # virtio-net header, is at most 65535 bytes. A chain that carries more is
     # dropped (C_TX_TOO_BIG); the device never builds or delivers a bigger one.

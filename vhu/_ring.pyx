@@ -75,7 +75,8 @@ COUNTER_NAMES = (["popped", "pushed", "published", "notify", "notify_suppressed"
                  + ["broken_" + n.lower() for n, _ in _BROKEN[1:]]
                  + ["tx_bad_offload", "tx_gso", "tx_csum", "rx_gso", "rx_csum", "rx_segmented",
                     "rx_csum_done"]
-                 + ["log_pages"])
+                 + ["log_pages"]
+                 + ["vxlan_bad", "vxlan_foreign", "vxlan_too_big"])
 assert len(COUNTER_NAMES) == C_COUNT
 
 

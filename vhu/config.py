@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from vhu import vxlan
 from vhu.protocol.backend import MAX_QUEUE_PAIRS
 from vhu.workers._engine import MAX_PORT_INDEX, MAX_QUEUE_INDEX
 
@@ -52,6 +53,7 @@ class MasterConfig:
     taps: tuple = ()              # TAP device names: ports len(sockets), len(sockets) + 1, ...
     control: str | None = None    # the control socket (vhu.controlsock), None: none
     offloads: bool = True         # offer checksum/TSO offloads (vhu.protocol.backend.OFFLOAD_FEATURES)
+    vxlans: tuple = ()            # vhu.vxlan.VxlanPort specs: the ports after the TAPs
 
     @property
     def rings_per_port(self):
@@ -113,6 +115,10 @@ def build_parser():
     p.add_argument("--batch", type=int, default=32, metavar="N", help="chains per ring per round")
     p.add_argument("--tap", action="append", default=[], metavar="NAME",
                    help="a TAP device as a port (after the sockets); repeat for several")
+    p.add_argument("--vxlan", action="append", default=[],
+                   metavar="vni=N,local=IP,remote=IP[,remote=IP...][,port=4789]",
+                   help="a VXLAN tunnel endpoint as a port (after the TAPs); repeat for "
+                        "several, one per VNI")
     p.add_argument("--pcap", default=None, metavar="DIR",
                    help="capture each port and direction to DIR/<port>-<rx|tx>.pcap "
                         "(--app pcap, or beside --app patch|switch)")
@@ -159,10 +165,11 @@ def parse_args(argv):
         raise UsageError("--workers must be at least 1")
     if not 1 <= a.queues <= MAX_QUEUE_PAIRS:
         raise UsageError(f"--queues must be 1..{MAX_QUEUE_PAIRS}")
-    if len(a.socket) + len(a.tap) > MAX_PORTS:
-        raise UsageError(f"at most {MAX_PORTS} ports (--socket, --tap)")
-    if a.app == "patch" and len(a.socket) + len(a.tap) != 2:
-        raise UsageError("--app patch needs exactly two ports (--socket, --tap)")
+    vxlans = parse_vxlans(a.vxlan)
+    if len(a.socket) + len(a.tap) + len(vxlans) > MAX_PORTS:
+        raise UsageError(f"at most {MAX_PORTS} ports (--socket, --tap, --vxlan)")
+    if a.app == "patch" and len(a.socket) + len(a.tap) + len(vxlans) != 2:
+        raise UsageError("--app patch needs exactly two ports (--socket, --tap, --vxlan)")
     if len(set(a.tap)) != len(a.tap) or any(not 0 < len(t.encode()) < 16 or "/" in t for t in a.tap):
         raise UsageError("--tap: names must be distinct interface names (1..15 bytes)")
     if a.app == "pcap" and not a.pcap:
@@ -205,4 +212,20 @@ def parse_args(argv):
                         pcap_dir=a.pcap, pcap_mode=pcap_mode, snaplen=a.snaplen,
                         mac_ageing=a.mac_ageing,
                         metrics_port=a.metrics_port, metrics_addr=a.metrics_addr,
-                        taps=tuple(a.tap), control=control, offloads=a.offloads == "on")
+                        taps=tuple(a.tap), control=control, offloads=a.offloads == "on",
+                        vxlans=vxlans)
+
+
+def parse_vxlans(texts):
+    """--vxlan specs -> VxlanPort tuple; a VNI once per local address and UDP port."""
+    specs = []
+    for text in texts:
+        try:
+            spec = vxlan.parse_spec(text)
+        except vxlan.VxlanError as exc:
+            raise UsageError(f"--vxlan {text}: {exc}") from None
+        for other in specs:
+            if (other.vni, other.local, other.port) == (spec.vni, spec.local, spec.port):
+                raise UsageError(f"--vxlan: vni {spec.vni} on {spec.local}:{spec.port} twice")
+        specs.append(spec)
+    return tuple(specs)

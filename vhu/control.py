@@ -29,10 +29,11 @@ import time
 from vhu import stats as stats_mod
 from vhu.config import MAX_PORTS
 from vhu.controlsock import ControlServer
-from vhu.portspecs import TapDevice, VhostUserPort
+from vhu.portspecs import TapDevice, VhostUserPort, VxlanPort
 from vhu.protocol.backend import negotiated_offloads
 from vhu.ports import Port
 from vhu.tap import TapPort
+from vhu.vxlanport import VxlanPortState, same_port
 from vhu.workers.supervisor import REPLACED, WorkerPool
 
 log = logging.getLogger("vhu.master")
@@ -59,10 +60,11 @@ def source_frame(size):
 
 
 def initial_specs(config):
-    """The ports a MasterConfig names, in index order: sockets, then TAPs."""
+    """The ports a MasterConfig names, in index order: sockets, then TAPs,
+    then VXLAN ports."""
     specs = [VhostUserPort(path, client=config.client or i in config.client_ports)
              for i, path in enumerate(config.sockets)]
-    return specs + [TapDevice(name) for name in config.taps]
+    return specs + [TapDevice(name) for name in config.taps] + list(config.vxlans)
 
 
 class ControlLoop:
@@ -71,7 +73,8 @@ class ControlLoop:
         self.loop = None
         self.stats = None
         self.pool = None
-        self.ports = {}               # index -> Port | TapPort
+        self.ports = {}               # index -> Port | TapPort | VxlanPortState
+        self.vxlan_endpoints = {}     # (local, udp port) -> vhu.vxlanport.Endpoint
         self.control_server = None
         self.stopping = False
         self._stop_event = None
@@ -162,6 +165,8 @@ class ControlLoop:
             port = Port(self, index, spec.path, client=spec.client, queues=queues)
         elif isinstance(spec, TapDevice):
             port = TapPort(self, index, spec.name)
+        elif isinstance(spec, VxlanPort):
+            port = VxlanPortState(self, index, spec)
         else:
             raise ControlError(f"not a port: {spec!r}")
         port.spec = spec
@@ -187,6 +192,8 @@ class ControlLoop:
                 return port
             if isinstance(port.spec, TapDevice) and ref in (port.spec.name, port.path):
                 return port
+            if isinstance(port.spec, VxlanPort) and ref == port.path:
+                return port
         raise ControlError(f"no port {ref!r}")
 
     async def add_port(self, spec):
@@ -203,6 +210,10 @@ class ControlLoop:
             if isinstance(spec, TapDevice) and isinstance(other.spec, TapDevice) and \
                     other.spec.name == spec.name:
                 raise ControlError(f"TAP {spec.name} is port {other.index} already")
+            if isinstance(spec, VxlanPort) and isinstance(other.spec, VxlanPort) and \
+                    same_port(spec, other.spec):
+                raise ControlError(f"vni {spec.vni} on {spec.local}:{spec.port} is port "
+                                   f"{other.index} already")
         free = [i for i in range(MAX_PORTS) if i not in self.ports]
         if not free:
             raise ControlError(f"at most {MAX_PORTS} ports")
@@ -237,8 +248,13 @@ class ControlLoop:
 
     def describe_port(self, port):
         c = self.config
-        out = {"port": port.index, "kind": "tap" if isinstance(port, TapPort) else "vhost-user",
-               "socket": port.path, "connected": port.connected}
+        kind = ("tap" if isinstance(port, TapPort) else
+                "vxlan" if isinstance(port, VxlanPortState) else "vhost-user")
+        out = {"port": port.index, "kind": kind, "socket": port.path, "connected": port.connected}
+        if isinstance(port, VxlanPortState):
+            out.update(queues=1, queue_pairs=[{"queue": 0, "worker": c.worker_of(0)}],
+                       vxlan=port.describe())
+            return out
         if isinstance(port, TapPort):
             out.update(queues=1, queue_pairs=[{"queue": 0, "worker": c.worker_of(0)}])
             return out
@@ -284,6 +300,20 @@ class ControlLoop:
                     rows[mac] = {"mac": ":".join(f"{(mac >> s) & 0xFF:02x}"
                                                  for s in range(40, -8, -8)),
                                  "port": port, "age": round(age, 1), "worker": worker}
+        if any(isinstance(p, VxlanPortState) for p in self.ports.values()):
+            # Behind a VXLAN port: which remote VTEP (the port's own table).
+            fut = self.pool.submit(self.config.worker_of(0), "vxlan_fdb", port=None)
+            self.pool.hurry()
+            try:
+                fdb = await asyncio.wait_for(fut, MAC_TABLE_TIMEOUT)
+            except (asyncio.TimeoutError, Exception):
+                fdb = {}
+            if isinstance(fdb, dict):
+                for port, entries in fdb.items():
+                    for mac, remote, _age in entries:
+                        row = rows.get(mac)
+                        if row is not None and row["port"] == port:
+                            row["remote"] = remote
         return sorted(rows.values(), key=lambda r: (r["port"], r["mac"]))
 
     # -- workers --------------------------------------------------------------
@@ -312,18 +342,24 @@ class ControlLoop:
 
     def port_stats(self, only=None):
         snap = self.stats.snapshot()
-        out = [stats_mod.port_stats(snap, i, p.queue_pairs_in_use, p.path, p.connected,
-                                    self.config.worker_of, logging=getattr(p, "logging", False))
-               for i, p in sorted(self.ports.items()) if only is None or i == only]
-        for ps in out:
-            ps["offloads"] = self._offloads(self.ports[ps["port"]])
+        out = []
+        for i, p in sorted(self.ports.items()):
+            if only is not None and i != only:
+                continue
+            ps = stats_mod.port_stats(snap, i, p.queue_pairs_in_use, p.path, p.connected,
+                                      self.config.worker_of, logging=getattr(p, "logging", False))
+            ps["offloads"] = self._offloads(p)
+            if isinstance(p, VxlanPortState):
+                ps["vxlan"] = {**p.describe(), "remotes": p.remote_stats()}
+            out.append(ps)
         return out
 
     @staticmethod
     def _offloads(port):
         """The offloads a port's front-end negotiated (names, as the spec's
         VIRTIO_NET_F_*); none while no front-end is connected. A TAP: what
-        it does with IFF_VNET_HDR (vhu.tap)."""
+        it does with IFF_VNET_HDR (vhu.tap). A VXLAN port takes none: what
+        goes into it is finished and segmented first."""
         if isinstance(port, TapPort):
             return list(port.offloads)
         session = getattr(port, "session", None)

@@ -8,7 +8,9 @@ replies are JSON lines, one reply per request:
 
     {"cmd": "add-port", "socket": PATH, "client": false, "queues": 2}
     {"cmd": "add-port", "tap": NAME}
-    {"cmd": "del-port", "port": 1}            (an index, a socket path or a TAP name)
+    {"cmd": "add-port", "vxlan": "vni=42,local=IP,remote=IP[,remote=IP...][,port=4789]"}
+    {"cmd": "del-port", "port": 1}            (an index, a socket path, a TAP name or
+                                               vxlan:VNI@LOCAL:PORT)
     {"cmd": "show"}
     {"cmd": "stats"}  /  {"cmd": "stats", "port": 1}
     {"cmd": "set-log-level", "level": "DEBUG"}
@@ -34,6 +36,7 @@ import os
 import socket
 import struct
 
+from vhu import vxlan
 from vhu.portspecs import TapDevice, VhostUserPort
 from vhu.ports import listen_unix, remove_socket_file
 
@@ -57,8 +60,15 @@ def peer_credentials(sock):
 
 def spec_from(req):
     """A port spec from an add-port request."""
-    if ("socket" in req) == ("tap" in req):
-        raise RequestError("add-port takes one of socket or tap")
+    if sum(k in req for k in ("socket", "tap", "vxlan")) != 1:
+        raise RequestError("add-port takes one of socket, tap or vxlan")
+    if "vxlan" in req:
+        if not isinstance(req["vxlan"], str):
+            raise RequestError("vxlan: a spec vni=N,local=IP,remote=IP[,...][,port=4789]")
+        try:
+            return vxlan.parse_spec(req["vxlan"])
+        except vxlan.VxlanError as exc:
+            raise RequestError(f"vxlan: {exc}") from None
     if "tap" in req:
         name = req["tap"]
         if not isinstance(name, str) or not 0 < len(name.encode()) < 16 or "/" in name:

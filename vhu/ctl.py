@@ -4,7 +4,8 @@
 
     add-port --socket PATH [--client] [--queues N]
     add-port --tap NAME
-    del-port PORT|PATH          a port index, a socket path or a TAP name
+    add-port --vxlan vni=N,local=IP,remote=IP[,remote=IP...][,port=4789]
+    del-port PORT|PATH          a port index, a socket path, a TAP name or vxlan:VNI@IP:PORT
     show                        ports, connections, features, queues and workers
     stats [PORT]                the counters, as in the stats JSON
     set-log-level LEVEL         DEBUG, INFO, WARNING or ERROR
@@ -39,6 +40,7 @@ def build_parser():
     kind = add.add_mutually_exclusive_group(required=True)
     kind.add_argument("--socket", metavar="PATH")
     kind.add_argument("--tap", metavar="NAME")
+    kind.add_argument("--vxlan", metavar="vni=N,local=IP,remote=IP[,remote=IP...][,port=4789]")
     add.add_argument("--client", action="store_true",
                      help="connect to a listening front-end (QEMU server=on)")
     add.add_argument("--queues", type=int, metavar="N", help="the most queue pairs it offers")
@@ -55,6 +57,10 @@ def build_parser():
 
 def request_of(a):
     if a.command == "add-port":
+        if a.vxlan is not None:
+            if a.client or a.queues is not None:
+                raise SystemExit(_usage("--client and --queues are for --socket ports"))
+            return {"cmd": "add-port", "vxlan": a.vxlan}
         if a.tap is not None:
             if a.client or a.queues is not None:
                 raise SystemExit(_usage("--client and --queues are for --socket ports"))
@@ -108,6 +114,10 @@ def _port_line(p):
     state = "up" if p["connected"] else "down"
     if p["kind"] == "tap":
         return f"port {p['port']}  tap {where[len('tap:'):]}  {state}"
+    if p["kind"] == "vxlan":
+        v = p["vxlan"]
+        return (f"port {p['port']}  {where}  {state}  remotes {' '.join(v['remotes'])}  "
+                f"underlay MTU {v['underlay_mtu']} (inner frames up to {v['max_inner_frame']})")
     feats = f"  features {p['features']} protocol {p['protocol_features']}" if p["features"] else ""
     queues = ", ".join(f"q{q['queue']}:w{q['worker']}" for q in p["queue_pairs"])
     return (f"port {p['port']}  {p['mode']} {where}  {state}  queues {p['queues']} offered "
@@ -133,11 +143,17 @@ def human(command, result):
             out.append(f"port {p['port']} {p['socket']} {'up' if p['connected'] else 'down'}: "
                        f"rx {p['rx_packets']} pkts {p['rx_bytes']} bytes, tx {p['tx_packets']} "
                        f"pkts {p['tx_bytes']} bytes; drops {drops}; broken {broken}")
+            for r in p.get("vxlan", {}).get("remotes", []):
+                out.append(f"  remote {r['remote']}: rx {r['rx_packets']} pkts {r['rx_bytes']} "
+                           f"bytes, tx {r['tx_packets']} pkts {r['tx_bytes']} bytes, "
+                           f"{r['macs']} MACs learned, rx_bad {r['rx_bad']}, "
+                           f"tx_errors {r['tx_errors']}")
         return "\n".join(out) or "no ports"
     if command == "set-log-level":
         return f"log level {result}"
     if command == "mac-table":
-        rows = [f"{r['mac']}  port {r['port']}  age {r['age']:.1f} s" for r in result]
+        rows = [f"{r['mac']}  port {r['port']}  age {r['age']:.1f} s" +
+                (f"  remote {r['remote']}" if r.get("remote") else "") for r in result]
         return "\n".join(rows) or "no stations learned"
     return json.dumps(result, indent=1)
 

@@ -24,6 +24,16 @@ QUEUE_COUNTERS = {
                          "Interrupts not sent because the front-end asked for none"),
 }
 
+# VXLAN ports, per remote VTEP (vhu.vxlan.REMOTE_COUNTERS; rx: from the remote).
+REMOTE_COUNTERS = {
+    "rx_packets": "Inner frames vhu received from the remote VTEP",
+    "rx_bytes": "Inner frame bytes vhu received from the remote VTEP",
+    "tx_packets": "Inner frames vhu sent to the remote VTEP",
+    "tx_bytes": "Inner frame bytes vhu sent to the remote VTEP",
+    "rx_bad": "Datagrams from the remote VTEP dropped as vxlan_bad",
+    "tx_errors": "Datagrams to the remote VTEP the kernel refused",
+}
+
 
 class VhuCollector:
     """Collects from a running Forwarder (or anything with .stats())."""
@@ -43,8 +53,18 @@ class VhuCollector:
                                      labels=labels + ["reason"])
         up = GaugeMetricFamily("vhu_port_connected", "1 while a front-end is connected",
                                labels=["port", "socket"])
+        rlabels = ["port", "socket", "remote"]
+        remote = {k: CounterMetricFamily(f"vhu_vxlan_remote_{k}", doc, labels=rlabels)
+                  for k, doc in REMOTE_COUNTERS.items()}
+        macs = GaugeMetricFamily("vhu_vxlan_remote_macs",
+                                 "Inner MACs learned behind the remote VTEP", labels=rlabels)
         for p in ports:
             up.add_metric([str(p["port"]), p["socket"]], 1 if p["connected"] else 0)
+            for r in p.get("vxlan", {}).get("remotes", []):
+                lv = [str(p["port"]), p["socket"], r["remote"]]
+                for k, fam in remote.items():
+                    fam.add_metric(lv, r[k])
+                macs.add_metric(lv, r["macs"])
             for q in p["queues"]:
                 lv = [str(p["port"]), p["socket"], str(q["queue"])]
                 for k, fam in fams.items():
@@ -57,6 +77,8 @@ class VhuCollector:
         yield drops
         yield broken
         yield up
+        yield from remote.values()
+        yield macs
 
 
 class MetricsServer:

@@ -6,6 +6,8 @@ Plain data, no I/O: every layer may import it.
 import os
 from typing import Optional
 
+from vhu.vxlan import VxlanPort  # noqa: F401  (a port spec like the two below; plain data)
+
 
 class VhostUserPort:
     """A vhost-user socket: vhu listens on path (server, default) or connects

@@ -138,6 +138,9 @@ DROP_REASONS = {
     "stage_error": ("drop_stage_error",),   # a pipeline stage raised on the batch
     "tx_too_big": ("tx_too_big",),          # a chain over virtio-net's 65535-byte frame bound
     "bad_offload": ("tx_bad_offload",),     # a virtio_net_hdr vhu does not honour (vhu.workers._offload)
+    "vxlan_bad": ("vxlan_bad",),            # VXLAN: bad flags, another VNI, short or oversized
+    "vxlan_foreign": ("vxlan_foreign",),    # VXLAN: from an address not in the remote list
+    "vxlan_too_big": ("vxlan_too_big",),    # VXLAN: an inner frame over the underlay MTU
 }
 
 # Offload counters (vhu.workers._offload): frames, not bytes. tx_*: large

@@ -34,7 +34,8 @@ from vhu.stats import DROP_REASONS, rates, read_json
 # in an 80-column row; the legend line spells out those a name cannot say.
 DROP_ABBREV = {"rx_no_room": "room", "rx_too_big": "big", "tx_short": "short",
                "filtered": "filt", "no_port": "nport", "stage": "stage",
-               "stage_error": "serr", "tx_too_big": "over", "bad_offload": "boff"}
+               "stage_error": "serr", "tx_too_big": "over", "bad_offload": "boff",
+               "vxlan_bad": "vbad", "vxlan_foreign": "vfor", "vxlan_too_big": "vbig"}
 assert DROP_ABBREV.keys() == DROP_REASONS.keys(), "a drop reason without an abbreviation"
 LEGEND = ("q quits · w=worker · room=no RX buffer big=too big short=runt serr=stage error "
           "over=over 64 KiB boff=bad offload header")

@@ -6,7 +6,7 @@ channel, supervisor, the compiled engine), which the control loop
 Forwarder's names are loaded on first use: importing vhu.workers.process
 never pulls the layer above it in.
 """
-__all__ = ["Forwarder", "VhostUserPort", "TapDevice", "Batch", "DROP", "APP"]
+__all__ = ["Forwarder", "VhostUserPort", "TapDevice", "VxlanPort", "Batch", "DROP", "APP"]
 
 
 def __getattr__(name):

@@ -17,7 +17,9 @@ Apps (what happens to a frame the guest sends on its TX ring):
 
 A binding may also be a Linux TAP device instead of rings (tap_fd): frames
 read from it go through the same apps and stages as a guest's, frames for
-it are written to it.
+it are written to it. Or a VXLAN port (vxlan, _vxlan.pxi): inner frames of
+the datagrams one recvmmsg(2) reads, and frames for it encapsulated and
+sent with sendmmsg(2) at the end of the batch.
 
 A worker owns queue pair i of every port (see MasterConfig.worker_of), so
 the bindings with the same queue index form a group, and patch, switch and
@@ -61,7 +63,8 @@ from vhu._ring cimport (DeviceRing, DevRing, Seg, ChainInfo, dev_pop_batch, dev_
                         C_DROP_FILTERED, C_DROP_NO_PORT, C_DROP_STAGE, C_DROP_STAGE_ERROR,
                         C_RX_FRAMES, C_RX_BYTES, C_RX_TOO_BIG, C_COUNT, C_BROKEN_FIRST,
                         B_KICK_FD_ERROR, MAX_FRAME_LEN, dev_rx_enqueue_hdr, C_TX_BAD_OFFLOAD,
-                        C_TX_GSO, C_TX_CSUM, C_RX_GSO, C_RX_CSUM, C_RX_SEGMENTED, C_RX_CSUM_DONE)
+                        C_TX_GSO, C_TX_CSUM, C_RX_GSO, C_RX_CSUM, C_RX_SEGMENTED, C_RX_CSUM_DONE,
+                        C_VXLAN_BAD, C_VXLAN_FOREIGN, C_VXLAN_TOO_BIG)
 from vhu.workers._offload cimport (Offload, caps_of, read_vnet_hdr, write_vnet_hdr, offload_need,
                                    offload_check, csum_fill, tso_segment, OFF_OK, GSO_NONE,
                                    VNET_F_NEEDS_CSUM, VNET_HDR_FIELDS)
@@ -104,6 +107,7 @@ cdef enum:
     KIND_RX_KICK = 0          # epoll tags: binding << 2 | kind
     KIND_TX_KICK = 1
     KIND_TAP = 2
+    KIND_VXLAN = 3            # a VXLAN port's receive socket
 
 # Verdicts a pipeline stage returns per frame (>= 0: output port index).
 cdef enum:
@@ -142,6 +146,8 @@ META_DTYPE = np.dtype({"names": ["port", "queue", "length", "buf", "ethertype", 
                        "offsets": [0, 2, 4, 8, 12, 16, 24, 32, 40, 41, 42, 44, 46],
                        "itemsize": 48})
 
+include "_vxlan_defs.pxi"
+
 cdef struct Binding:
     # One queue pair of one port: the guest's RX ring (we fill) and TX ring
     # (we drain), each NULL unless started. rx_enabled: we may supply RX
@@ -164,6 +170,7 @@ cdef struct Binding:
     uint64_t *tap_cnt   # its counters: 2 x C_COUNT, as for a ring pair (RX ring first)
     uint32_t caps       # offloads the port negotiated (vhu.workers._offload.caps_of)
     uint32_t tap_hdr    # a TAP with IFF_VNET_HDR: bytes of virtio-net header per frame, else 0
+    VxPort *vx          # a VXLAN port instead of rings (counters: tap_cnt), NULL: none
 
 cdef struct MacEntry:
     uint64_t mac        # 48-bit address; 0: empty slot
@@ -205,6 +212,9 @@ cdef inline void header_fields(Meta *m, const uint8_t *f, int64_t length) noexce
     m.ethertype = (<uint16_t>f[12] << 8) | f[13]
 
 
+include "_vxlan.pxi"
+
+
 cdef class Engine:
     """The compiled loop of one worker process."""
     cdef Binding bindings[MAX_BINDINGS]
@@ -244,6 +254,7 @@ cdef class Engine:
     cdef char *injected                    # a frame sent on a guest's behalf (inject)
     cdef Seg injected_seg
     cdef Seg tap_segs[MAX_BATCH]
+    cdef uint8_t vx_owner[MAX_BATCH]         # VXLAN: the port (of a shared socket) of each frame
     # pipeline stage (Python, once per batch)
     cdef object stage
     cdef object meta_arr
@@ -468,6 +479,7 @@ cdef class Engine:
         cdef Binding *b
         cdef epoll_event ev
         cdef uint64_t[::1] cnt
+        cdef VxlanSocket vs
         if len(pairs) > MAX_BINDINGS:
             raise ValueError(f"at most {MAX_BINDINGS} queue pairs per worker")
         # Everything is checked before anything changes: a bad set leaves the
@@ -488,6 +500,15 @@ cdef class Engine:
                 slot = p.get(k, -1)
                 if not -1 <= slot < self.ncap or (slot >= 0 and self.caps[slot].buf == NULL):
                     raise ValueError(f"{k} {slot} is not a capture slot")
+            if p.get("vxlan") is not None:
+                if (p.get("rx") is not None or p.get("tx") is not None
+                        or p.get("tap_fd", -1) >= 0):
+                    raise ValueError("a binding is rings, a TAP or a VXLAN port")
+                if not isinstance(p["vxlan"], VxlanSocket):
+                    raise TypeError("vxlan: a VxlanSocket")
+                cnt = p.get("tap_counters")
+                if cnt is None or len(cnt) < 2 * C_COUNT:
+                    raise ValueError(f"tap_counters: need {2 * C_COUNT} u64s")
             if p.get("tap_fd", -1) >= 0:
                 if p.get("rx") is not None or p.get("tx") is not None:
                     raise ValueError("a binding is rings or a TAP, not both")
@@ -531,16 +552,23 @@ cdef class Engine:
             b.tap_cnt = NULL
             b.caps = caps_of(<uint64_t>p.get("features", 0))
             b.tap_hdr = p.get("tap_vnet_hdr", 0) if b.tap_fd >= 0 else 0
-            if b.tap_fd >= 0:
+            b.vx = NULL
+            if b.tap_fd >= 0 or p.get("vxlan") is not None:
                 cnt = p["tap_counters"]
                 keep.append(cnt)
                 b.tap_cnt = <uint64_t *>&cnt[0]
+            if p.get("vxlan") is not None:
+                vs = p["vxlan"]
+                keep.append(vs)
+                b.vx = &vs.p
+                b.vx.ageing = self.mac_ageing
             g, port = b.group, b.port
             self.port_bind[g][port] = i
             self.members[g][self.nmembers[g]] = i
             self.nmembers[g] += 1
         self.keep = keep
         self.nbind = len(pairs)
+        self.group_vxlan()
         if self.epfd >= 0:
             close(self.epfd)
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -555,11 +583,43 @@ cdef class Engine:
                               (KIND_TAP, "tap_fd")):
                 if p.get(key, -1) >= 0:
                     tags[p[key]] = (i << 2) | kind
+            if p.get("vxlan") is not None and p["vxlan"].fd >= 0 and self.bindings[i].vx.reader:
+                tags[p["vxlan"].fd] = (i << 2) | KIND_VXLAN
         if self.ctrl_fd >= 0:
             tags[self.ctrl_fd] = CTRL_TAG
         for fd, tag in tags.items():
             if self.watch(fd, tag) != 0:
                 raise OSError(errno, f"epoll_ctl ADD {fd}")
+
+    cdef void group_vxlan(self) noexcept:
+        """VXLAN ports whose sockets are one (the same inode: the master
+        gave each a duplicate) form a group: the first bound reads for all."""
+        cdef int i, j
+        cdef VxPort *p
+        cdef VxPort *q
+        for i in range(self.nbind):
+            p = self.bindings[i].vx
+            if p == NULL:
+                continue
+            p.reader = False
+            p.nshared = 0
+            p.rxcnt = self.bindings[i].tap_cnt + C_COUNT
+        for i in range(self.nbind):
+            p = self.bindings[i].vx
+            if p == NULL or p.nshared or p.reader:
+                continue
+            p.reader = True
+            p.shared[0] = p
+            p.shared_bind[0] = i
+            p.nshared = 1
+            for j in range(i + 1, self.nbind):
+                q = self.bindings[j].vx
+                if (q != NULL and not q.reader and q.nshared == 0 and q.ino == p.ino
+                        and p.nshared < VX_MAX_SHARED):
+                    p.shared[p.nshared] = q
+                    p.shared_bind[p.nshared] = j
+                    p.nshared += 1
+                    q.nshared = -1           # read by p
 
     cdef int watch(self, int fd, uint32_t tag) noexcept:
         cdef epoll_event ev
@@ -756,8 +816,8 @@ cdef class Engine:
         return True
 
     cdef uint64_t *rx_counters(self, Binding *dst) noexcept nogil:
-        """The receiving half's counters of a binding (RX ring or TAP)."""
-        if dst.tap_fd >= 0:
+        """The receiving half's counters of a binding (RX ring, TAP or VXLAN port)."""
+        if dst.tap_fd >= 0 or dst.vx != NULL:
             return dst.tap_cnt
         return dst.rx.counters if dst.rx != NULL else NULL
 
@@ -773,7 +833,7 @@ cdef class Engine:
         cdef const uint8_t *f
         cdef Seg seg
         cdef bint ok = False
-        if cnt == NULL or (dst.tap_fd < 0 and not dst.rx_enabled):
+        if cnt == NULL or (dst.tap_fd < 0 and dst.vx == NULL and not dst.rx_enabled):
             return False                      # no receiving ring: dispatch counts it
         if (dst.caps & need) == need:          # a TAP without IFF_VNET_HDR has no caps
             write_vnet_hdr(o, h)
@@ -824,6 +884,15 @@ cdef class Engine:
         cdef Binding *dst = &self.bindings[to]
         cdef Seg out
         cdef long w
+        if dst.vx != NULL:
+            # Queued here, sent with the batch (vx_flush, end of dispatch).
+            # A VXLAN port takes no offloads (its caps are 0): what comes here
+            # is finished and segmented already (deliver_offload).
+            if not vx_queue(dst.vx, dst.tap_cnt, src, nsrc, skip, length):
+                return False
+            if dst.cap_tx >= 0:
+                self.capture(dst.cap_tx, src, nsrc, skip, length)
+            return True
         if dst.tap_fd >= 0:
             # One write(2) per frame: the TAP takes one frame per call
             # (after its virtio-net header, with IFF_VNET_HDR).
@@ -1000,6 +1069,54 @@ cdef class Engine:
         self.dispatch(bi, n, n, cnt, t)
         return <uint32_t>n
 
+    cdef uint32_t forward_vxlan(self, int bi) noexcept nogil:
+        """Read up to a batch of datagrams from binding bi's VXLAN socket
+        (one recvmmsg; bi reads for every port sharing its socket) and send
+        each good inner frame where its verdict says, as a frame from the
+        port of its VNI. Returns datagrams handled."""
+        cdef Binding *b = &self.bindings[bi]
+        cdef Binding *sb
+        cdef VxPort *p = b.vx
+        cdef uint64_t *cnt
+        cdef uint64_t nbytes
+        cdef uint32_t handled = 0
+        cdef timespec ts
+        cdef double t = now()
+        cdef int i, k, m, sbi
+        cdef int n = vx_receive(p, self.batch, self.tap_segs, self.vx_owner, &handled, t)
+        if n <= 0:
+            return handled
+        if self.ncap:
+            clock_gettime(CLOCK_REALTIME, &ts)
+            self.ts_sec = <uint32_t>ts.tv_sec
+            self.ts_usec = <uint32_t>(ts.tv_nsec // 1000)
+        for k in range(p.nshared):
+            # The frames of one port, in the order they came.
+            sbi = p.shared_bind[k]
+            sb = &self.bindings[sbi]
+            m = 0
+            nbytes = 0
+            for i in range(n):
+                if self.vx_owner[i] != k:
+                    continue
+                self.fsrc[m] = &self.tap_segs[i]
+                self.fnsrc[m] = 1
+                self.fskip[m] = 0
+                self.flen[m] = self.tap_segs[i].len
+                self.verdict[m] = V_APP
+                self.foff[m] = 0             # no virtio-net header: a plain frame
+                nbytes += self.tap_segs[i].len
+                if sb.cap_rx >= 0:
+                    self.capture(sb.cap_rx, self.fsrc[m], 1, 0, self.flen[m])
+                m += 1
+            if m == 0:
+                continue
+            cnt = sb.tap_cnt + C_COUNT       # the "TX ring" half: frames from it
+            cnt[C_TX_FRAMES] += m
+            cnt[C_TX_BYTES] += nbytes
+            self.dispatch(sbi, m, m, cnt, t)
+        return handled
+
     cdef void dispatch(self, int bi, int n, int frames, uint64_t *cnt, double t) noexcept nogil:
         """Frames 0..n of the current batch (flen < 0: skip) from binding bi:
         the stage's verdicts, then the app's; deliver; publish the receivers."""
@@ -1039,7 +1156,8 @@ cdef class Engine:
                 if v < 0:
                     cnt[C_DROP_NO_PORT] += 1
                     continue
-            if not self.deliver(i, v) and self.bindings[v].tap_fd < 0 and (
+            if not self.deliver(i, v) and self.bindings[v].tap_fd < 0 and \
+                    self.bindings[v].vx == NULL and (
                     self.bindings[v].rx == NULL or not self.bindings[v].rx_enabled):
                 cnt[C_RX_NO_ROOM] += 1      # no receiving ring at all
         for k in range(self.nmembers[b.group]):
@@ -1048,6 +1166,8 @@ cdef class Engine:
                 self.bindings[m].rx_dirty = False
                 if dev_publish_used(self.bindings[m].rx):
                     signal_eventfd(self.bindings[m].rx_call)
+            elif self.bindings[m].vx != NULL and self.bindings[m].vx.nslots:
+                vx_flush(self.bindings[m].vx, self.bindings[m].tap_cnt)
 
     cdef void call_stage(self, int bi, int n, int nframes) noexcept:
         """Run the Python stage on the batch (GIL held). A raising or
@@ -1168,6 +1288,8 @@ cdef class Engine:
                 work += self.forward(i)
             elif b.tap_fd >= 0:
                 work += self.forward_tap(i)
+            elif b.vx != NULL and b.vx.reader:
+                work += self.forward_vxlan(i)
         return work
 
     cdef bint sleep(self, int timeout_ms) noexcept nogil:
@@ -1179,6 +1301,8 @@ cdef class Engine:
         cdef epoll_event events[64]
         cdef uint32_t tag
         cdef uint64_t kicks
+        cdef int sockerr = 0
+        cdef socklen_t sockerr_len
         for i in range(self.nbind):
             b = &self.bindings[i]
             # After enabling, re-check: a chain made available before the
@@ -1199,6 +1323,14 @@ cdef class Engine:
                 b = NULL
                 if (tag >> 2) < <uint32_t>self.nbind:
                     b = &self.bindings[tag >> 2]
+                if (tag & 3) == KIND_VXLAN:
+                    # Datagrams: read by forward_vxlan. An error pending on
+                    # a UDP socket (an ICMP report) is cleared, not fatal.
+                    if events[i].events & EPOLLERR:
+                        sockerr_len = sizeof(int)
+                        getsockopt(<int><uint32_t>events[i].data.u64, SOL_SOCKET, SO_ERROR,
+                                   &sockerr, &sockerr_len)
+                    continue
                 if events[i].events & (EPOLLERR | EPOLLHUP):
                     # Level-triggered: left in the set, this fd would wake
                     # us at once, forever (a spinning idle worker).

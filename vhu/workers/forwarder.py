@@ -61,7 +61,7 @@ import numpy as np
 
 from vhu.config import APPS, DEFAULT_QUEUES, MAX_PORTS, POLL_MODES, MasterConfig
 from vhu.control import ControlLoop
-from vhu.portspecs import TapDevice, VhostUserPort  # noqa: F401  (part of this API)
+from vhu.portspecs import TapDevice, VhostUserPort, VxlanPort  # noqa: F401  (part of this API)
 from vhu.protocol.backend import MAX_QUEUE_PAIRS
 from vhu.workers._engine import META_DTYPE, VERDICT_APP, VERDICT_DROP
 
@@ -233,7 +233,8 @@ def _split_pipeline(pipeline):
 class Forwarder:
     """Ports, workers, poll mode and a pipeline; start(), stop(), stats().
 
-    ports      socket paths (server mode), VhostUserPort objects, then TapDevice ones
+    ports      socket paths (server mode), VhostUserPort objects, then TapDevice ones,
+               then VxlanPort ones (VxlanPort(vni=42, local=..., remotes=[...], port=4789))
     workers    worker processes (at most one per queue pair)
     queues     the most queue pairs a port offers (default 8: those a front-end
                sets up are served); queue pair i of every port is served by
@@ -273,12 +274,19 @@ class Forwarder:
                 mac_ageing,
                 cpus, stats_file, stats_interval, metrics_port, metrics_addr, log_level,
                 socket_mode, pkt_size, offloads=True):
-        ports = [p if isinstance(p, (VhostUserPort, TapDevice)) else VhostUserPort(p)
+        ports = [p if isinstance(p, (VhostUserPort, TapDevice, VxlanPort)) else VhostUserPort(p)
                  for p in ports]
+        vxlans = tuple(p for p in ports if isinstance(p, VxlanPort))
+        if any(isinstance(p, VxlanPort) for p in ports[:len(ports) - len(vxlans)]):
+            raise ValueError("list VXLAN ports last (after the vhost-user ports and TAPs)")
+        ports = ports[:len(ports) - len(vxlans)]
         taps = [p.name for p in ports if isinstance(p, TapDevice)]
         if any(isinstance(p, TapDevice) for p in ports[:len(ports) - len(taps)]):
             raise ValueError("list TAP devices after the vhost-user ports")
         ports = ports[:len(ports) - len(taps)]
+        for i, v in enumerate(vxlans):
+            if any((v.vni, v.local, v.port) == (w.vni, w.local, w.port) for w in vxlans[:i]):
+                raise ValueError(f"VXLAN vni {v.vni} on {v.local}:{v.port} twice")
         if not ports:
             raise ValueError("a Forwarder needs at least one vhost-user port")
         if len(set(taps)) != len(taps):
@@ -286,10 +294,10 @@ class Forwarder:
         paths = [os.path.abspath(p.path) for p in ports]
         if len(set(paths)) != len(paths):
             raise ValueError("the same socket path twice")
-        if len(ports) + len(taps) > MAX_PORTS:
+        if len(ports) + len(taps) + len(vxlans) > MAX_PORTS:
             raise ValueError(f"at most {MAX_PORTS} ports")
         stages, app = _split_pipeline(list(pipeline))
-        if app == "patch" and len(ports) + len(taps) != 2:
+        if app == "patch" and len(ports) + len(taps) + len(vxlans) != 2:
             raise ValueError("patch needs exactly two ports")
         if app == "pcap" and not pcap_dir:
             raise ValueError("the pcap stage needs pcap_dir")
@@ -313,7 +321,7 @@ class Forwarder:
             snaplen=snaplen,
             mac_ageing=mac_ageing, metrics_port=metrics_port, metrics_addr=metrics_addr,
             stage=StageRunner(stages) if stages else None, taps=tuple(taps),
-            offloads=bool(offloads))
+            offloads=bool(offloads), vxlans=vxlans)
 
     # -- life cycle -----------------------------------------------------------
 
@@ -423,7 +431,7 @@ class Forwarder:
         """Add a port while serving: a socket path (or VhostUserPort) or a
         TapDevice. Its front-end may connect when this returns; its
         description (as in ports()). Raises vhu.control.ControlError."""
-        if not isinstance(port, (VhostUserPort, TapDevice)):
+        if not isinstance(port, (VhostUserPort, TapDevice, VxlanPort)):
             port = VhostUserPort(port, client=client, queues=queues)
         return self._in_loop(lambda control: control.add_port(port))
 

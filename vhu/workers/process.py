@@ -36,7 +36,7 @@ from vhu._ring import DeviceRing
 from vhu.stats import COUNTERS_PER_RING, WorkerSlot, counter_offset
 from vhu.tap import TAP_FEATURES, vnet_hdr_len
 from vhu.workers import _guard, channel
-from vhu.workers._engine import Engine
+from vhu.workers._engine import Engine, VxlanSocket
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ class WorkerState:
         self.captures = {}          # port -> (rx slot, tx slot, [fds])
         self.taps = {}              # port -> TAP fd (vhu.tap)
         self.tap_hdr = {}           # port -> its virtio-net header bytes (IFF_VNET_HDR), or 0
+        self.vxlans = {}            # port -> (VxlanSocket, its per-remote counters' mapping)
         self.dirty = False          # the set of rings changed: rebind after the packet
         self.quit = False
 
@@ -193,10 +194,12 @@ class WorkerState:
         closed, captures written out and closed, its MAC entries forgotten."""
         self.cmd_port_reset(port, fds=[])
         fd = self.taps.pop(port, None)
+        vx = self.vxlans.pop(port, None)
         caps = self.captures.pop(port, None)
-        if fd is not None or caps is not None:
+        if fd is not None or caps is not None or vx is not None:
             self._rebind()                # nothing may point at them any more
         _close(fd)
+        self._vxlan_release(vx)
         if caps is not None:
             for slot in caps[:2]:
                 if slot >= 0:
@@ -392,6 +395,60 @@ class WorkerState:
         return True
 
     @command
+    def cmd_vxlan(self, port, vni, remotes, udp_port, max_inner, connected, fds):
+        """A VXLAN port as port `port` (queue pair 0): fds = [receive socket,
+        send sockets (connected to the one remote if `connected`)..., per-remote
+        counters memfd] (vhu.vxlanport)."""
+        if len(fds) < 3:
+            for fd in fds:
+                _close(fd)
+            raise ValueError("vxlan: a receive socket, send sockets and a counters memfd")
+        recv_fd, send_fds, mem_fd = fds[0], fds[1:-1], fds[-1]
+        try:
+            mapping = mmap.mmap(mem_fd, 0)
+        except (OSError, ValueError):
+            for fd in fds:
+                _close(fd)
+            raise
+        finally:
+            _close(mem_fd)
+        try:
+            vx = VxlanSocket(recv_fd, send_fds, vni, remotes, udp_port, max_inner,
+                             np.frombuffer(mapping, np.uint64), connected)
+        except BaseException:
+            try:
+                mapping.close()
+            except BufferError:            # a view is still alive: unmapped when it goes
+                pass
+            raise                          # VxlanSocket closed the sockets
+        old = self.vxlans.pop(port, None)
+        if old is not None:
+            self._rebind()
+            self._vxlan_release(old)
+        self.vxlans[port] = (vx, mapping)
+        self.dirty = True
+        return vx.max_inner
+
+    @command
+    def cmd_vxlan_close(self, port, fds):
+        vx = self.vxlans.pop(port, None)
+        if vx is not None:
+            self._rebind()
+            self._vxlan_release(vx)
+        return True
+
+    @command
+    def cmd_vxlan_fdb(self, fds):
+        """Every VXLAN port's learned inner MACs: {port: [(mac, remote, age)]}."""
+        return {port: vx.fdb() for port, (vx, _) in self.vxlans.items()}
+
+    @staticmethod
+    def _vxlan_release(entry):
+        """Close a VXLAN port's sockets (the engine is rebound without it)."""
+        if entry is not None:
+            entry[0].close()
+
+    @command
     def cmd_tap_close(self, port, fds):
         fd = self.taps.pop(port, None)
         if fd is not None:
@@ -472,6 +529,13 @@ class WorkerState:
             hdr = self.tap_hdr.get(port, 0)
             pairs.append(dict(tap_fd=self.taps[port], tap_counters=counters, port=port, qp=0,
                               queue=0, tap_vnet_hdr=hdr, features=TAP_FEATURES if hdr else 0))
+        for port in sorted(self.vxlans):
+            off = counter_offset(port, 0, self.config["rings_per_port"])
+            counters = (np.frombuffer(self.stats_map, np.uint64, 2 * COUNTERS_PER_RING, off)
+                        if self.stats_map is not None else np.zeros(2 * COUNTERS_PER_RING, np.uint64))
+            where[(port, 0)] = len(pairs)
+            pairs.append(dict(vxlan=self.vxlans[port][0], tap_counters=counters, port=port,
+                              qp=0, queue=0))
         app = self.config["app"]
         for pair in pairs:
             if self.config.get("pcap_dir"):
@@ -524,6 +588,8 @@ class WorkerState:
             self.cmd_port_reset(port, fds=[])
         for port in list(self.taps):
             self.cmd_tap_close(port, fds=[])
+        for port in list(self.vxlans):
+            self.cmd_vxlan_close(port, fds=[])
         if self.engine is not None:
             self.engine.flush()
         for _, _, fds in self.captures.values():
