@@ -639,8 +639,16 @@ def test_two_vhu_hosts_joined_only_by_vxlan(lab, guest):
         out, rc = h.run(f"nc {G_OV} 5022 < /tmp/tx", timeout=300)
         assert rc == 0, out
         assert guest_received(guest) == sent == (FILE_SIZE, sent[1])
-        p2 = [p for p in vhu2.stats()["ports"] if p["socket"].startswith("vxlan:")][0]
-        assert p2["rx_packets"] > FILE_SIZE // 1450 and p2["tx_packets"] > FILE_SIZE // 1450
+        # The stats file trails the transfer: wait for the datagrams of both
+        # 4 MiB (at most 1450 bytes of inner frame each) to be counted.
+        deadline = time.monotonic() + 30
+        while True:
+            p2 = [p for p in vhu2.stats()["ports"] if p["socket"].startswith("vxlan:")][0]
+            if (p2["rx_packets"] > FILE_SIZE // 1450 and p2["tx_packets"] > FILE_SIZE // 1450) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert p2["rx_packets"] > FILE_SIZE // 1450 and p2["tx_packets"] > FILE_SIZE // 1450, p2
         assert p2["drops_by_reason"]["vxlan_bad"] == 0
     finally:
         if h is not None:

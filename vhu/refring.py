@@ -97,7 +97,9 @@ STATS_KEYS = (("popped", "pushed", "published", "notify", "notify_suppressed",
               + ("tx_bad_offload", "tx_gso", "tx_csum", "rx_gso", "rx_csum", "rx_segmented",
                  "rx_csum_done")
               # dirty-page logging (the compiled ring's; the reference does not log)
-              + ("log_pages",))
+              + ("log_pages",)
+              # VXLAN ports' drop reasons (vhu.workers._vxlan; the reference has none)
+              + ("vxlan_bad", "vxlan_foreign", "vxlan_too_big"))
 
 # Split ring layout (virtio 1.x 2.7.5, 2.7.6, 2.7.8).
 _DESC = struct.Struct("<QIHH")        # addr, len, flags, next
