@@ -8,7 +8,6 @@ of that unicast traffic. The pcap files are read back with dpkt and tcpdump.
 Needs QEMU, busybox-static and the Debian kernel (scripts/setup-peers.sh).
 """
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -63,14 +62,6 @@ def switch():
         shutil.rmtree(d.path, ignore_errors=True)
 
 
-def md5_and_size(g, path):
-    out, rc = g.run(f"echo size=$(stat -c %s {path}); md5sum {path}", timeout=60)
-    assert rc == 0, out
-    size = re.search(r"^size=(\d+)$", out, re.M)
-    md5 = re.search(rf"^([0-9a-f]{{32}})  {path}$", out, re.M)
-    assert size and md5, out
-    return int(size.group(1)), md5.group(1)
-
 
 def read_pcap(path):
     with open(path, "rb") as f:
@@ -91,7 +82,7 @@ def test_three_guests_reach_each_other_and_tcp_checksums(switch):
     a, b = g["a"], g["b"]
     a.run(f"dd if=/dev/urandom of=/tmp/tx bs=65536 count={FILE_SIZE // 65536} 2>/dev/null",
           check=True, timeout=60)
-    sent = md5_and_size(a, "/tmp/tx")
+    sent = a.size_and_md5("/tmp/tx")
     b.run("rm -f /tmp/rx; sleep 600 | nc -l -p 5001 > /tmp/rx &", check=True)
     b.run("i=0; while ! grep -q ':1389 00000000:0000 0A' /proc/net/tcp && [ $i -lt 50 ]; "
           "do sleep 0.1; i=$((i+1)); done", check=True)
@@ -99,7 +90,7 @@ def test_three_guests_reach_each_other_and_tcp_checksums(switch):
     assert rc == 0, out
     b.run("i=0; while pidof nc >/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; "
           "killall sleep; wait", timeout=60)
-    assert md5_and_size(b, "/tmp/rx") == sent == (FILE_SIZE, sent[1])
+    assert b.size_and_md5("/tmp/rx") == sent == (FILE_SIZE, sent[1])
     # Learned unicast is not flooded: c saw (almost) nothing of the 4 MiB.
     assert vhu.port(2)["tx_bytes"] - before_c < FILE_SIZE // 20, vhu.stats()
     for p in range(3):

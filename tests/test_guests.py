@@ -147,22 +147,13 @@ def wait_ping(src, dst_ip, timeout=30):
     pytest.fail(f"no ping answer from {dst_ip} within {timeout}s:\n{src.console[-2000:]}")
 
 
-def md5_and_size(g, path):
-    out, rc = g.run(f"echo size=$(stat -c %s {path}); md5sum {path}", timeout=60)
-    assert rc == 0, out
-    # job-control chatter of the shell may interleave: match the lines
-    size = re.search(r"^size=(\d+)$", out, re.M)
-    md5 = re.search(rf"^([0-9a-f]{{32}})  {path}$", out, re.M)
-    assert size and md5, out
-    return int(size.group(1)), md5.group(1)
-
 
 def transfer(src, dst, dst_ip, port=5001, size=FILE_SIZE):
     """size random bytes from src to dst over TCP with busybox nc; both
     sides' md5 and the received size are compared."""
     src.run(f"dd if=/dev/urandom of=/tmp/tx bs=65536 count={size // 65536} 2>/dev/null", check=True,
             timeout=60)
-    sent_size, sent_md5 = md5_and_size(src, "/tmp/tx")
+    sent_size, sent_md5 = src.size_and_md5("/tmp/tx")
     assert sent_size == size
     # The listener's stdin is a pipe that stays open: with /dev/null as stdin
     # busybox nc would half-close the connection at once and the sender
@@ -174,7 +165,7 @@ def transfer(src, dst, dst_ip, port=5001, size=FILE_SIZE):
     assert rc == 0, out
     out, rc = dst.run("i=0; while pidof nc >/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; "
                       "pidof nc; killall sleep; wait", timeout=60)
-    got_size, got_md5 = md5_and_size(dst, "/tmp/rx")
+    got_size, got_md5 = dst.size_and_md5("/tmp/rx")
     assert got_size == size, f"received {got_size} of {size} bytes"
     assert got_md5 == sent_md5
     return got_size

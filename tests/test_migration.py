@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from tests.test_guests import BOOT_TIMEOUT, Short, md5_and_size
+from tests.test_guests import BOOT_TIMEOUT, Short
 from tests.vhuproc import REPO, VhuMaster
 from vhu.testbed.guest import Guest
 
@@ -128,7 +128,7 @@ def test_migrate_there_and_back_pings_and_tcp_survive(packed, queues):
         # runs across the copy of M's memory and the switch-over.
         m.run(f"dd if=/dev/urandom of=/tmp/tx bs=65536 count={SIZE // 65536} 2>/dev/null",
               check=True, timeout=120)
-        sent_size, sent_md5 = md5_and_size(m, "/tmp/tx")
+        sent_size, sent_md5 = m.size_and_md5("/tmp/tx")
         p.run("rm -f /tmp/rx; sleep 900 | nc -l -p 5001 > /tmp/rx &", check=True)
         p.run("i=0; while ! grep -q ':1389 00000000:0000 0A' /proc/net/tcp && [ $i -lt 50 ]; "
               "do sleep 0.1; i=$((i+1)); done", check=True)
@@ -149,7 +149,7 @@ def test_migrate_there_and_back_pings_and_tcp_survive(packed, queues):
         # The transfer goes on from the destination and arrives whole.
         wait_for(lambda: int((p.run("stat -c %s /tmp/rx")[0].strip().splitlines() or ["0"])[-1])
                  >= SIZE, 300, "all 16 MiB at the peer")
-        got_size, got_md5 = md5_and_size(p, "/tmp/rx")
+        got_size, got_md5 = p.size_and_md5("/tmp/rx")
         assert (got_size, got_md5) == (sent_size, sent_md5)
 
         # And back, to a third QEMU on the first port.

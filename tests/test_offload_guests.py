@@ -13,7 +13,7 @@ import pytest
 
 import time
 
-from tests.test_guests import IP_A, IP_B, Pair, md5_and_size, wait_counters
+from tests.test_guests import IP_A, IP_B, Pair, wait_counters
 
 pytestmark = pytest.mark.peers("qemu")
 
@@ -46,7 +46,7 @@ def transfer(src, dst, dst_ip, port, size):
     32 MiB on TCG guests). Prints the time the send took."""
     src.run(f"dd if=/dev/urandom of=/tmp/tx bs=65536 count={size // 65536} 2>/dev/null",
             check=True, timeout=120)
-    sent_size, sent_md5 = md5_and_size(src, "/tmp/tx")
+    sent_size, sent_md5 = src.size_and_md5("/tmp/tx")
     assert sent_size == size
     dst.run(f"rm -f /tmp/rx; sleep 1200 | nc -l -p {port} > /tmp/rx &", check=True)
     dst.run(f"i=0; while ! grep -q ':{port:04X} 00000000:0000 0A' /proc/net/tcp && [ $i -lt 50 ]; "
@@ -57,7 +57,7 @@ def transfer(src, dst, dst_ip, port, size):
     print(f"{size >> 20} MiB to {dst_ip} in {time.monotonic() - t0:.1f} s")
     dst.run("i=0; while pidof nc >/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
             "killall sleep; wait", timeout=120)
-    got_size, got_md5 = md5_and_size(dst, "/tmp/rx")
+    got_size, got_md5 = dst.size_and_md5("/tmp/rx")
     assert got_size == size, f"received {got_size} of {size} bytes"
     assert got_md5 == sent_md5
     return got_size

@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from tests.test_guests import md5_and_size
 from tests.vhuproc import VhuMaster
 from vhu.testbed.guest import Guest, find_busybox
 
@@ -76,7 +75,7 @@ def test_tcp_both_ways_through_a_tap_with_offloads(tap_guest):
     got = os.path.join(d, "from-guest")
     guest.run(f"dd if=/dev/urandom of=/tmp/tx bs=65536 count={SIZE // 65536} 2>/dev/null",
               check=True, timeout=60)
-    _, sent_md5 = md5_and_size(guest, "/tmp/tx")
+    _, sent_md5 = guest.size_and_md5("/tmp/tx")
     with open(got, "wb") as out:
         listener = in_ns(ns, bb, "nc", "-l", "-p", "5101", stdin=subprocess.PIPE, stdout=out)
         try:
@@ -107,7 +106,7 @@ def test_tcp_both_ways_through_a_tap_with_offloads(tap_guest):
             sender.wait()
     guest.run("i=0; while pidof nc >/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; "
               "killall sleep; wait", timeout=60)
-    size, md5 = md5_and_size(guest, "/tmp/rx")
+    size, md5 = guest.size_and_md5("/tmp/rx")
     assert size == SIZE and md5 == hashlib.md5(payload).hexdigest()
     g, t = vhu.port(0), vhu.port(1)
     print("guest port offload", g["offload"], "tap port offload", t["offload"])

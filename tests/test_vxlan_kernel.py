@@ -522,20 +522,12 @@ G_MAC, H_MAC = "52:54:00:16:00:10", "52:54:00:16:00:11"
 BOOT_TIMEOUT = 180
 
 
-def guest_md5(g, path):
-    out, rc = g.run(f"echo size=$(stat -c %s {path}); md5sum {path}", timeout=60)
-    assert rc == 0, out
-    size = re.search(r"^size=(\d+)$", out, re.M)
-    md5 = re.search(rf"^([0-9a-f]{{32}})  {path}$", out, re.M)
-    assert size and md5, out
-    return int(size.group(1)), md5.group(1)
-
 
 def guest_sends(g, ns, dst_ip, port):
     """4 MiB from guest g over TCP to a listener in namespace ns: (sent, received)."""
     g.run(f"dd if=/dev/urandom of=/tmp/tx bs=65536 count={FILE_SIZE // 65536} 2>/dev/null",
           check=True, timeout=60)
-    sent = guest_md5(g, "/tmp/tx")
+    sent = g.size_and_md5("/tmp/tx")
     rx = ns.popen(sys.executable, "-c", RECEIVER, dst_ip, port, 300, stdout=subprocess.PIPE,
                   stderr=subprocess.PIPE, text=True)
     try:
@@ -561,7 +553,7 @@ def guest_listen(g, port):
 def guest_received(g):
     g.run("i=0; while pidof nc >/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
           "killall sleep; wait", timeout=120)
-    return guest_md5(g, "/tmp/rx")
+    return g.size_and_md5("/tmp/rx")
 
 
 @pytest.fixture(scope="module")
@@ -628,14 +620,14 @@ def test_two_vhu_hosts_joined_only_by_vxlan(lab, guest):
         guest_listen(h, 5021)
         guest.run(f"dd if=/dev/urandom of=/tmp/tx bs=65536 count={FILE_SIZE // 65536} "
                   "2>/dev/null", check=True, timeout=60)
-        sent = guest_md5(guest, "/tmp/tx")
+        sent = guest.size_and_md5("/tmp/tx")
         out, rc = guest.run(f"nc {H_OV} 5021 < /tmp/tx", timeout=300)
         assert rc == 0, out
         assert guest_received(h) == sent == (FILE_SIZE, sent[1])
         guest_listen(guest, 5022)
         h.run(f"dd if=/dev/urandom of=/tmp/tx bs=65536 count={FILE_SIZE // 65536} 2>/dev/null",
               check=True, timeout=60)
-        sent = guest_md5(h, "/tmp/tx")
+        sent = h.size_and_md5("/tmp/tx")
         out, rc = h.run(f"nc {G_OV} 5022 < /tmp/tx", timeout=300)
         assert rc == 0, out
         assert guest_received(guest) == sent == (FILE_SIZE, sent[1])

@@ -666,6 +666,16 @@ class Guest:
         except (BrokenPipeError, OSError, ValueError) as exc:
             raise GuestError(f"cannot write to the guest console: {exc}\n{self._diag()}") from exc
 
+    def size_and_md5(self, path: str) -> Tuple[int, str]:
+        """(bytes, md5 hex) of a file in the guest, for transfers checked end to end."""
+        out, rc = self.run(f"echo size=$(stat -c %s {path}); md5sum {path}", timeout=60)
+        # job-control chatter of the shell may interleave: match the lines
+        size = re.search(r"^size=(\d+)$", out, re.M)
+        md5 = re.search(rf"^([0-9a-f]{{32}})  {re.escape(path)}$", out, re.M)
+        if rc != 0 or not size or not md5:
+            raise GuestError(f"size and md5 of {path}: {out!r} (exit {rc})")
+        return int(size.group(1)), md5.group(1)
+
     def run(self, cmd: str, timeout: float = 30.0, check: bool = False) -> Tuple[str, int]:
         """Run a shell command in the guest; return (output, exit status).
 
