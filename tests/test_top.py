@@ -214,8 +214,9 @@ def test_top_in_80x24_tmux_over_a_master_with_testpmd_traffic(tmp_path):
                                                       ["0", "vm0.sock", "1", "1", "up"]],
                                                      [["0", "vm0.sock", "1", "1", "up"],
                                                       ["0", "vm0.sock", "0", "0", "up"]]), text
-                # The idle port lists one queue pair: none in use there (vhu.stats.queues_in_use).
-                assert sorted(r[:5] for r in rows[2:]) == [["1", "vm1.sock", "0", "0", "down"]], text
+                # The idle port lists one queue pair: none in use there (vhu.stats.queues_in_use),
+                # and no worker yet (queue pairs are placed when they come up: vhu.placement).
+                assert sorted(r[:5] for r in rows[2:]) == [["1", "vm1.sock", "0", "-", "down"]], text
                 assert all(r[5:9] == ["0.00"] * 4 for r in rows[2:]), text
                 total = next(ln.split() for ln in lines if ln.startswith("total"))
                 assert float(total[1]) == pytest.approx(float(rows[0][5]) + float(rows[1][5]),

@@ -97,7 +97,9 @@ def wait_for(pred, timeout, what):
 class Lab:
     """The namespaces above, the kernel VTEPs, and vhu in v16a."""
 
-    def __init__(self):
+    def __init__(self, workers=1, name="v16"):
+        self.workers = workers
+        self.name = name            # prefix of the namespaces and devices
         self.d = _Dir()
         self.ns = []
         self.vhu = None
@@ -108,22 +110,22 @@ class Lab:
             raise
 
     def _build(self):
-        tag = os.getpid() % 10000
-        self.a = self._ns(f"v16a{tag}")
-        self.b = self._ns(f"v16b{tag}")
-        self.c = self._ns(f"v16c{tag}")
-        self.t = self._ns(f"v16t{tag}")
+        tag, n = os.getpid() % 10000, self.name
+        self.a = self._ns(f"{n}a{tag}")
+        self.b = self._ns(f"{n}b{tag}")
+        self.c = self._ns(f"{n}c{tag}")
+        self.t = self._ns(f"{n}t{tag}")
         veth(self.a, "v16a0", self.b, "v16b0", A_IP, B_IP)
         veth(self.a, "v16a1", self.c, "v16c0", A2_IP, C_IP)
         self.a.sysctl("net.ipv4.conf.all.rp_filter", 0)
         self.c.ip("route", "add", "10.16.0.0/24", "via", A2_IP)
         kernel_vxlan(self.b, "vx0", VNI, B_IP, [A_IP], "v16b0", B_OV, mac=B_MAC)
         kernel_vxlan(self.c, "vx0", VNI, C_IP, [A_IP], "v16c0", C_OV, mac=C_MAC)
-        self.tap = f"v16tap{tag}"
+        self.tap = f"{n}tap{tag}"
         self.spec = f"vni={VNI},local={A_IP},remote={B_IP},remote={C_IP}"
         self.control = self.d / "vhu.ctl"
         self.vhu = VhuMaster(self.d, "--app", "switch", "--tap", self.tap, "--vxlan", self.spec,
-                             "--control", self.control, "--cpus", "0", "--metrics-port", "0",
+                             "--control", self.control, "--cpus", "0", "--metrics-port", "0", "--workers", str(self.workers),
                              sockets=("g.sock",), netns=self.a.name)
         self.vhu.wait_sockets()
         self.vhu.wait_started()
@@ -199,6 +201,42 @@ def test_tap_host_and_kernel_vxlan_ping_and_tcp_both_ways(lab):
     assert all(lo <= sp <= hi for sp in vx["source_ports"]), vx
 
 
+def test_tap_and_vxlan_on_two_workers_ping_and_tcp_both_ways():
+    """--workers 2: the TAP and the VXLAN port are polled by different
+    workers, so every frame between the overlay host and the kernel VTEP
+    crosses workers (the TAP's frames are sent on the VXLAN port's sockets
+    by the TAP's worker; the decapsulated ones go into the TAP from the
+    VXLAN port's)."""
+    two = Lab(workers=2, name="v19")
+    try:
+        show = ctl(two.control, "show")
+        polled = {p["kind"]: p["queue_pairs"][0]["worker"] for p in show["ports"]
+                  if p["kind"] in ("tap", "vxlan")}
+        assert sorted(polled.values()) == [0, 1], show["ports"]
+        got, out = busybox_ping(two.t, B_OV, 20)
+        assert got == 20, out
+        got, out = busybox_ping(two.b, T_OV, 20)
+        assert got == 20, out
+        sent, received = tcp_transfer(two.t, two.b, B_OV, 5001)
+        assert sent == received and sent[0] == FILE_SIZE
+        sent, received = tcp_transfer(two.b, two.t, T_OV, 5002)
+        assert sent == received and sent[0] == FILE_SIZE
+        v = wait_for(lambda: (lambda v: v["rx_packets"] > FILE_SIZE // 1450 and
+                              v["tx_packets"] > FILE_SIZE // 1450 and v)(two.port("vxlan:")),
+                     10, "the VXLAN port's counters")
+        assert all(v["drops_by_reason"][r] == 0 for r in ("vxlan_bad", "vxlan_foreign",
+                                                          "vxlan_too_big")), v["drops_by_reason"]
+        # A second VNI on the same UDP socket is read by the same worker (one
+        # reader per socket), wherever round-robin would have put it.
+        added = ctl(two.control, "add-port", "--vxlan", f"vni=43,local={A_IP},remote={C_IP}")
+        assert added["queue_pairs"][0]["worker"] == polled["vxlan"], added
+        ctl(two.control, "del-port", added["socket"])
+        got, out = busybox_ping(two.t, B_OV, 3)
+        assert got == 3, out
+    finally:
+        two.close()
+
+
 CAPTURE = r"""
 import socket, struct, sys, time
 s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
@@ -265,18 +303,25 @@ def test_prometheus_has_the_remotes(lab):
                      r'socket="vxlan:42@10.16.0.1:4789"\} ', text, re.M), text[-3000:]
 
 
+def fresh_stats(lab):
+    """Wait for a stats file written after now: it counts every frame
+    vhu handled before (the workers count in shared memory as they go)."""
+    now = time.time()
+    wait_for(lambda: lab.vhu.stats()["time"] > now + 0.05, 30, "a fresh stats file")
+
+
 def test_three_hosts_flood_then_learn(lab):
     # Both kernel VTEPs answer (the ARP requests were flooded to both remotes).
     for dst in (B_OV, C_OV):
         got, out = busybox_ping(lab.t, dst, 3)
         assert got == 3, out
-    time.sleep(0.5)                      # the stats file catches up
+    fresh_stats(lab)
     c_before = lab.remote(C_IP)["tx_packets"]
     c_kernel_before = lab.c.counter("vx0", "rx_packets")
     b_before = lab.remote(B_IP)["tx_packets"]
     got, out = busybox_ping(lab.t, B_OV, 50, interval=0.05)
     assert got == 50, out
-    time.sleep(0.5)
+    fresh_stats(lab)
     # 50 echo requests to a learned MAC went to B only: nothing at C.
     assert lab.remote(B_IP)["tx_packets"] - b_before >= 50
     assert lab.remote(C_IP)["tx_packets"] == c_before
@@ -370,7 +415,7 @@ def test_an_inner_frame_over_the_underlay_mtu_is_dropped_and_counted(lab):
     the 1464 a 1500-byte underlay carries, so dropped and counted, never
     fragmented; a frame of 1464 bytes still passes."""
     busybox_ping(lab.t, B_OV, 1)                       # ARP resolved
-    time.sleep(0.5)
+    fresh_stats(lab)
     before = lab.port("vxlan:")["drops_by_reason"]["vxlan_too_big"]
     lab.t.ip("link", "set", lab.tap, "mtu", 1500)
     try:

@@ -18,3 +18,9 @@ cdef extern from "vhu_barriers.h" nogil:
     bint vhu_unlikely(bint x)
     void VHU_ASSERT(bint cond)
     int VHU_DEBUG_BUILD
+    # vhu's own shared words (not guest memory): host byte order
+    bint vhu_cas_acquire_u64(uint64_t *p, uint64_t *expect, uint64_t v)
+    bint vhu_cas_relaxed_u64(uint64_t *p, uint64_t *expect, uint64_t v)
+    void vhu_store_release_u64(uint64_t *p, uint64_t v)
+    uint64_t vhu_load_acquire_u64(const uint64_t *p)
+    void vhu_atomic_add_u64(uint64_t *p, uint64_t n)

@@ -79,8 +79,14 @@ cdef enum:
     C_VXLAN_TOO_BIG         # VXLAN: an inner frame over the underlay MTU (never fragmented)
     C_APPENDED_END
 
+# Cross-worker RX rings (vhu/workers/_shared.pxi), appended last.
 cdef enum:
-    C_COUNT = C_APPENDED_END
+    C_RX_CONTENDED = C_APPENDED_END   # RX batches another worker's lock held back
+    C_RX_LOCK       # not a counter: the RX ring's cross-worker lock (vhu/workers/_shared.pxi)
+    C_RX_EPOCH      # not a counter: which start of the ring the shared position belongs to
+    C_COUNT
+
+cdef enum:
     # virtio-net's largest frame (also TSO's): an Ethernet frame, without the
     # virtio-net header, is at most 65535 bytes. A chain that carries more is
     # dropped (C_TX_TOO_BIG); the device never builds or delivers a bigger one.

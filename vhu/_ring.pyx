@@ -76,7 +76,8 @@ COUNTER_NAMES = (["popped", "pushed", "published", "notify", "notify_suppressed"
                  + ["tx_bad_offload", "tx_gso", "tx_csum", "rx_gso", "rx_csum", "rx_segmented",
                     "rx_csum_done"]
                  + ["log_pages"]
-                 + ["vxlan_bad", "vxlan_foreign", "vxlan_too_big"])
+                 + ["vxlan_bad", "vxlan_foreign", "vxlan_too_big"]
+                 + ["rx_contended", "state_rx_lock", "state_rx_epoch"])
 assert len(COUNTER_NAMES) == C_COUNT
 
 

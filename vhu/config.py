@@ -59,14 +59,11 @@ class MasterConfig:
     def rings_per_port(self):
         return 2 * self.queues
 
-    def worker_of(self, queue_pair):
-        """Queue pair i of every port belongs to worker i mod N, so one worker
-        holds a pair's RX and TX of all ports (patch needs no hand-off)."""
-        return queue_pair % self.worker_count
-
     @property
     def worker_count(self):
-        return min(self.workers, self.queues)
+        # Every worker gets queue pairs of any port (vhu.placement), so
+        # single-queue ports use them all.
+        return self.workers
 
 
 def parse_cpus(text):

@@ -32,8 +32,11 @@ from vhu.controlsock import ControlServer
 from vhu.portspecs import TapDevice, VhostUserPort, VxlanPort
 from vhu.protocol.backend import negotiated_offloads
 from vhu.ports import Port
+from vhu.placement import Placement
 from vhu.tap import TapPort
 from vhu.vxlanport import VxlanPortState, same_port
+from vhu.workers import shared
+from vhu.workers.shared import LOCK_DEAD, MacMemory
 from vhu.workers.supervisor import REPLACED, WorkerPool
 
 log = logging.getLogger("vhu.master")
@@ -80,6 +83,11 @@ class ControlLoop:
         self._stop_event = None
         self._last_snapshot = {}
         self._last_time = None
+        # Who polls which queue pair; frames cross ports (and so workers)
+        # with the switch, patch and pipeline stages.
+        self.placement = Placement(config.worker_count,
+                                   config.app in ("switch", "patch") or config.stage is not None)
+        self.macs = None              # the switch's shared MAC table (vhu.workers.shared)
 
     # -- life cycle -------------------------------------------------------------
 
@@ -99,9 +107,12 @@ class ControlLoop:
                 if c.control:
                     self.control_server = ControlServer(self, c.control)
                     await self.control_server.start()
+                if c.app == "switch":
+                    self.macs = MacMemory()
                 self.pool = WorkerPool(c.worker_count, self._worker_config(), self.stats,
                                        cpus=c.cpus, replay=self._replay,
-                                       on_fault=self._on_fault, on_error=self._on_error)
+                                       on_fault=self._on_fault, on_error=self._on_error,
+                                       macs=self.macs)
                 self.pool.start()
                 for port in list(self.ports.values()):
                     self._announce(port)
@@ -151,6 +162,8 @@ class ControlLoop:
             self.report()
             await self.pool.close()
         self.stats.close()
+        if self.macs is not None:
+            self.macs.close()
 
     # -- ports ----------------------------------------------------------------------
 
@@ -247,24 +260,35 @@ class ControlLoop:
     # -- asking -----------------------------------------------------------------
 
     def describe_port(self, port):
-        c = self.config
         kind = ("tap" if isinstance(port, TapPort) else
                 "vxlan" if isinstance(port, VxlanPortState) else "vhost-user")
         out = {"port": port.index, "kind": kind, "socket": port.path, "connected": port.connected}
         if isinstance(port, VxlanPortState):
-            out.update(queues=1, queue_pairs=[{"queue": 0, "worker": c.worker_of(0)}],
-                       vxlan=port.describe())
+            out.update(queues=1, vxlan=port.describe(),
+                       queue_pairs=[{"queue": 0, "worker": self.placement.lookup(port.index, 0)}])
             return out
         if isinstance(port, TapPort):
-            out.update(queues=1, queue_pairs=[{"queue": 0, "worker": c.worker_of(0)}])
+            out.update(queues=1, queue_pairs=[{"queue": 0, "worker": self.placement.lookup(port.index, 0)}])
             return out
         device = port.session.device if port.session is not None else None
         out.update(mode="client" if port.client else "server", queues=port.queues,
-                   queue_pairs=[{"queue": q, "worker": c.worker_of(q)}
+                   queue_pairs=[self._queue_pair(port.index, q)
                                 for q in range(max(port.queue_pairs_in_use, 1))],
                    features=f"{device.acked_features:#x}" if device else None,
                    protocol_features=f"{device.acked_protocol_features:#x}" if device else None)
         return out
+
+    def _queue_pair(self, port, q):
+        """Who runs queue pair q of a port: `worker` polls its TX ring (None:
+        not up yet), `rx_writers` are the workers that may deliver into its
+        RX ring (locked when more than one)."""
+        w = self.placement.lookup(port, q)
+        writers = [] if w is None else self.placement.writers(port, 2 * q)
+        # Who holds its RX ring's lock right now (a worker inside a batch;
+        # "dead" until the master has reaped and released a dead holder).
+        word = shared.lock_word(self.stats.array, port, 2 * q)
+        holder = (None if word == 0 else "dead" if word == LOCK_DEAD else (word & 0xFFFF) - 1)
+        return {"queue": q, "worker": w, "rx_writers": writers, "rx_lock_holder": holder}
 
     def describe(self):
         """What `vhu.ctl show` prints: the ports, the workers, how they poll."""
@@ -300,20 +324,26 @@ class ControlLoop:
                     rows[mac] = {"mac": ":".join(f"{(mac >> s) & 0xFF:02x}"
                                                  for s in range(40, -8, -8)),
                                  "port": port, "age": round(age, 1), "worker": worker}
-        if any(isinstance(p, VxlanPortState) for p in self.ports.values()):
-            # Behind a VXLAN port: which remote VTEP (the port's own table).
-            fut = self.pool.submit(self.config.worker_of(0), "vxlan_fdb", port=None)
+        # Behind a VXLAN port: which remote VTEP (the table of the port's
+        # reader, the worker that polls it; its other workers only send).
+        readers = {p.index: p.reader() for p in self.ports.values()
+                   if isinstance(p, VxlanPortState) and p.connected}
+        for worker in sorted(set(readers.values())):
+            fut = self.pool.submit(worker, "vxlan_fdb", port=None)
             self.pool.hurry()
             try:
                 fdb = await asyncio.wait_for(fut, MAC_TABLE_TIMEOUT)
             except (asyncio.TimeoutError, Exception):
                 fdb = {}
-            if isinstance(fdb, dict):
-                for port, entries in fdb.items():
-                    for mac, remote, _age in entries:
-                        row = rows.get(mac)
-                        if row is not None and row["port"] == port:
-                            row["remote"] = remote
+            if not isinstance(fdb, dict):
+                continue
+            for port, entries in fdb.items():
+                if readers.get(port) != worker:
+                    continue
+                for mac, remote, _age in entries:
+                    row = rows.get(mac)
+                    if row is not None and row["port"] == port:
+                        row["remote"] = remote
         return sorted(rows.values(), key=lambda r: (r["port"], r["mac"]))
 
     # -- workers --------------------------------------------------------------
@@ -347,7 +377,7 @@ class ControlLoop:
             if only is not None and i != only:
                 continue
             ps = stats_mod.port_stats(snap, i, p.queue_pairs_in_use, p.path, p.connected,
-                                      self.config.worker_of, logging=getattr(p, "logging", False))
+                                      self._worker_of_port(i, p), logging=getattr(p, "logging", False))
             ps["offloads"] = self._offloads(p)
             if isinstance(p, VxlanPortState):
                 ps["vxlan"] = {**p.describe(), "remotes": p.remote_stats()}
@@ -366,6 +396,9 @@ class ControlLoop:
         if session is None:
             return []
         return negotiated_offloads(session.device.acked_features)
+
+    def _worker_of_port(self, index, port):
+        return lambda q: self.placement.lookup(index, q)
 
     def report(self):
         ports = self.port_stats()

@@ -109,6 +109,16 @@ def ask(path, request, timeout=TIMEOUT):
 # -- human output -----------------------------------------------------------------
 
 
+def _queue_text(q):
+    """q0:w1 (worker 1 polls queue pair 0), q0:w1 rx<w1,w0 (its RX ring is
+    written by workers 1 and 0, under its lock), q0:w- (not up yet)."""
+    text = f"q{q['queue']}:w{'-' if q['worker'] is None else q['worker']}"
+    writers = q.get("rx_writers") or []
+    if len(writers) > 1:
+        text += " rx<" + ",".join(f"w{w}" for w in writers)
+    return text
+
+
 def _port_line(p):
     where = p["socket"]
     state = "up" if p["connected"] else "down"
@@ -119,7 +129,7 @@ def _port_line(p):
         return (f"port {p['port']}  {where}  {state}  remotes {' '.join(v['remotes'])}  "
                 f"underlay MTU {v['underlay_mtu']} (inner frames up to {v['max_inner_frame']})")
     feats = f"  features {p['features']} protocol {p['protocol_features']}" if p["features"] else ""
-    queues = ", ".join(f"q{q['queue']}:w{q['worker']}" for q in p["queue_pairs"])
+    queues = ", ".join(_queue_text(q) for q in p["queue_pairs"])
     return (f"port {p['port']}  {p['mode']} {where}  {state}  queues {p['queues']} offered "
             f"[{queues}]{feats}")
 

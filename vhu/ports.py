@@ -97,10 +97,19 @@ class WorkerHooks:
         self.control = port.control
         self.index = port.index
         self.running = {}          # ring index -> RingConfig the worker runs it with
+        self.epochs = {}           # ring index -> the epoch of its current start (shared rings)
         self.closed = False
 
     def _worker_of(self, ring):
-        return self.control.config.worker_of(ring // 2)
+        """The worker that polls the ring's queue pair (vhu.placement)."""
+        return self.control.placement.worker(self.index, ring // 2)
+
+    def _writers(self, ring):
+        """Every worker that runs the ring: the owner first (vhu.placement)."""
+        return self.control.placement.writers(self.index, ring)
+
+    def _shared(self, ring):
+        return self.control.placement.shared(self.index, ring)
 
     def _submit(self, worker, name, *args, fds=(), key=None, adjacent=False):
         # Attributed to this connection (not just the port index): a late
@@ -149,30 +158,43 @@ class WorkerHooks:
         if not cfg.ready:
             if was is not None:
                 self.running.pop(index)
-                self._submit(self._worker_of(index), "ring_stop", index)
+                for w in self._writers(index):
+                    self._submit(w, "ring_stop", index)
             return
+        shared = self._shared(index)
         if was is None or any(_restart_value(cfg, f) != _restart_value(was, f)
                               for f in _RESTART_FIELDS):
+            if was is None and shared:
+                # A new start of a shared ring: its owner sets the position
+                # under the lock, tagged with this epoch; the other workers
+                # deliver only into the start whose epoch they were given.
+                self.epochs[index] = self.control.placement.next_epoch(self.index, index)
             # base None: a running ring restarts where it stopped in its worker.
-            self._submit(self._worker_of(index), "ring_start", index,
-                         self._setup(cfg, cfg.base if was is None else None),
-                         fds=self._fds(cfg))
+            for w in self._writers(index):
+                self._submit(w, "ring_start", index,
+                             self._setup(cfg, cfg.base if was is None else None, shared=shared,
+                                         epoch=self.epochs.get(index, 0),
+                                         owner=w == self._worker_of(index)),
+                             fds=self._fds(cfg))
         elif (cfg.enabled, cfg.kick_fd, cfg.call_fd, cfg.polling) != \
                 (was.enabled, was.kick_fd, was.call_fd, was.polling):
-            self._submit(self._worker_of(index), "ring_update", index, cfg.enabled,
-                         cfg.kick_fd < 0, fds=self._fds(cfg), key=("ring", self.index, index))
+            for w in self._writers(index):
+                self._submit(w, "ring_update", index, cfg.enabled, cfg.kick_fd < 0,
+                             fds=self._fds(cfg), key=("ring", self.index, index))
         if was is not None and any(getattr(cfg, f) != getattr(was, f) for f in _LOG_FIELDS):
-            self._submit(self._worker_of(index), "ring_log", index, cfg.log_all, cfg.log_used,
-                         cfg.log_addr)
+            # Every worker that writes into the ring logs what it writes.
+            for w in self._writers(index):
+                self._submit(w, "ring_log", index, cfg.log_all, cfg.log_used, cfg.log_addr)
         self.running[index] = cfg
 
     @staticmethod
-    def _setup(cfg, base, resume=False):
+    def _setup(cfg, base, resume=False, shared=False, epoch=0, owner=True):
         return RingSetup(size=cfg.num, desc=cfg.desc_addr, avail=cfg.avail_addr,
                          used=cfg.used_addr, base=base, features=cfg.features,
                          event_idx=cfg.event_idx, indirect=cfg.indirect, enabled=cfg.enabled,
                          polled=cfg.kick_fd < 0, packed=cfg.packed, resume=resume,
-                         log_all=cfg.log_all, log_used=cfg.log_used, log_addr=cfg.log_addr)
+                         log_all=cfg.log_all, log_used=cfg.log_used, log_addr=cfg.log_addr,
+                         shared=shared, epoch=epoch, owner=owner)
 
     @staticmethod
     def _fds(cfg):
@@ -187,13 +209,15 @@ class WorkerHooks:
         answered, where its last published batch left the ring."""
         if self.running.pop(index, None) is None:
             return None
-        fut = self._submit(self._worker_of(index), "ring_stop", index)
+        futs = [self._submit(w, "ring_stop", index) for w in self._writers(index)]
         self.control.pool.hurry()
-        try:
-            base = await fut
-        except WorkerError:
+        answers = await asyncio.gather(*futs, return_exceptions=True)
+        base = answers[0]                     # the owner's
+        if isinstance(base, WorkerError):
             base = None
-        if base is REPLACED:
+        if base is REPLACED or self._shared(index):
+            # A shared ring is where its last holder left it; every worker
+            # that ran it has stopped now.
             base = self.control.stats.position(self.index, index)
         return base
 
@@ -225,12 +249,17 @@ class WorkerHooks:
             cmds.append(("log", (self.index, log_area.size, log_area.offset),
                          [os.dup(log_area.fd)], self))
         for index, cfg in sorted(self.running.items()):
-            if self._worker_of(index) != worker:
+            if worker not in self._writers(index):
                 continue
             # Split rings resume at the used index in guest memory; packed
-            # rings at the position their last published batch left.
+            # rings at the position their last published batch left (a
+            # shared ring: wherever its lock's next holder finds it).
             base = self.control.stats.position(self.index, index) if cfg.packed else cfg.base
-            cmds.append(("ring_start", (self.index, index, self._setup(cfg, base, resume=True)),
+            cmds.append(("ring_start", (self.index, index,
+                                        self._setup(cfg, base, resume=True,
+                                                    shared=self._shared(index),
+                                                    epoch=self.epochs.get(index, 0),
+                                                    owner=worker == self._worker_of(index))),
                          self._fds(cfg), self))
         return cmds
 
@@ -259,6 +288,7 @@ class WorkerHooks:
         self.running.clear()
         for w in range(self.control.pool.count):
             self._submit(w, "port_reset")
+        self.control.placement.release(self.index)
 
     def close(self):
         self.reset()

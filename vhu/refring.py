@@ -99,7 +99,9 @@ STATS_KEYS = (("popped", "pushed", "published", "notify", "notify_suppressed",
               # dirty-page logging (the compiled ring's; the reference does not log)
               + ("log_pages",)
               # VXLAN ports' drop reasons (vhu.workers._vxlan; the reference has none)
-              + ("vxlan_bad", "vxlan_foreign", "vxlan_too_big"))
+              + ("vxlan_bad", "vxlan_foreign", "vxlan_too_big")
+              # cross-worker RX rings (vhu.workers._shared; the reference has one writer)
+              + ("rx_contended", "state_rx_lock", "state_rx_epoch"))
 
 # Split ring layout (virtio 1.x 2.7.5, 2.7.6, 2.7.8).
 _DESC = struct.Struct("<QIHH")        # addr, len, flags, next

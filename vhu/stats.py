@@ -166,13 +166,16 @@ def queue_stats(snap, port, qp):
         "calls_suppressed": both("notify_suppressed"),  # ... and those it asked us not to
         "broken": {n[len("broken_"):]: both(n) for n in BROKEN_NAMES if both(n)},
         "offload": {n: both(n) for n in OFFLOAD_COUNTERS},
+        # batches whose frames for this RX ring waited: another worker held its lock
+        "rx_contended": both("rx_contended"),
     }
     return out
 
 
 # Counters that move on a ring nobody uses: a guest kicks the receive rings
 # of all its queue pairs at probe, QEMU enables only those the guest asks for.
-_NOT_USE = [_INDEX[n] for n in ("kicks", "notify", "notify_suppressed", "state_position")]
+_NOT_USE = [_INDEX[n] for n in ("kicks", "notify", "notify_suppressed", "state_position",
+                                 "state_rx_lock", "state_rx_epoch")]
 
 
 def queues_in_use(snap, port, in_use):

@@ -3,8 +3,9 @@ kernel network stack (--tap NAME, or vhu.workers.TapDevice in a Forwarder).
 
 The master creates the device (TUNSETIFF, IFF_TAP | IFF_NO_PI and, unless
 --offloads off, IFF_VNET_HDR: see open_tap) and hands a duplicate of its fd to the
-worker owning queue pair 0, whose compiled loop reads it (O_NONBLOCK) and
-writes frames for it; the tap's epoll readiness wakes a sleeping worker like
+worker it is placed on (vhu.placement), whose compiled loop reads it
+(O_NONBLOCK) and writes frames for it (with frames crossing ports, every
+other worker writes into it too); the tap's epoll readiness wakes a sleeping worker like
 a kick. A TAP has one queue: its frames meet queue pair 0 of the other
 ports. The device exists while vhu runs (it is not persistent); bring it up
 and address it (or move it into a network namespace) as for any interface.
@@ -77,7 +78,7 @@ class TapPort:
         self.name = name
         self.path = f"tap:{name}"
         self.fd = None
-        self.queue_pairs_in_use = 1       # one queue, served by queue pair 0's worker
+        self.queue_pairs_in_use = 1       # one queue, placed like a queue pair (reader())
         self.spec = None                  # what it was made from (vhu.portspecs)
         self.offloads = []                # what it does (stats JSON): all with IFF_VNET_HDR
 
@@ -85,8 +86,9 @@ class TapPort:
     def connected(self):
         return self.fd is not None
 
-    def _worker(self):
-        return self.control.config.worker_of(0)
+    def reader(self):
+        """The worker that reads it: its one queue is placed like any port's (vhu.placement)."""
+        return self.control.placement.worker(self.index, 0)
 
     def open(self):
         vnet = self.control.config.offloads
@@ -95,14 +97,24 @@ class TapPort:
         log.info("port %d: TAP %s%s", self.index, self.name,
                  " (IFF_VNET_HDR: checksum and TSO offloads)" if vnet else "")
 
+    def _workers(self):
+        """Its reader first; with several workers and frames crossing ports
+        (switch, patch, stages) every other worker writes frames into it too
+        (vhu.placement): write(2) takes one whole frame from anyone."""
+        owner = self.reader()
+        if not self.control.placement.cross_delivery:
+            return [owner]
+        return [owner] + [w for w in range(self.control.pool.count) if w != owner]
+
     def serve(self):
-        self.control.pool.submit(self._worker(), "tap", self.index, fds=[os.dup(self.fd)],
-                                 port=self)
+        for w in self._workers():
+            self.control.pool.submit(w, "tap", self.index, w != self.reader(),
+                                     fds=[os.dup(self.fd)], port=self)
 
     def replay(self, worker):
-        if self.fd is None or worker != self._worker():
+        if self.fd is None or worker not in self._workers():
             return []
-        return [("tap", (self.index,), [os.dup(self.fd)], self)]
+        return [("tap", (self.index, worker != self.reader()), [os.dup(self.fd)], self)]
 
     def memory_fault(self, sig, addr):          # a TAP has no guest memory
         pass
@@ -119,5 +131,7 @@ class TapPort:
 
     def close(self):
         if self.fd is not None and self.control.pool is not None:
-            self.control.pool.submit(self._worker(), "tap_close", self.index, port=None)
+            for w in self._workers():
+                self.control.pool.submit(w, "tap_close", self.index, port=None)
         self._drop()
+        self.control.placement.release(self.index)

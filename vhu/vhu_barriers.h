@@ -81,4 +81,32 @@ static inline void vhu_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 #define VHU_DEBUG_BUILD 0
 #endif
 
+/* Words shared between vhu's own processes (workers, master), never with a
+ * guest: host byte order. Used for the cross-worker RX-ring lock and the
+ * shared MAC table (vhu/workers/_shared.pxi). */
+
+/* Take a lock word: compare-and-swap *expect -> v; on success, everything
+ * the previous holder wrote before its release is visible (acquire). On
+ * failure *expect holds the word's current value. */
+static inline int vhu_cas_acquire_u64(uint64_t *p, uint64_t *expect, uint64_t v) {
+    return __atomic_compare_exchange_n(p, expect, v, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
+}
+/* Replace a shared table word only if nobody changed it meanwhile; no
+ * ordering beyond the word itself. */
+static inline int vhu_cas_relaxed_u64(uint64_t *p, uint64_t *expect, uint64_t v) {
+    return __atomic_compare_exchange_n(p, expect, v, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+/* Give a lock word back: every write of the critical section is visible
+ * before the word reads free. */
+static inline void vhu_store_release_u64(uint64_t *p, uint64_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+static inline uint64_t vhu_load_acquire_u64(const uint64_t *p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+/* A counter that more than one worker bumps outside any lock. */
+static inline void vhu_atomic_add_u64(uint64_t *p, uint64_t n) {
+    __atomic_fetch_add(p, n, __ATOMIC_RELAXED);
+}
+
 #endif

@@ -134,14 +134,24 @@ class VxlanPortState:
         self.mtu = None
         self.max_inner = None
         self.source_ports = []
-        self.queue_pairs_in_use = 1          # one queue, served by queue pair 0's worker
+        self.queue_pairs_in_use = 1          # one queue, placed like a queue pair (reader())
 
     @property
     def connected(self):
         return self.rx is not None
 
-    def _worker(self):
-        return self.control.config.worker_of(0)
+    def reader(self):
+        """The worker that reads it: its one queue is placed like any port's
+        (vhu.placement), but the VNIs of one endpoint share its receive
+        socket, which one worker reads for all of them: the worker of the
+        endpoint's first port."""
+        placement = self.control.placement
+        if placement.lookup(self.index, 0) is None and self.endpoint is not None:
+            for other in self.endpoint.vnis.values():
+                w = placement.lookup(other, 0) if other != self.index else None
+                if w is not None:
+                    return placement.assign(self.index, 0, w)
+        return placement.worker(self.index, 0)
 
     def open(self):
         try:
@@ -190,20 +200,32 @@ class VxlanPortState:
                 ep.close()
                 self.control.vxlan_endpoints.pop(ep.key, None)
 
-    def _command(self):
+    def _workers(self):
+        """Its reader first; with several workers and frames crossing ports
+        (switch, patch, stages) every other worker sends into it too
+        (vhu.placement), as into a TAP. Those learn no remotes (the reader
+        does): their unicast frames go to every remote."""
+        owner = self.reader()
+        if not self.control.placement.cross_delivery:
+            return [owner]
+        return [owner] + [w for w in range(self.control.pool.count) if w != owner]
+
+    def _command(self, worker):
         fds = [os.dup(self.rx.fileno())] + [os.dup(s.fileno()) for s in self.sends] + \
               [os.dup(self.mem_fd)]
         return ("vxlan", (self.index, self.spec.vni, list(self.spec.remotes), self.spec.port,
-                          self.max_inner, len(self.spec.remotes) == 1), fds)
+                          self.max_inner, len(self.spec.remotes) == 1,
+                          worker != self.reader()), fds)
 
     def serve(self):
-        name, args, fds = self._command()
-        self.control.pool.submit(self._worker(), name, *args, fds=fds, port=self)
+        for w in self._workers():
+            name, args, fds = self._command(w)
+            self.control.pool.submit(w, name, *args, fds=fds, port=self)
 
     def replay(self, worker):
-        if self.rx is None or worker != self._worker():
+        if self.rx is None or worker not in self._workers():
             return []
-        name, args, fds = self._command()
+        name, args, fds = self._command(worker)
         return [(name, args, fds, self)]
 
     def memory_fault(self, sig, addr):          # a VXLAN port has no guest memory
@@ -237,8 +259,10 @@ class VxlanPortState:
 
     def close(self):
         if self.rx is not None and self.control.pool is not None:
-            self.control.pool.submit(self._worker(), "vxlan_close", self.index, port=None)
+            for w in self._workers():
+                self.control.pool.submit(w, "vxlan_close", self.index, port=None)
         self._drop()
+        self.control.placement.release(self.index)
         self.counters = None
         if self._map is not None:
             try:

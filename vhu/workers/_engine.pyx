@@ -21,10 +21,12 @@ it are written to it. Or a VXLAN port (vxlan, _vxlan.pxi): inner frames of
 the datagrams one recvmmsg(2) reads, and frames for it encapsulated and
 sent with sendmmsg(2) at the end of the batch.
 
-A worker owns queue pair i of every port (see MasterConfig.worker_of), so
-the bindings with the same queue index form a group, and patch, switch and
-stage verdicts only ever move frames inside a group: no hand-off between
-workers, no locks.
+Each (port, queue pair) is polled by one worker (vhu.placement). The
+bindings with the same queue index form a group, and patch, switch and
+stage verdicts only ever move frames inside a group. With several workers a
+group also holds the RX rings of ports other workers poll (bound rx only,
+rx_shared): frames are delivered into them under a lock in shared memory,
+once per ring per batch (_shared.pxi); rings bound unshared take no lock.
 
 Decisions are made on private copies (STYLE.md pattern 14): the guest can
 rewrite its buffers while we look at them, so the bytes a decision reads are
@@ -213,6 +215,7 @@ cdef inline void header_fields(Meta *m, const uint8_t *f, int64_t length) noexce
 
 
 include "_vxlan.pxi"
+include "_shared.pxi"     # the cross-worker RX-ring lock and the shared MAC table
 
 
 cdef class Engine:
@@ -280,6 +283,12 @@ cdef class Engine:
     cdef char *ocopy                       # batch x MAX_FRAME: their private copies (lazily)
     cdef Seg oseg[MAX_BATCH]
     cdef char *obuf                        # one segment or finished frame being delivered
+    # cross-worker delivery (_shared.pxi)
+    cdef RxShare share[MAX_BINDINGS]
+    cdef uint64_t holder                   # this worker's lock word (set_worker)
+    cdef int backlogged                    # bindings with frames in their backlog
+    cdef SharedMac *smacs                  # the shared MAC table, NULL: self.macs
+    cdef object smacs_owner
 
     def __cinit__(self):
         self.epfd = -1
@@ -290,6 +299,7 @@ cdef class Engine:
         self.heads = <char *>malloc(MAX_BATCH * HEAD_COPY)
         self.obuf = <char *>malloc(MAX_FRAME)
         self.beat = &self.own_beat
+        self.holder = 1
         if (self.frame == NULL or self.macs == NULL or self.tap_out == NULL
                 or self.injected == NULL or self.heads == NULL or self.obuf == NULL):
             raise MemoryError()
@@ -356,6 +366,8 @@ cdef class Engine:
         free(self.whole)
         free(self.ocopy)
         free(self.obuf)
+        for i in range(MAX_BINDINGS):
+            free(self.share[i].buf)
 
     def inject(self, int port, const uint8_t[:] frame):
         """Send `frame` (no virtio-net header) as if the guest on `port` had
@@ -456,6 +468,11 @@ cdef class Engine:
     def mac_entries(self):
         """Live entries as (mac (int), port, seconds since last seen)."""
         cdef double t = now()
+        if self.smacs != NULL:
+            return [(self.smacs[i].word >> 16, <int>(self.smacs[i].word & 0xFFFF) - 1,
+                     t - self.smacs[i].seen)
+                    for i in range(MAC_SLOTS)
+                    if self.smacs[i].word and t - self.smacs[i].seen < self.mac_ageing]
         return [(self.macs[i].mac, self.macs[i].port, t - self.macs[i].seen)
                 for i in range(MAC_SLOTS)
                 if self.macs[i].mac and t - self.macs[i].seen < self.mac_ageing]
@@ -464,6 +481,9 @@ cdef class Engine:
         """Drop every station learned on `port` (it was removed: its index may
         be given to another port)."""
         cdef int i
+        if self.smacs != NULL:
+            smac_forget_port(self.smacs, port)
+            return
         for i in range(MAC_SLOTS):
             if self.macs[i].mac and self.macs[i].port == port:
                 self.macs[i].mac = 0
@@ -522,6 +542,8 @@ cdef class Engine:
                     if self.tap_in == NULL:
                         raise MemoryError()
         keep = []
+        with nogil:
+            self.drain_backlogs(0.05)    # frames held back go out before the rings change
         memset(self.bindings, 0, sizeof(self.bindings))
         memset(self.nmembers, 0, sizeof(self.nmembers))
         memset(self.port_bind, 0xFF, sizeof(self.port_bind))     # all -1
@@ -562,6 +584,11 @@ cdef class Engine:
                 keep.append(vs)
                 b.vx = &vs.p
                 b.vx.ageing = self.mac_ageing
+                b.vx.write_only = bool(p.get("vxlan_write_only", False))
+            self.share[i].shared = b.rx != NULL and bool(p.get("rx_shared", False))
+            self.share[i].epoch = p.get("rx_epoch", 0) if self.share[i].shared else 0
+            self.share[i].tap_write_only = b.tap_fd >= 0 and bool(p.get("tap_write_only", False))
+            self.share[i].held = self.share[i].busy = False
             g, port = b.group, b.port
             self.port_bind[g][port] = i
             self.members[g][self.nmembers[g]] = i
@@ -581,7 +608,7 @@ cdef class Engine:
         for i, p in enumerate(pairs):
             for kind, key in ((KIND_RX_KICK, "rx_kick"), (KIND_TX_KICK, "tx_kick"),
                               (KIND_TAP, "tap_fd")):
-                if p.get(key, -1) >= 0:
+                if p.get(key, -1) >= 0 and not (kind == KIND_TAP and p.get("tap_write_only")):
                     tags[p[key]] = (i << 2) | kind
             if p.get("vxlan") is not None and p["vxlan"].fd >= 0 and self.bindings[i].vx.reader:
                 tags[p["vxlan"].fd] = (i << 2) | KIND_VXLAN
@@ -601,12 +628,12 @@ cdef class Engine:
             p = self.bindings[i].vx
             if p == NULL:
                 continue
-            p.reader = False
+            p.reader = False   # write-only (another worker reads): never reads
             p.nshared = 0
             p.rxcnt = self.bindings[i].tap_cnt + C_COUNT
         for i in range(self.nbind):
             p = self.bindings[i].vx
-            if p == NULL or p.nshared or p.reader:
+            if p == NULL or p.nshared or p.reader or p.write_only:
                 continue
             p.reader = True
             p.shared[0] = p
@@ -614,7 +641,7 @@ cdef class Engine:
             p.nshared = 1
             for j in range(i + 1, self.nbind):
                 q = self.bindings[j].vx
-                if (q != NULL and not q.reader and q.nshared == 0 and q.ino == p.ino
+                if (q != NULL and not q.reader and not q.write_only and q.nshared == 0 and q.ino == p.ino
                         and p.nshared < VX_MAX_SHARED):
                     p.shared[p.nshared] = q
                     p.shared_bind[p.nshared] = j
@@ -700,6 +727,8 @@ cdef class Engine:
     cdef int mac_lookup(self, uint64_t mac, double t) noexcept nogil:
         cdef uint32_t h = mac_hash(mac), k
         cdef MacEntry *e
+        if self.smacs != NULL:
+            return smac_lookup(self.smacs, mac, t, self.mac_ageing)
         for k in range(MAC_PROBES):
             e = &self.macs[(h + k) & (MAC_SLOTS - 1)]
             if e.mac == mac:
@@ -710,6 +739,9 @@ cdef class Engine:
         cdef uint32_t h = mac_hash(mac), k
         cdef MacEntry *e
         cdef MacEntry *victim = NULL
+        if self.smacs != NULL:
+            smac_learn(self.smacs, mac, port, t)
+            return
         for k in range(MAC_PROBES):
             e = &self.macs[(h + k) & (MAC_SLOTS - 1)]
             if e.mac == mac:
@@ -908,15 +940,18 @@ cdef class Engine:
             copy_segs(&out, 1, 0, src, nsrc, skip, length)
             w = write(dst.tap_fd, self.tap_out, length + dst.tap_hdr)
             if w != length + dst.tap_hdr:
-                dst.tap_cnt[C_RX_NO_ROOM] += 1       # queue full (EAGAIN) or link down
+                # Atomic: with several workers, each may write into the TAP.
+                vhu_atomic_add_u64(&dst.tap_cnt[C_RX_NO_ROOM], 1)   # queue full (EAGAIN) or link down
                 return False
-            dst.tap_cnt[C_RX_FRAMES] += 1
-            dst.tap_cnt[C_RX_BYTES] += length
+            vhu_atomic_add_u64(&dst.tap_cnt[C_RX_FRAMES], 1)
+            vhu_atomic_add_u64(&dst.tap_cnt[C_RX_BYTES], <uint64_t>length)
             if dst.cap_tx >= 0:
                 self.capture(dst.cap_tx, src, nsrc, skip, length)
             return True
         if dst.rx == NULL or not dst.rx_enabled:
             return False
+        if self.share[to].shared and not self.share[to].held and not self.claim(to):
+            return dst.rx_enabled and self.hold_back(to, src, nsrc, skip, length, vnet_hdr)
         dst.rx_dirty = True
         if dev_rx_enqueue_hdr(dst.rx, vnet_hdr, src, nsrc, skip, length) <= 0:
             return False       # counted on dst.rx as rx_no_room / rx_too_big
@@ -1123,6 +1158,7 @@ cdef class Engine:
         cdef Binding *b = &self.bindings[bi]
         cdef int i, k, v, m
         cdef int *members
+        cdef bint notify
         if self.stage is not None and frames:
             with gil:
                 self.call_stage(bi, n, frames)
@@ -1164,10 +1200,153 @@ cdef class Engine:
             m = members[k]
             if self.bindings[m].rx_dirty:
                 self.bindings[m].rx_dirty = False
-                if dev_publish_used(self.bindings[m].rx):
+                notify = dev_publish_used(self.bindings[m].rx)
+                if self.share[m].held:
+                    self.share[m].held = False
+                    rx_unlock(self.bindings[m].rx)
+                if notify:
                     signal_eventfd(self.bindings[m].rx_call)
             elif self.bindings[m].vx != NULL and self.bindings[m].vx.nslots:
                 vx_flush(self.bindings[m].vx, self.bindings[m].tap_cnt)
+            self.share[m].busy = False
+
+    # -- RX rings other workers write too (_shared.pxi) -----------------------
+
+    cdef bint claim(self, int to) noexcept nogil:
+        """Take binding `to`'s RX-ring lock for the rest of this batch (its
+        backlog goes in first); False if another worker holds it."""
+        cdef RxShare *s = &self.share[to]
+        cdef DevRing *rx = self.bindings[to].rx
+        cdef int rc
+        if s.busy:
+            return False
+        rc = rx_lock(rx, self.holder, s.epoch)
+        if rc <= 0:
+            s.busy = True                 # not tried again before the next batch
+            if rc < 0:
+                self.bindings[to].rx_enabled = False    # stale: the ring runs a newer start
+            else:
+                vhu_atomic_add_u64(&rx.counters[C_RX_CONTENDED], 1)
+            return False
+        s.held = True
+        self.bindings[to].rx_dirty = True
+        if s.n:
+            self.flush_backlog(to)
+        return True
+
+    cdef bint hold_back(self, int to, const Seg *src, uint32_t nsrc, uint64_t skip,
+                        int64_t length, const uint8_t *vnet_hdr) noexcept nogil:
+        """A frame for a ring another worker holds: into our backlog for it,
+        with its virtio-net header's offload fields (NULL: none)."""
+        cdef RxShare *s = &self.share[to]
+        if not backlog_push(s, src, nsrc, skip, length, vnet_hdr):
+            vhu_atomic_add_u64(&self.bindings[to].rx.counters[C_RX_NO_ROOM], 1)
+            return False
+        if s.n == 1:
+            self.backlogged += 1
+        return True
+
+    cdef void flush_backlog(self, int to) noexcept nogil:
+        """Enqueue binding `to`'s backlog, in order (its lock held)."""
+        cdef RxShare *s = &self.share[to]
+        cdef Binding *dst = &self.bindings[to]
+        cdef Seg seg
+        cdef uint32_t k
+        for k in range(s.n):
+            seg.ptr = s.buf + s.off[k]
+            seg.len = s.len[k]
+            if dev_rx_enqueue_hdr(dst.rx, &s.hdr[k * VNET_HDR_FIELDS] if s.has_hdr[k] else NULL,
+                                  &seg, 1, 0, s.len[k]) > 0 and dst.cap_tx >= 0:
+                self.capture(dst.cap_tx, &seg, 1, 0, s.len[k])
+        s.n = 0
+        s.used = 0
+        self.backlogged -= 1
+
+    cdef uint32_t retry_backlogs(self) noexcept nogil:
+        """Once a round while frames wait: every backlog whose lock is free now."""
+        cdef int i
+        cdef uint32_t done = 0, n
+        cdef Binding *b
+        cdef int rc
+        if self.ncap:
+            self.stamp()
+        for i in range(self.nbind):
+            if self.share[i].n == 0:
+                continue
+            b = &self.bindings[i]
+            if b.rx == NULL or not b.rx_enabled:
+                continue                      # waits for the ring (or a rebind) to come back
+            rc = rx_lock(b.rx, self.holder, self.share[i].epoch)
+            if rc < 0:
+                b.rx_enabled = False          # stale: dropped at the rebind that follows
+                continue
+            if rc == 0:
+                continue
+            n = self.share[i].n
+            self.flush_backlog(i)
+            done += n
+            if dev_publish_used(b.rx):
+                rx_unlock(b.rx)
+                signal_eventfd(b.rx_call)
+            else:
+                rx_unlock(b.rx)
+        return done
+
+    cdef void drain_backlogs(self, double seconds) noexcept nogil:
+        """Before the bindings change: flush what waits, trying for up to
+        `seconds`; what is still held back then is dropped (rx_no_room)."""
+        cdef double until = now() + seconds
+        cdef int i
+        while self.backlogged and now() < until:
+            self.retry_backlogs()
+            if self.backlogged:
+                sched_yield()
+        for i in range(MAX_BINDINGS):
+            if self.share[i].n:
+                if i < self.nbind and self.bindings[i].rx != NULL:
+                    vhu_atomic_add_u64(&self.bindings[i].rx.counters[C_RX_NO_ROOM],
+                                       self.share[i].n)
+                self.share[i].n = 0
+                self.share[i].used = 0
+        self.backlogged = 0
+
+    cdef void stamp(self) noexcept nogil:
+        cdef timespec ts
+        clock_gettime(CLOCK_REALTIME, &ts)
+        self.ts_sec = <uint32_t>ts.tv_sec
+        self.ts_usec = <uint32_t>(ts.tv_nsec // 1000)
+
+    def set_worker(self, int index, int generation=0):
+        """This engine is worker `index`, after `generation` replacements:
+        the holder its RX-ring locks record (vhu.workers.shared.holder_word)."""
+        if not 0 <= index < 0xFFFF or generation < 0:
+            raise ValueError("worker index out of range")
+        self.holder = ((<uint64_t>generation & 0xFFFF) << 16) | (<uint64_t>index + 1)
+
+    def set_mac_memory(self, buffer, Py_ssize_t offset=0):
+        """Use the MAC table at buffer[offset:] (shared with the other
+        workers: vhu.workers.shared.MacMemory) instead of a private one."""
+        cdef unsigned char[::1] mv = buffer
+        if offset < 0 or offset % 64 or offset + MAC_SLOTS * sizeof(SharedMac) > mv.shape[0]:
+            raise ValueError(f"the MAC table needs {MAC_SLOTS * sizeof(SharedMac)} aligned bytes")
+        self.smacs_owner = buffer
+        self.smacs = <SharedMac *>&mv[offset]
+
+    def begin_shared_ring(self, DeviceRing ring, uint64_t epoch, uint64_t position,
+                          double timeout=0.2):
+        """This worker owns `ring` (an RX ring others write too) and starts it
+        afresh: its shared position and epoch set under its lock (rx_begin)."""
+        cdef bint took
+        cdef DevRing *r = ring.ring()
+        with nogil:
+            took = rx_begin(r, self.holder, epoch, position, timeout)
+        return took
+
+    def shared_state(self):
+        """For tests and `show`: (port, queue) of each binding whose RX ring
+        is shared, with the frames waiting in its backlog."""
+        return {(self.bindings[i].port, self.bindings[i].group): self.share[i].n
+                for i in range(self.nbind) if self.share[i].shared}
 
     cdef void call_stage(self, int bi, int n, int nframes) noexcept:
         """Run the Python stage on the batch (GIL held). A raising or
@@ -1276,6 +1455,8 @@ cdef class Engine:
         cdef uint64_t work = 0
         cdef Binding *b
         cdef timespec ts
+        if self.backlogged:
+            work += self.retry_backlogs()
         for i in range(self.nbind):
             b = &self.bindings[i]
             if self.app == APP_SOURCE:
@@ -1286,7 +1467,7 @@ cdef class Engine:
                 work += self.generate(b)
             if b.tx != NULL:
                 work += self.forward(i)
-            elif b.tap_fd >= 0:
+            elif b.tap_fd >= 0 and not self.share[i].tap_write_only:
                 work += self.forward_tap(i)
             elif b.vx != NULL and b.vx.reader:
                 work += self.forward_vxlan(i)
@@ -1422,7 +1603,7 @@ cdef class Engine:
                             break
                     if t >= deadline:
                         break
-                if not work and (self.poll_mode == POLL_EPOLL or
+                if not work and not self.backlogged and (self.poll_mode == POLL_EPOLL or
                                  (self.poll_mode == POLL_ADAPTIVE and idle >= self.idle_spins)):
                     stop = self.sleep(1 if polled_rings else 100)
                     if now() >= deadline:

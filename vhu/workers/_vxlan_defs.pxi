@@ -119,6 +119,7 @@ cdef struct VxPort:
     # socket's inode) and hands each datagram to the port of its VNI.
     uint64_t ino              # the receive socket's inode
     bint reader
+    bint write_only           # another worker reads the socket: this one only sends
     int nshared               # reader: ports in its group, itself first
     VxPort *shared[VX_MAX_SHARED]
     int shared_bind[VX_MAX_SHARED]          # ... and their bindings

@@ -235,10 +235,11 @@ class Forwarder:
 
     ports      socket paths (server mode), VhostUserPort objects, then TapDevice ones,
                then VxlanPort ones (VxlanPort(vni=42, local=..., remotes=[...], port=4789))
-    workers    worker processes (at most one per queue pair)
+    workers    worker processes; every (port, queue pair) is given to one
+               when it comes up, round-robin over all ports' queue pairs
+               (vhu.placement), so N single-queue VMs use N workers
     queues     the most queue pairs a port offers (default 8: those a front-end
-               sets up are served); queue pair i of every port is served by
-               worker i mod workers, so a worker switches among all ports
+               sets up are served)
     poll       "busy", "epoll" or "adaptive"
     pipeline   see the module documentation; default ["sink"]
     batch      frames per ring per round (1..256), also the stage's batch size

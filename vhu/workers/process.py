@@ -64,6 +64,9 @@ class RingSetup:
     log_all: bool = False
     log_used: bool = False
     log_addr: int = 0
+    shared: bool = False        # an RX ring other workers deliver into too: locked (_shared.pxi)
+    epoch: int = 0              # shared: which start of the ring this is (the master counts)
+    owner: bool = True          # shared: this worker polls the queue pair and starts the ring
 
 
 @dataclass
@@ -77,6 +80,8 @@ class _Ring:
     log_all: bool = False
     log_used: bool = False
     log_addr: int = 0
+    shared: bool = False
+    epoch: int = 0
 
 
 @dataclass
@@ -123,10 +128,13 @@ class WorkerState:
         self.stats_map = mmap.mmap(stats_fd, 0) if stats_fd >= 0 else None
         _close(stats_fd)
         self.engine = None
+        self.macs_map = None        # the shared MAC table (switch), mapped
         self.captures = {}          # port -> (rx slot, tx slot, [fds])
         self.taps = {}              # port -> TAP fd (vhu.tap)
         self.tap_hdr = {}           # port -> its virtio-net header bytes (IFF_VNET_HDR), or 0
         self.vxlans = {}            # port -> (VxlanSocket, its per-remote counters' mapping)
+        self.vxlan_write_only = set()  # VXLAN ports another worker reads (we only send)
+        self.tap_write_only = set()  # TAP ports another worker reads (we only write)
         self.dirty = False          # the set of rings changed: rebind after the packet
         self.quit = False
 
@@ -162,11 +170,12 @@ class WorkerState:
     # -- commands -------------------------------------------------------------
 
     @command
-    def cmd_assign(self, index, cpu, replacing, fds):
+    def cmd_assign(self, index, cpu, replacing, generation=0, fds=()):
         """Become worker `index` (heartbeat and fault slot), pinned to cpu;
         replacing: an earlier worker `index` died, whose capture files we
         continue (port_open)."""
         self.index = index
+        self.engine.set_worker(index, generation)
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
         if self.stats_map is not None:
@@ -247,11 +256,25 @@ class WorkerState:
                               addr_space="uva", event_idx=setup.event_idx,
                               indirect=setup.indirect, features=setup.features,
                               packed=setup.packed)
+            if setup.shared:
+                # The ring's position is shared (the master set it; other
+                # workers may be publishing): ours is private until we take
+                # its lock, which reloads it.
+                ring.last_avail_idx = self._start_index(p.mem, index, setup, base)
             if self.stats_map is not None:
                 # Counters (and the position) survive a restart of the ring.
                 ring.bind_counters(self.stats_map, counter_offset(
                     port, index, self.config["rings_per_port"]))
-            ring.last_avail_idx = self._start_index(p.mem, index, setup, base)
+            if not setup.shared:
+                ring.last_avail_idx = self._start_index(p.mem, index, setup, base)
+            elif setup.owner and not setup.resume and setup.base is not None:
+                # A fresh start: its position set under the lock, so that a
+                # worker still delivering into the previous start cannot
+                # publish over it (it sees the new epoch and stops).
+                if not self.engine.begin_shared_ring(ring, setup.epoch,
+                                                     ring.last_avail_idx):
+                    log.warning("port %d ring %d: its lock stayed taken; started anyway",
+                                port, index)
         except Exception:
             _close(kick)
             _close(call)
@@ -265,7 +288,8 @@ class WorkerState:
         self._stop(p, index)
         r = p.rings[index] = _Ring(ring, _nonblocking(kick), _nonblocking(call), setup.enabled,
                                    setup.polled, features=setup.features, log_all=setup.log_all,
-                                   log_used=setup.log_used, log_addr=setup.log_addr)
+                                   log_used=setup.log_used, log_addr=setup.log_addr,
+                                   shared=setup.shared, epoch=setup.epoch)
         self._apply_log(p, r)
         self.dirty = True
         return True
@@ -328,7 +352,7 @@ class WorkerState:
         if setup.packed:
             return base
         used_idx = int.from_bytes(bytes(mem.view_uva(setup.used + 2, 2)), "little")
-        if used_idx != base and not setup.resume:
+        if used_idx != base and not setup.resume and not setup.shared:
             log.warning("ring %d: base %d but used->idx is %d: resuming at %d (frames in "
                         "flight may be sent again)", index, base, used_idx, used_idx)
         return used_idx
@@ -382,7 +406,7 @@ class WorkerState:
         return True
 
     @command
-    def cmd_tap(self, port, fds):
+    def cmd_tap(self, port, write_only=False, fds=()):
         """A TAP device as port `port` (queue pair 0): fds = [its fd]."""
         if len(fds) != 1:
             for fd in fds:
@@ -391,14 +415,20 @@ class WorkerState:
         _close(self.taps.pop(port, None))
         self.taps[port] = fds[0]
         self.tap_hdr[port] = vnet_hdr_len(fds[0])
+        if write_only:
+            self.tap_write_only.add(port)     # another worker reads it
+        else:
+            self.tap_write_only.discard(port)
         self.dirty = True
         return True
 
     @command
-    def cmd_vxlan(self, port, vni, remotes, udp_port, max_inner, connected, fds):
+    def cmd_vxlan(self, port, vni, remotes, udp_port, max_inner, connected, write_only=False,
+                  fds=()):
         """A VXLAN port as port `port` (queue pair 0): fds = [receive socket,
         send sockets (connected to the one remote if `connected`)..., per-remote
-        counters memfd] (vhu.vxlanport)."""
+        counters memfd] (vhu.vxlanport). write_only: another worker reads the
+        receive socket; this one only sends (frames from its queue pairs)."""
         if len(fds) < 3:
             for fd in fds:
                 _close(fd)
@@ -426,6 +456,10 @@ class WorkerState:
             self._rebind()
             self._vxlan_release(old)
         self.vxlans[port] = (vx, mapping)
+        if write_only:
+            self.vxlan_write_only.add(port)   # another worker reads its socket
+        else:
+            self.vxlan_write_only.discard(port)
         self.dirty = True
         return vx.max_inner
 
@@ -519,7 +553,8 @@ class WorkerState:
                     rx_call=rx.call if rx else -1, tx_call=tx.call if tx else -1,
                     rx_kick=-1 if not rx or rx.polled else rx.kick,
                     tx_kick=-1 if not tx or tx.polled else tx.kick,
-                    features=(rx or tx).features, port=port, qp=qp, queue=qp))
+                    features=(rx or tx).features, port=port, qp=qp, queue=qp,
+                    rx_shared=bool(rx and rx.shared), rx_epoch=rx.epoch if rx else 0))
         for port in sorted(self.taps):
             # Its counters sit where a ring pair's would: the stats stay one table.
             off = counter_offset(port, 0, self.config["rings_per_port"])
@@ -528,13 +563,15 @@ class WorkerState:
             where[(port, 0)] = len(pairs)
             hdr = self.tap_hdr.get(port, 0)
             pairs.append(dict(tap_fd=self.taps[port], tap_counters=counters, port=port, qp=0,
-                              queue=0, tap_vnet_hdr=hdr, features=TAP_FEATURES if hdr else 0))
+                              queue=0, tap_vnet_hdr=hdr, features=TAP_FEATURES if hdr else 0,
+                              tap_write_only=port in self.tap_write_only))
         for port in sorted(self.vxlans):
             off = counter_offset(port, 0, self.config["rings_per_port"])
             counters = (np.frombuffer(self.stats_map, np.uint64, 2 * COUNTERS_PER_RING, off)
                         if self.stats_map is not None else np.zeros(2 * COUNTERS_PER_RING, np.uint64))
             where[(port, 0)] = len(pairs)
             pairs.append(dict(vxlan=self.vxlans[port][0], tap_counters=counters, port=port,
+                              vxlan_write_only=port in self.vxlan_write_only,
                               qp=0, queue=0))
         app = self.config["app"]
         for pair in pairs:
@@ -640,12 +677,17 @@ def worker_main(sock, config, stats_sock):
     # kill a worker mid-command); we exit when its control socket closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _, stats_fds, _, _ = socket.recv_fds(stats_sock, 16, 1)
+    _, stats_fds, _, _ = socket.recv_fds(stats_sock, 16, 2)
     stats_sock.close()
     state = WorkerState(config, stats_fds[0] if stats_fds else -1)
     state.engine = Engine(app=config["app"], poll=config["poll"], batch=config["batch"],
                           ctrl_fd=sock.fileno(), frame=config.get("frame", b""),
                           stage=config.get("stage"), mac_ageing=config.get("mac_ageing", 300.0))
+    if len(stats_fds) > 1:
+        # The switch's MAC table, shared with the other workers (vhu.workers.shared).
+        state.macs_map = mmap.mmap(stats_fds[1], 0)
+        _close(stats_fds[1])
+        state.engine.set_mac_memory(state.macs_map)
     state._rebind()
     sock.setblocking(False)
     try:

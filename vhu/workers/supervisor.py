@@ -37,7 +37,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from vhu.workers import channel
+from vhu.workers import channel, shared
 from vhu.workers.process import worker_main
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class _Command:
 class WorkerHandle:
     """One worker process and the master's end of its channel."""
 
-    def __init__(self, ctx, config, stats_fd):
+    def __init__(self, ctx, config, stats_fd, macs_fd=-1):
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         stats_parent, stats_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.process = ctx.Process(target=worker_main, name="vhu-worker",
@@ -99,13 +99,17 @@ class WorkerHandle:
             child.close()
             stats_child.close()
         try:
-            socket.send_fds(stats_parent, [b"stats"], [stats_fd] if stats_fd >= 0 else [])
+            # The stats memory, then the shared MAC table (the switch only).
+            socket.send_fds(stats_parent, [b"stats"],
+                            [fd for fd in (stats_fd, macs_fd) if fd >= 0] if stats_fd >= 0 else [])
         finally:
             stats_parent.close()
-            if stats_fd >= 0:
-                os.close(stats_fd)            # the worker has its own copy now
+            for fd in (stats_fd, macs_fd):
+                if fd >= 0:
+                    os.close(fd)              # the worker has its own copy now
         self.sock.setblocking(False)
         self.index = None
+        self.lock_word = None               # what its RX-ring locks record (shared.holder_word)
         self.pid = self.process.pid
         self.queue = collections.deque()    # commands not sent yet
         self.inflight = None                # (seq, [commands], deadline)
@@ -136,8 +140,10 @@ class WorkerPool:
     memory of `port` killed a worker; on_error(port, name, message): a
     command for `port` failed."""
 
-    def __init__(self, count, config, stats, *, cpus=(), replay, on_fault, on_error):
+    def __init__(self, count, config, stats, *, cpus=(), replay, on_fault, on_error,
+                 macs=None):
         self.count = count
+        self.macs = macs                 # vhu.workers.shared.MacMemory, or None
         self.config = config
         self.stats = stats
         self.cpus = tuple(cpus)
@@ -178,7 +184,8 @@ class WorkerPool:
         gather.add_done_callback(all_ready)
 
     def _spawn(self):
-        h = WorkerHandle(self.ctx, self.config, self.stats.dup_fd())
+        h = WorkerHandle(self.ctx, self.config, self.stats.dup_fd(),
+                         self.macs.dup_fd() if self.macs is not None else -1)
         self.loop.add_reader(h.sock.fileno(), self._on_readable, h)
         self.loop.add_reader(h.process.sentinel, self._on_exit, h)
         return h
@@ -190,12 +197,17 @@ class WorkerPool:
 
     def _assign(self, h, index, replacing=False):
         h.index = index
+        # The word its RX-ring locks record: this worker index and how many
+        # times it was replaced, so a dead worker's locks are never mistaken
+        # for its replacement's (released when it is reaped, _finish_reap).
+        h.lock_word = shared.holder_word(index, self.replaced[index])
         self.stats.clear_slot(index)
         cpu = self.cpus[index % len(self.cpus)] if self.cpus else None
         fut = self.loop.create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception() or log.debug(
             "worker %d ready (pid %s)", index, f.result()))
-        self._queue(h, _Command("assign", (index, cpu, replacing), [], fut), urgent=True)
+        self._queue(h, _Command("assign", (index, cpu, replacing, self.replaced[index]), [], fut),
+                    urgent=True)
 
     async def close(self):
         """Ask every worker to quit, wait for them (then kill), release everything."""
@@ -433,6 +445,7 @@ class WorkerPool:
                       + (f" in port {port}'s memory" if port is not None else
                          " (not in any port's memory)"))
         log.error("worker %d (pid %d) %s; replacing it", index, h.pid, reason)
+
         new, self.spare = self.spare, None
         if new is None or new.dead:
             new = self._spawn()
@@ -486,6 +499,19 @@ class WorkerPool:
             return
         self._reaping.discard(h)
         h.process.close()
+        self._release_locks(h)
+
+    def _release_locks(self, h):
+        """h is reaped (no code of it runs any more): the RX-ring locks it
+        held are released, and their next holder goes on from the ring's
+        last published position (vhu/workers/_shared.pxi)."""
+        if h.lock_word is None or self.stats.array is None:
+            return
+        released = shared.release_locks(self.stats.array, h.lock_word)
+        h.lock_word = None
+        if released:
+            log.warning("worker %d (pid %d) died holding the RX lock of %s: released", h.index,
+                        h.pid, ", ".join(f"port {p} ring {r}" for p, r in released))
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
