@@ -27,12 +27,45 @@ Testpmd.__test__ = False
 VHU_CPU, PEER_CPU = "0", 1
 
 
+# What another user's client does (vhu.ctl's ask(), standard library only,
+# so it runs as that user wherever the checkout is, readable by it or not).
+OTHER_USERS_CLIENT = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(30)
+try:
+    s.connect(sys.argv[1])
+except OSError as exc:
+    sys.exit(f"vhu.ctl: {sys.argv[1]}: {exc}")
+try:
+    s.sendall(json.dumps({"cmd": sys.argv[2]}).encode() + b"\n")
+except (BrokenPipeError, ConnectionResetError):
+    pass
+buf = b""
+while not buf.endswith(b"\n"):
+    try:
+        more = s.recv(65536)
+    except ConnectionResetError:
+        break
+    if not more:
+        break
+    buf += more
+reply = json.loads(buf)
+print(json.dumps(reply))
+sys.exit(0 if reply.get("ok") else 1)
+"""
+
+
 def ctl(control, *args, user=None):
-    """python -m vhu.ctl --control CONTROL --json ARGS: (exit status, reply or stderr)."""
+    """python -m vhu.ctl --control CONTROL --json ARGS: (exit status, reply or
+    stderr); as another user: the same request from OTHER_USERS_CLIENT."""
     cmd = [sys.executable, "-m", "vhu.ctl", "--control", control, "--json", *map(str, args)]
+    cwd = REPO
     if user is not None:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+               sys.executable, "-I", "-c", OTHER_USERS_CLIENT, control, *map(str, args)]
+        cwd = "/"
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=60)
     try:
         return r.returncode, json.loads(r.stdout)
     except ValueError:

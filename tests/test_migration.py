@@ -103,6 +103,22 @@ class Migration:
             self.dir.remove()
 
 
+def received(p):
+    """Bytes of the transfer at the peer so far."""
+    return int((p.run("stat -c %s /tmp/rx")[0].strip().splitlines() or ["0"])[-1])
+
+
+def stuck(mig, m, p):
+    """What a user looks at when a transfer stops: both guests' TCP sockets
+    and interface counters, and vhu's view of M's port."""
+    parts = []
+    for name, g in (("M", m), ("P", p)):
+        out, _ = g.run("grep -v ' 0A ' /proc/net/tcp; cat /proc/net/dev | grep eth0", timeout=30)
+        parts.append(f"{name}: {out.strip()}")
+    parts.append(f"vhu port {PORT_B}: {json.dumps(mig.vhu.port(PORT_B))}")
+    return "\n".join(parts)
+
+
 def ping_gaps(log):
     seqs = sorted({int(m) for m in re.findall(r"seq=(\d+)", log)})
     assert len(seqs) > 20, log[-2000:]
@@ -135,9 +151,8 @@ def test_migrate_there_and_back_pings_and_tcp_survive(packed, queues):
         m.run(f"(i=0; while [ $i -lt {SIZE // 65536} ]; do dd if=/tmp/tx bs=65536 skip=$i "
               f"count=1 2>/dev/null; i=$((i+1)); usleep 50000; done) | nc {IP_P} 5001 "
               f"> /tmp/nc.log 2>&1 &", check=True)
-        time.sleep(1.0)
-        out, _ = p.run("stat -c %s /tmp/rx")
-        assert 0 < int(out.strip().splitlines()[-1]) < SIZE, "the transfer must span the migration"
+        wait_for(lambda: received(p) > 0, 60, "the transfer's first bytes at the peer")
+        assert received(p) < SIZE, "the transfer must span the migration"
 
         d1, info = mig.migrate(m, "b.sock", PORT_B)
         print(f"migration a -> b: {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
@@ -147,8 +162,10 @@ def test_migrate_there_and_back_pings_and_tcp_survive(packed, queues):
                  "the switch to learn M's MAC on b.sock")
         assert mig.vhu.port(PORT_A)["log_pages"] > 0, mig.vhu.port(PORT_A)
         # The transfer goes on from the destination and arrives whole.
-        wait_for(lambda: int((p.run("stat -c %s /tmp/rx")[0].strip().splitlines() or ["0"])[-1])
-                 >= SIZE, 300, "all 16 MiB at the peer")
+        try:
+            wait_for(lambda: received(p) >= SIZE, 300, "all 16 MiB at the peer")
+        except pytest.fail.Exception as e:
+            raise AssertionError(f"{e}: {received(p)} bytes arrived; " + stuck(mig, d1, p)) from None
         got_size, got_md5 = p.size_and_md5("/tmp/rx")
         assert (got_size, got_md5) == (sent_size, sent_md5)
 
