@@ -116,3 +116,23 @@ def test_log_option_parses_and_refuses_legacy():
     assert not parse_args(["--socket", "/s"]).log
     with pytest.raises(UsageError):
         parse_args(["--socket", "/s", "--log", "--legacy"])
+
+
+def test_set_log_fd_is_signalled_while_logging_and_never_after(tmp_path):
+    """SET_LOG_FD (optional: QEMU and DPDK never send it): the back-end
+    signals the eventfd after rounds that marked the log, and not once after
+    LOG_ALL is off again."""
+    with VhuMaster(tmp_path, "--app", "echo") as vhu:
+        with Frontend(vhu.sockets[0], pkt_size=1000, log=True, log_notices=True) as fe:
+            r = fe.run("loop", duration=1.0)
+            assert r.rx_packets > 100 and r.errors == 0, r.summary()
+            assert wait_for(lambda: vhu.port()["log_pages"] > 0), vhu.port()
+            notices = fe.log_notices_since()
+            assert notices > 0
+            fe.stop_logging()            # answered once every worker logs no more
+            fe.log_notices_since()       # those of rounds before it
+            r = fe.run("loop", duration=0.5)
+            assert r.rx_packets > 100 and r.errors == 0, r.summary()
+            assert fe.log_notices_since() == 0
+        vhu.check_balance()
+        vhu.stop()

@@ -235,7 +235,15 @@ class WorkerHooks:
             self._submit(w, "log", area.size, area.offset, fds=[os.dup(area.fd)],
                          key=("log", self.index), adjacent=True)
 
-    def replay(self, worker, regions, log_area=None):
+    def log_call_changed(self, fd):
+        """SET_LOG_FD: every worker that writes the port's rings signals it."""
+        if self.closed:
+            return
+        for w in range(self.control.pool.count):
+            self._submit(w, "log_call", fds=[os.dup(fd)], key=("log_call", self.index),
+                         adjacent=True)
+
+    def replay(self, worker, regions, log_area=None, log_call=-1):
         """What a replacement worker `worker` must be told to run this port's
         rings again: (name, args, fds, port) commands."""
         if self.closed:
@@ -248,6 +256,8 @@ class WorkerHooks:
             # Before the rings: a ring that logs starts logging at once.
             cmds.append(("log", (self.index, log_area.size, log_area.offset),
                          [os.dup(log_area.fd)], self))
+        if log_call >= 0:
+            cmds.append(("log_call", (self.index,), [os.dup(log_call)], self))
         for index, cfg in sorted(self.running.items()):
             if worker not in self._writers(index):
                 continue
@@ -657,7 +667,8 @@ class Port:
     def replay(self, worker):
         if self.hooks is None or self.session is None:
             return []
-        return self.hooks.replay(worker, self.session.device.regions, self.session.device.log)
+        device = self.session.device
+        return self.hooks.replay(worker, device.regions, device.log, device.log_call_fd)
 
     def memory_fault(self, sig, addr):
         """Guest memory of this port killed a worker: count it on every ring,

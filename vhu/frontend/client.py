@@ -210,6 +210,10 @@ class Client:
         if len(reply) == 8 and U64.STRUCT.unpack(reply)[0] != 0:
             raise FrontendError(f"SET_LOG_BASE refused (status {U64.STRUCT.unpack(reply)[0]})")
 
+    def set_log_fd(self, fd: int) -> None:
+        """The eventfd the back-end signals when it has marked the log."""
+        self.request(R.SET_LOG_FD, b"", [fd])
+
     def set_vring_call(self, index: int, fd: int) -> None:
         self.request(R.SET_VRING_CALL, VringFile(index, False).pack(), [fd])
 

@@ -132,7 +132,7 @@ class Frontend:
     def __init__(self, socket_path: str, listen: bool = False, queues: int = 1,
                  ring_size: int = 256, packed: bool = False, legacy: bool = False,
                  features: Optional[int] = None, pkt_size: int = 64, timeout: float = 10.0,
-                 log: bool = False):
+                 log: bool = False, log_notices: bool = False):
         if not 1 <= queues <= MAX_QUEUES:
             raise ValueError(f"queues {queues}: 1..{MAX_QUEUES}")
         check_queue_size(ring_size, packed)
@@ -172,6 +172,8 @@ class Frontend:
         self.bases = None               # GET_VRING_BASE replies, after stop()
         self.log = log                  # dirty-page logging on after start (as a migration)
         self.log_fd = -1
+        self.log_notices = log_notices  # with log: SET_LOG_FD, an eventfd the back-end signals
+        self.log_call_fd = -1
         self.log_map = None
         self.log_size = 0
         self._log_before = None
@@ -317,6 +319,9 @@ class Frontend:
         os.ftruncate(self.log_fd, _align(self.log_size, PAGE))
         fcntl.fcntl(self.log_fd, fcntl.F_ADD_SEALS, _SEALS)
         self.log_map = mmap.mmap(self.log_fd, _align(self.log_size, PAGE))
+        if self.log_notices and self.log_call_fd < 0:
+            self.log_call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            c.set_log_fd(self.log_call_fd)
         c.set_log_base(self.log_size, 0, self.log_fd)
         c.set_features(self.features | mask(VF.LOG_ALL))
         for q, (desc, avail, used, _) in enumerate(self._layout_parts):
@@ -324,6 +329,15 @@ class Frontend:
                              VRING_F_LOG, GPA_BASE + used)
         # With REPLY_ACK each of these was acknowledged once the workers log.
         self._log_before = [(gpa, self.mem.read(gpa, n)) for gpa, n in self._back_end_areas()]
+
+    def log_notices_since(self) -> int:
+        """How many times the back-end signalled SET_LOG_FD's eventfd since the last call."""
+        if self.log_call_fd < 0:
+            raise FrontendError("no SET_LOG_FD eventfd (log_notices=False)")
+        try:
+            return os.eventfd_read(self.log_call_fd)
+        except BlockingIOError:
+            return 0
 
     def restart_log_check(self) -> None:
         """Clear the log and take the snapshot again: what a migration's next
@@ -498,6 +512,9 @@ class Frontend:
             if self.log_fd >= 0:
                 os.close(self.log_fd)
                 self.log_fd = -1
+            if self.log_call_fd >= 0:
+                os.close(self.log_call_fd)
+                self.log_call_fd = -1
             if self.log_map is not None:
                 self.log_map.close()
                 self.log_map = None

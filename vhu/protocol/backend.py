@@ -229,6 +229,10 @@ class DeviceHooks(Protocol):
         refuse it (an fd smaller than offset + size, one that cannot be mapped).
         The fd is borrowed; the old log's is closed after this returns."""
 
+    def log_call_changed(self, fd: int) -> None:
+        """SET_LOG_FD: the eventfd to signal after marking pages in the log
+        (borrowed: the device keeps it and closes it with the connection)."""
+
     def reset(self) -> None:
         """Stop every ring and drop the memory table: all fds are about to be closed."""
 
@@ -243,6 +247,7 @@ class NullHooks:
     def status_changed(self, status): pass
     def send_rarp(self, mac): pass
     def log_changed(self, log): pass
+    def log_call_changed(self, fd): pass
     def reset(self): pass
 
 
@@ -574,14 +579,16 @@ class NetBackend:
         return U64(0).pack()
 
     def set_log_fd(self, msg: Message) -> None:
-        """An eventfd for "the log was modified" notices. Kept (and closed
-        with the connection); vhu does not signal it: QEMU never sends it,
-        and polls the log itself."""
+        """An eventfd for "the log was modified" notices ("Migration": optional;
+        QEMU and DPDK never send it, they read the log when they sync). The
+        workers signal it after a round that marked pages; kept, and closed
+        with the connection or when replaced."""
         try:
             self.hooks.check_eventfd(msg.fds[0])
         except (ValueError, OSError) as e:
             raise ProtocolError(f"SET_LOG_FD: {e}") from None
         self.log_call_fd = self._replace(self.log_call_fd, msg.take_fds()[0])
+        self.hooks.log_call_changed(self.log_call_fd)
 
     def net_set_mtu(self, msg: Message) -> None:
         """The MTU the front-end gives the guest (QEMU host_mtu=): kept and

@@ -66,7 +66,7 @@ from vhu._ring cimport (DeviceRing, DevRing, Seg, ChainInfo, dev_pop_batch, dev_
                         C_RX_FRAMES, C_RX_BYTES, C_RX_TOO_BIG, C_COUNT, C_BROKEN_FIRST,
                         B_KICK_FD_ERROR, MAX_FRAME_LEN, dev_rx_enqueue_hdr, C_TX_BAD_OFFLOAD,
                         C_TX_GSO, C_TX_CSUM, C_RX_GSO, C_RX_CSUM, C_RX_SEGMENTED, C_RX_CSUM_DONE,
-                        C_VXLAN_BAD, C_VXLAN_FOREIGN, C_VXLAN_TOO_BIG)
+                        C_VXLAN_BAD, C_VXLAN_FOREIGN, C_VXLAN_TOO_BIG, C_LOG_PAGES)
 from vhu.workers._offload cimport (Offload, caps_of, read_vnet_hdr, write_vnet_hdr, offload_need,
                                    offload_check, csum_fill, tso_segment, OFF_OK, GSO_NONE,
                                    VNET_F_NEEDS_CSUM, VNET_HDR_FIELDS)
@@ -173,6 +173,8 @@ cdef struct Binding:
     uint32_t caps       # offloads the port negotiated (vhu.workers._offload.caps_of)
     uint32_t tap_hdr    # a TAP with IFF_VNET_HDR: bytes of virtio-net header per frame, else 0
     VxPort *vx          # a VXLAN port instead of rings (counters: tap_cnt), NULL: none
+    int log_call        # SET_LOG_FD: signalled after a round that marked log pages, -1: none
+    uint64_t log_seen   # the rings' log_pages counters when last signalled
 
 cdef struct MacEntry:
     uint64_t mac        # 48-bit address; 0: empty slot
@@ -186,6 +188,16 @@ cdef struct Capture:
     char *buf
     uint64_t records
     uint64_t write_errors
+
+
+cdef inline uint64_t log_marks(Binding *b) noexcept nogil:
+    """Log bits the queue pair's rings have set so far (their log_pages counters)."""
+    cdef uint64_t n = 0
+    if b.rx != NULL:
+        n += b.rx.counters[C_LOG_PAGES]
+    if b.tx != NULL:
+        n += b.tx.counters[C_LOG_PAGES]
+    return n
 
 
 cdef inline double now() noexcept nogil:
@@ -222,6 +234,7 @@ cdef class Engine:
     """The compiled loop of one worker process."""
     cdef Binding bindings[MAX_BINDINGS]
     cdef int nbind
+    cdef int nlog_calls       # bindings with a log_call fd (0: the round never looks)
     cdef int members[MAX_GROUPS][MAX_PORTS]     # binding indices of each group
     cdef int nmembers[MAX_GROUPS]
     cdef int port_bind[MAX_GROUPS][MAX_PORTS]   # (group, port) -> binding, -1
@@ -494,7 +507,7 @@ cdef class Engine:
         (index into pairs, or -1), port and queue (default: the pair's index
         and 0), cap_rx / cap_tx (capture slots or -1). Replaces the whole
         set; the epoll set is rebuilt from the kick fds (and the control fd)."""
-        cdef int i, g, port
+        cdef int i, g, port, nlog = 0
         cdef DeviceRing ring
         cdef Binding *b
         cdef epoll_event ev
@@ -575,6 +588,10 @@ cdef class Engine:
             b.caps = caps_of(<uint64_t>p.get("features", 0))
             b.tap_hdr = p.get("tap_vnet_hdr", 0) if b.tap_fd >= 0 else 0
             b.vx = NULL
+            b.log_call = p.get("log_call", -1) if (b.rx != NULL or b.tx != NULL) else -1
+            b.log_seen = log_marks(b)
+            if b.log_call >= 0:
+                nlog += 1
             if b.tap_fd >= 0 or p.get("vxlan") is not None:
                 cnt = p["tap_counters"]
                 keep.append(cnt)
@@ -595,6 +612,7 @@ cdef class Engine:
             self.nmembers[g] += 1
         self.keep = keep
         self.nbind = len(pairs)
+        self.nlog_calls = nlog
         self.group_vxlan()
         if self.epfd >= 0:
             close(self.epfd)
@@ -1471,7 +1489,25 @@ cdef class Engine:
                 work += self.forward_tap(i)
             elif b.vx != NULL and b.vx.reader:
                 work += self.forward_vxlan(i)
+        if self.nlog_calls:
+            self.signal_log_updates()
         return work
+
+    cdef void signal_log_updates(self) noexcept nogil:
+        """SET_LOG_FD: after a round that marked pages in the dirty log, the
+        front-end's eventfd is signalled (once per queue pair and round, not
+        per page); the ring core only counts what it marked."""
+        cdef int i
+        cdef uint64_t marks
+        cdef Binding *b
+        for i in range(self.nbind):
+            b = &self.bindings[i]
+            if b.log_call < 0:
+                continue
+            marks = log_marks(b)
+            if marks != b.log_seen:
+                b.log_seen = marks
+                signal_eventfd(b.log_call)
 
     cdef bint sleep(self, int timeout_ms) noexcept nogil:
         """Re-enable notifications, re-check, sleep on the kick fds.

@@ -89,6 +89,7 @@ class _Port:
     mem: GuestMemory = field(default_factory=GuestMemory)
     rings: dict = field(default_factory=dict)     # ring index -> _Ring
     log: Optional[tuple] = None                   # (mmap, offset in it, size): SET_LOG_BASE
+    log_call: int = -1                            # SET_LOG_FD's eventfd, -1: none
 
 
 def _close(fd):
@@ -317,6 +318,20 @@ class WorkerState:
         return True
 
     @command
+    def cmd_log_call(self, port, fds):
+        """SET_LOG_FD: the eventfd the engine signals after a round that
+        marked the port's log (fds: [it]), replacing an earlier one."""
+        if len(fds) != 1:
+            for fd in fds:
+                _close(fd)
+            raise ValueError("log_call: one fd")
+        p = self.ports.setdefault(port, _Port())
+        _close(p.log_call)
+        p.log_call = _nonblocking(fds[0])
+        self.dirty = True
+        return True
+
+    @command
     def cmd_ring_log(self, port, index, log_all, log_used, log_addr, fds):
         """LOG_ALL or SET_VRING_ADDR's log flag/address changed on a running
         ring: logging goes on or off in place, between two batches."""
@@ -402,6 +417,7 @@ class WorkerState:
             self._rebind()            # before the mappings go: the engine still points there
             p.mem.clear()
             p.log = None              # unmapped as the last ring holding it goes
+            _close(p.log_call)
             self._guard_ranges()
         return True
 
@@ -554,7 +570,8 @@ class WorkerState:
                     rx_kick=-1 if not rx or rx.polled else rx.kick,
                     tx_kick=-1 if not tx or tx.polled else tx.kick,
                     features=(rx or tx).features, port=port, qp=qp, queue=qp,
-                    rx_shared=bool(rx and rx.shared), rx_epoch=rx.epoch if rx else 0))
+                    rx_shared=bool(rx and rx.shared), rx_epoch=rx.epoch if rx else 0,
+                    log_call=self.ports[port].log_call))
         for port in sorted(self.taps):
             # Its counters sit where a ring pair's would: the stats stay one table.
             off = counter_offset(port, 0, self.config["rings_per_port"])
