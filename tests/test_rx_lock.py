@@ -142,6 +142,7 @@ def test_producers_share_one_rx_ring_every_frame_once_in_order(nprod):
     procs = [ctx.Process(target=producer, args=(k, drv.fd, cfd, stop, readies[k]))
              for k in range(nprod)]
     procs.append(ctx.Process(target=hog, args=(drv.fd, cfd, stop, readies[nprod])))
+    counters[shared.RX_LOCK] = shared.holder_word(9)
     for p in procs:
         p.start()
     try:
@@ -152,7 +153,8 @@ def test_producers_share_one_rx_ring_every_frame_once_in_order(nprod):
         # First round with the lock held by a worker that is inside its batch
         # (the hog may never be scheduled at the right moment on a busy
         # machine): the producers meet it, keep their frames and retry.
-        counters[shared.RX_LOCK] = shared.holder_word(9)
+        # Taken before any process starts: a plain store over a lock the hog
+        # held would be undone by the hog's release.
         for k in range(nprod):
             drv.send(k, [frame(k, s) for s in range(window // 2)])
             sent[k] = window // 2
