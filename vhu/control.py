@@ -21,6 +21,7 @@ MAC table entries of a removed port go with it); the shared counter memory
 is sized for every index a master can have (vhu.config.MAX_PORTS).
 """
 import asyncio
+import functools
 import logging
 import os
 import struct
@@ -377,7 +378,8 @@ class ControlLoop:
             if only is not None and i != only:
                 continue
             ps = stats_mod.port_stats(snap, i, p.queue_pairs_in_use, p.path, p.connected,
-                                      self._worker_of_port(i, p), logging=getattr(p, "logging", False))
+                                      functools.partial(self.placement.lookup, i),
+                                      logging=getattr(p, "logging", False))
             ps["offloads"] = self._offloads(p)
             if isinstance(p, VxlanPortState):
                 ps["vxlan"] = {**p.describe(), "remotes": p.remote_stats()}
@@ -396,9 +398,6 @@ class ControlLoop:
         if session is None:
             return []
         return negotiated_offloads(session.device.acked_features)
-
-    def _worker_of_port(self, index, port):
-        return lambda q: self.placement.lookup(index, q)
 
     def report(self):
         ports = self.port_stats()

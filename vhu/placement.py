@@ -54,7 +54,7 @@ class Placement:
         2 qp is the RX ring, 2 qp + 1 the TX ring): the owner, and for an RX
         ring that frames of other ports reach, every worker."""
         owner = self.worker(port, ring // 2)
-        if ring % 2 == 0 and self.cross_delivery and self.count > 1:
+        if self.shared(port, ring):
             return [owner] + [w for w in range(self.count) if w != owner]
         return [owner]
 

@@ -99,12 +99,10 @@ class TapPort:
 
     def _workers(self):
         """Its reader first; with several workers and frames crossing ports
-        (switch, patch, stages) every other worker writes frames into it too
-        (vhu.placement): write(2) takes one whole frame from anyone."""
-        owner = self.reader()
-        if not self.control.placement.cross_delivery:
-            return [owner]
-        return [owner] + [w for w in range(self.control.pool.count) if w != owner]
+        (switch, patch, stages) every other worker writes frames into it too,
+        as into any port's RX ring (vhu.placement): write(2) takes one whole
+        frame from anyone."""
+        return self.control.placement.writers(self.index, 0)
 
     def serve(self):
         for w in self._workers():

@@ -202,13 +202,11 @@ class VxlanPortState:
 
     def _workers(self):
         """Its reader first; with several workers and frames crossing ports
-        (switch, patch, stages) every other worker sends into it too
-        (vhu.placement), as into a TAP. Those learn no remotes (the reader
+        (switch, patch, stages) every other worker sends into it too, as into
+        any port's RX ring (vhu.placement). Those learn no remotes (the reader
         does): their unicast frames go to every remote."""
-        owner = self.reader()
-        if not self.control.placement.cross_delivery:
-            return [owner]
-        return [owner] + [w for w in range(self.control.pool.count) if w != owner]
+        self.reader()                # placed first: beside the other VNIs of its socket
+        return self.control.placement.writers(self.index, 0)
 
     def _command(self, worker):
         fds = [os.dup(self.rx.fileno())] + [os.dup(s.fileno()) for s in self.sends] + \
