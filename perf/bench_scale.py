@@ -22,11 +22,12 @@ import json
 import mmap
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+
+from vhu.demo import stop_backend
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,12 +106,7 @@ def contended(workers, seconds, size):
             if f.poll() is None:
                 f.kill()
             f.wait()
-        master.send_signal(signal.SIGTERM)
-        try:
-            master.wait(20)
-        except subprocess.TimeoutExpired:
-            master.kill()
-            master.wait()
+        stop_backend(master)
         log.close()
         shutil.rmtree(d, ignore_errors=True)
 

@@ -4,6 +4,7 @@ add_port / remove_port / ports), with real peers where it matters: DPDK
 testpmd traffic that never stops on the port left alone, QEMU guests whose
 port comes and goes.
 """
+import inspect
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import pytest
 
 from tests.rawfront import RingFrontend
 from tests.vhuproc import REPO, VhuMaster
+import vhu.ctl
 from vhu.control import ControlError
 from vhu.testbed.dpdk import Testpmd, virtio_user_vdev
 from vhu.workers.forwarder import Forwarder, TapDevice
@@ -27,33 +29,19 @@ Testpmd.__test__ = False
 VHU_CPU, PEER_CPU = "0", 1
 
 
-# What another user's client does (vhu.ctl's ask(), standard library only,
-# so it runs as that user wherever the checkout is, readable by it or not).
-OTHER_USERS_CLIENT = r"""
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.settimeout(30)
-try:
-    s.connect(sys.argv[1])
-except OSError as exc:
-    sys.exit(f"vhu.ctl: {sys.argv[1]}: {exc}")
-try:
-    s.sendall(json.dumps({"cmd": sys.argv[2]}).encode() + b"\n")
-except (BrokenPipeError, ConnectionResetError):
-    pass
-buf = b""
-while not buf.endswith(b"\n"):
-    try:
-        more = s.recv(65536)
-    except ConnectionResetError:
-        break
-    if not more:
-        break
-    buf += more
-reply = json.loads(buf)
-print(json.dumps(reply))
-sys.exit(0 if reply.get("ok") else 1)
-"""
+# Another user's client: vhu.ctl's own ask(), lifted out of the module so
+# that it runs as that user with the standard library only, wherever the
+# checkout is and whoever may read it.
+OTHER_USERS_CLIENT = "\n".join([
+    "import json, socket, sys",
+    f"TIMEOUT = {vhu.ctl.TIMEOUT!r}",
+    inspect.getsource(vhu.ctl.ask),
+    "try:",
+    "    reply = ask(sys.argv[1], {'cmd': sys.argv[2]})",
+    "except (OSError, ValueError) as exc:",
+    "    sys.exit(f'vhu.ctl: {sys.argv[1]}: {exc}')",
+    "print(json.dumps(reply))",
+    "sys.exit(0 if reply.get('ok') else 1)"])
 
 
 def ctl(control, *args, user=None):

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.vhuproc import REPO, VhuMaster
+from tests.vhuproc import REPO, VhuMaster, wait_until
 from vhu.testbed.dpdk import Testpmd, virtio_user_vdev
 
 Testpmd.__test__ = False
@@ -43,16 +43,6 @@ def front_end(socks, names, cpu):
 def set_peers(tp, names):
     for i, n in enumerate(names):
         tp.cmd(f"set eth-peer {i} {MACS[PEERS[n]]}")
-
-
-def wait(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def settled(vhu, timeout=20, settle=1.0):
@@ -83,7 +73,7 @@ def run_switch(tmp_path, kill_worker=False):
             set_peers(b, ["b0", "b1"])
             b.start()
             a.start(tx_first=True)
-            wait(lambda: all(p["rx_packets"] > 10000 for p in vhu.stats()["ports"]), 60,
+            wait_until(lambda: all(p["rx_packets"] > 10000 for p in vhu.stats()["ports"]), 60,
                  "traffic through every port")
             before = vhu.stats()
             workers = {q["worker"] for p in before["ports"] for q in p["queues"]}
@@ -94,7 +84,7 @@ def run_switch(tmp_path, kill_worker=False):
                 vhu.wait_log("replacing it", timeout=30)
                 at_kill = {p["port"]: p["rx_packets"] for p in vhu.stats()["ports"]}
                 # Traffic resumes through every port, the dead worker's too.
-                wait(lambda: all(p["rx_packets"] > at_kill[p["port"]] + 10000
+                wait_until(lambda: all(p["rx_packets"] > at_kill[p["port"]] + 10000
                                  for p in vhu.stats()["ports"]), 60, "traffic after the kill")
             else:
                 time.sleep(2)

@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from tests.vhuproc import VhuMaster
+from tests.vhuproc import VhuMaster, wait_until
 from vhu import vxlan
 from vhu.testbed.netns import RECEIVER, SENDER, Netns, kernel_vxlan, veth
 
@@ -82,16 +82,6 @@ def ctl(control, *args):
     reply = json.loads(out.stdout)
     assert reply["ok"], reply
     return reply["result"]
-
-
-def wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Lab:
@@ -172,7 +162,9 @@ def lab():
         made.close()
 
 
-def test_tap_host_and_kernel_vxlan_ping_and_tcp_both_ways(lab):
+def ping_and_tcp_both_ways(lab):
+    """The TAP host and kernel VTEP B: 20 pings and 4 MiB of TCP each way;
+    the VXLAN port's document once its counters show the transfers."""
     got, out = busybox_ping(lab.t, B_OV, 20)
     assert got == 20, out
     got, out = busybox_ping(lab.b, T_OV, 20)
@@ -183,12 +175,16 @@ def test_tap_host_and_kernel_vxlan_ping_and_tcp_both_ways(lab):
     assert sent == received and sent[0] == FILE_SIZE
     # 4 MiB each way at most 1410 bytes of TCP payload a frame: thousands
     # each way (the stats file is rewritten every 0.2 s).
-    v = wait_for(lambda: (lambda v: v["rx_packets"] > FILE_SIZE // 1450 and
-                          v["tx_packets"] > FILE_SIZE // 1450 and v["rx_bytes"] > FILE_SIZE and
-                          v["tx_bytes"] > FILE_SIZE and v)(lab.port("vxlan:")),
-                 10, "the VXLAN port's counters")
+    return wait_until(lambda: (lambda v: v["rx_packets"] > FILE_SIZE // 1450 and
+                             v["tx_packets"] > FILE_SIZE // 1450 and v["rx_bytes"] > FILE_SIZE and
+                             v["tx_bytes"] > FILE_SIZE and v)(lab.port("vxlan:")),
+                    10, "the VXLAN port's counters")
+
+
+def test_tap_host_and_kernel_vxlan_ping_and_tcp_both_ways(lab):
+    v = ping_and_tcp_both_ways(lab)
     assert v["socket"] == f"vxlan:{VNI}@{A_IP}:4789" and v["connected"]
-    r = wait_for(lambda: (lambda r: r["rx_packets"] > FILE_SIZE // 1450 and
+    r = wait_until(lambda: (lambda r: r["rx_packets"] > FILE_SIZE // 1450 and
                           r["tx_packets"] > FILE_SIZE // 1450 and r["macs"] >= 1 and r)(
                               lab.remote(B_IP)), 10, "the remote's counters")
     assert v["drops_by_reason"]["vxlan_bad"] == 0 and v["drops_by_reason"]["vxlan_foreign"] == 0
@@ -213,17 +209,7 @@ def test_tap_and_vxlan_on_two_workers_ping_and_tcp_both_ways():
         polled = {p["kind"]: p["queue_pairs"][0]["worker"] for p in show["ports"]
                   if p["kind"] in ("tap", "vxlan")}
         assert sorted(polled.values()) == [0, 1], show["ports"]
-        got, out = busybox_ping(two.t, B_OV, 20)
-        assert got == 20, out
-        got, out = busybox_ping(two.b, T_OV, 20)
-        assert got == 20, out
-        sent, received = tcp_transfer(two.t, two.b, B_OV, 5001)
-        assert sent == received and sent[0] == FILE_SIZE
-        sent, received = tcp_transfer(two.b, two.t, T_OV, 5002)
-        assert sent == received and sent[0] == FILE_SIZE
-        v = wait_for(lambda: (lambda v: v["rx_packets"] > FILE_SIZE // 1450 and
-                              v["tx_packets"] > FILE_SIZE // 1450 and v)(two.port("vxlan:")),
-                     10, "the VXLAN port's counters")
+        v = ping_and_tcp_both_ways(two)
         assert all(v["drops_by_reason"][r] == 0 for r in ("vxlan_bad", "vxlan_foreign",
                                                           "vxlan_too_big")), v["drops_by_reason"]
         # A second VNI on the same UDP socket is read by the same worker (one
@@ -307,7 +293,7 @@ def fresh_stats(lab):
     """Wait for a stats file written after now: it counts every frame
     vhu handled before (the workers count in shared memory as they go)."""
     now = time.time()
-    wait_for(lambda: lab.vhu.stats()["time"] > now + 0.05, 30, "a fresh stats file")
+    wait_until(lambda: lab.vhu.stats()["time"] > now + 0.05, 30, "a fresh stats file")
 
 
 def test_three_hosts_flood_then_learn(lab):
@@ -387,7 +373,7 @@ def test_hostile_datagrams_are_counted_and_never_delivered(lab):
             d = lab.port("vxlan:")["drops_by_reason"]
             return (d["vxlan_bad"] - before["vxlan_bad"] >= nbad and
                     d["vxlan_foreign"] - before["vxlan_foreign"] >= nforeign) and d
-        d = wait_for(counted, 30, "the hostile datagrams counted")
+        d = wait_until(counted, 30, "the hostile datagrams counted")
         assert d["vxlan_bad"] - before["vxlan_bad"] == nbad
         assert d["vxlan_foreign"] - before["vxlan_foreign"] == nforeign
         assert lab.remote(B_IP)["rx_bad"] >= nbad
@@ -421,7 +407,7 @@ def test_an_inner_frame_over_the_underlay_mtu_is_dropped_and_counted(lab):
     try:
         got, out = busybox_ping(lab.t, B_OV, 3, deadline=5, size=1500 - 28)
         assert got == 0, out
-        wait_for(lambda: lab.port("vxlan:")["drops_by_reason"]["vxlan_too_big"] >= before + 3,
+        wait_until(lambda: lab.port("vxlan:")["drops_by_reason"]["vxlan_too_big"] >= before + 3,
                  10, "vxlan_too_big counted")
         got, out = busybox_ping(lab.t, B_OV, 3, size=1450 - 28)
         assert got == 3, out
@@ -475,7 +461,7 @@ def test_two_vnis_share_one_udp_port(lab):
         assert got == 5, out
         got, out = busybox_ping(lab.t, B_OV, 3)
         assert got == 3, out
-        p43 = wait_for(lambda: (lambda p: p["rx_packets"] >= 5 and p)(lab.port("vxlan:43")), 10,
+        p43 = wait_until(lambda: (lambda p: p["rx_packets"] >= 5 and p)(lab.port("vxlan:43")), 10,
                        "vni 43's counters")
         assert p43["vxlan"]["remotes"][0]["rx_packets"] >= 5
         assert p43["drops_by_reason"]["vxlan_bad"] == 0
@@ -489,7 +475,7 @@ def test_two_vnis_share_one_udp_port(lab):
         assert got == 0, out
         got, out = busybox_ping(lab.c, "10.16.43.1", 2, deadline=4)     # vx43 -> vhu
         assert got == 0, out
-        wait_for(lambda: lab.port("vxlan:42")["drops_by_reason"]["vxlan_bad"] > bad42, 10,
+        wait_until(lambda: lab.port("vxlan:42")["drops_by_reason"]["vxlan_bad"] > bad42, 10,
                  "vni 43 datagrams counted bad on the port left")
     finally:
         if added is not None:
@@ -553,11 +539,11 @@ def test_a_replacement_worker_gets_the_vxlan_sockets(lab):
     pid = ctl(lab.control, "show")["workers"][0]["pid"]
     before = lab.remote(B_IP)["rx_packets"]
     os.kill(pid, 9)
-    wait_for(lambda: ctl(lab.control, "show")["workers"][0]["pid"] != pid, 60, "a replacement")
-    wait_for(lambda: busybox_ping(lab.t, B_OV, 1, deadline=5)[0] == 1, 60, "a ping through")
+    wait_until(lambda: ctl(lab.control, "show")["workers"][0]["pid"] != pid, 60, "a replacement")
+    wait_until(lambda: busybox_ping(lab.t, B_OV, 1, deadline=5)[0] == 1, 60, "a ping through")
     got, out = busybox_ping(lab.t, B_OV, 5)
     assert got == 5, out
-    wait_for(lambda: lab.remote(B_IP)["rx_packets"] >= before + 6, 10, "counters kept")
+    wait_until(lambda: lab.remote(B_IP)["rx_packets"] >= before + 6, 10, "counters kept")
 
 
 # -- QEMU guests ----------------------------------------------------------------

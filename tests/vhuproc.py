@@ -13,6 +13,19 @@ from tests.balance import assert_balanced, settled
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def wait_until(pred, timeout, what):
+    """pred()'s first true value, polled every 0.1 s for `timeout` seconds
+    (these machines slow down: give it a generous one); AssertionError
+    naming `what` if it never comes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 @contextlib.contextmanager
 def frontend_process(*args):
     """`python -m vhu.frontend ARGS` running in the background, text pipes;
