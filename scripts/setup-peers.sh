@@ -43,6 +43,7 @@ PKGS=(
     cpio kmod xz-utils zstd gzip iproute2 procps util-linux
     tcpdump                 # tests read vhu's pcap files with it
     tmux                    # tests/test_top.py runs python -m vhu.stats --top in an 80x24 pane
+    ethtool                 # copied into guests: two queue pairs on one vCPU (test_migration)
 )
 if [ "${VHU_EXTRA_PKGS:-0}" = "1" ]; then
     PKGS+=(tshark)

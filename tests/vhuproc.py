@@ -160,16 +160,20 @@ class VhuMaster:
         return last
 
     def stop(self, check=True, timeout=20):
-        if check:
-            self.check_balance()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        try:
+            if check:
+                self.check_balance()
+        finally:
+            # A failed balance check must not leave the master (and its
+            # workers) running after the test.
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.log.close()
         if check:
             assert self.proc.returncode == 0, f"exit {self.proc.returncode}:\n{self.output()[-4000:]}"
             for s in self.sockets:

@@ -308,8 +308,9 @@ def extract_vmlinux(kernel: str, kver: str) -> Optional[str]:
 
 
 #: Host programs copied into the guest (with the shared libraries ldd lists
-#: for them) when installed: iperf3 (Debian's package) for throughput runs.
-EXTRA_PROGRAMS = ("iperf3",)
+#: for them) when installed: iperf3 (Debian's package) for throughput runs,
+#: ethtool to use more queue pairs than the guest has vCPUs.
+EXTRA_PROGRAMS = ("iperf3", "ethtool")
 
 
 def _host_programs(names: Sequence[str]) -> List[str]:
@@ -675,6 +676,16 @@ class Guest:
         if rc != 0 or not size or not md5:
             raise GuestError(f"size and md5 of {path}: {out!r} (exit {rc})")
         return int(size.group(1)), md5.group(1)
+
+    def use_queue_pairs(self, n: int, timeout: float = 60.0) -> None:
+        """Use n queue pairs whatever the vCPU count (Linux's virtio-net
+        uses min(vCPUs, queue pairs) by default): ``ethtool -L``, and every
+        TX queue open to every vCPU (XPS), so flows spread over all of them
+        by their hash."""
+        self.run(f"ethtool -L eth0 combined {n}", timeout=timeout, check=True)
+        self.run("m=$(printf %x $(( (1 << $(grep -c ^processor /proc/cpuinfo)) - 1 ))); "
+                 "for q in /sys/class/net/eth0/queues/tx-*; do echo $m > $q/xps_cpus; done",
+                 timeout=timeout, check=True)
 
     def run(self, cmd: str, timeout: float = 30.0, check: bool = False) -> Tuple[str, int]:
         """Run a shell command in the guest; return (output, exit status).
