@@ -28,9 +28,6 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from vhu.testbed.guest import Guest  # noqa: E402
 
-CRASH_MARKS = ("Call Trace", "Oops", "BUG:", "Kernel panic")
-
-
 def testpmd(d, run):
     """testpmd with two vhost-user server ports a.sock and b.sock, sending
     64-byte frames into both (txonly), so the guest receives the whole time."""
@@ -88,8 +85,7 @@ def one(run, smp, packed, keep):
                 g.close()
         tp.terminate()
         tp.wait(30)
-    console = open(f"{d}/dst.console", errors="replace").read()
-    crashed = rc != 0 or any(m in console for m in CRASH_MARKS)
+    crashed = rc != 0 or dst.kernel_crash() is not None
     if crashed and keep:
         shutil.copy(f"{d}/dst.console", os.path.join(keep, f"smpcheck-{run}.console"))
     shutil.rmtree(d, ignore_errors=True)

@@ -21,7 +21,6 @@ scripts/qemu-smp-migration-check.py shows it). Needs QEMU, busybox-static,
 ethtool and the Debian kernel.
 """
 import json
-import os
 import re
 import subprocess
 import sys
@@ -59,7 +58,6 @@ class Migration:
         if queues > 1:
             args += ["--queues", str(queues), "--workers", str(queues)]
         self.vhu = VhuMaster(self.dir, *args, sockets=("a.sock", "b.sock", "c.sock"))
-        self.queues = queues
         self.kw = dict(queues=queues, packed=packed, cpu=GUEST_CPU, mac=MAC_M, ip=f"{IP_M}/24")
         self.guests = []
         self.n = 0
@@ -131,19 +129,12 @@ def ping_gaps(log):
     return seqs, max(b - a - 1 for a, b in zip(seqs, seqs[1:]))
 
 
-# What a guest kernel prints when it dies (an oops, a panic, a lockup).
-KERNEL_CRASH = re.compile(r"BUG: .*|Oops: .*|Kernel panic - .*|general protection fault.*")
-
-
 def destination_crash(mig):
-    """The first kernel crash line on a migrated-to guest's console, or None."""
+    """The first kernel crash line of a migrated-to guest, or None."""
     for g in mig.guests:
-        if g.incoming is None or not g.log_path or not os.path.exists(g.log_path):
-            continue
-        with open(g.log_path, errors="replace") as f:
-            found = KERNEL_CRASH.search(f.read())
-        if found:
-            return f"{g.name}: {found.group(0).strip()}"
+        crash = g.kernel_crash() if g.incoming is not None else None
+        if crash:
+            return f"{g.name}: {crash}"
     return None
 
 

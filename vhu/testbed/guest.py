@@ -307,6 +307,9 @@ def extract_vmlinux(kernel: str, kver: str) -> Optional[str]:
     return out
 
 
+#: What the guest kernel prints when it dies (Guest.kernel_crash).
+KERNEL_CRASH = re.compile(r"BUG: .*|Oops: .*|Kernel panic - .*|general protection fault.*")
+
 #: Host programs copied into the guest (with the shared libraries ldd lists
 #: for them) when installed: iperf3 (Debian's package) for throughput runs,
 #: ethtool to use more queue pairs than the guest has vCPUs.
@@ -615,6 +618,12 @@ class Guest:
         """Everything the guest printed on its serial console so far."""
         with self._cond:
             return self._buf
+
+    def kernel_crash(self) -> Optional[str]:
+        """The first line of a guest kernel crash on the console (an oops,
+        a panic, a lockup, a general protection fault), or None."""
+        found = KERNEL_CRASH.search(self.console)
+        return found.group(0).strip() if found else None
 
     @property
     def stderr(self) -> str:
