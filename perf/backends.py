@@ -15,7 +15,28 @@ from vhu.testbed.ovs import Ovs
 from vhu.testbed.procs import process_tree
 
 Testpmd.__test__ = False
-BACKEND_CPU, PEER_CPU = 0, 1
+BACKEND_CPU, PEER_CPU = 0, 1          # the default pinning: one core each side
+
+# Where each side runs: CPU lists (perf/race.py --cpus BACKEND:PEER sets
+# them; the default is one core each). vhu's workers go round-robin over the
+# back-end list, as `vhu.master --cpus` places them; a testpmd puts its main
+# lcore (idle while forwarding) on the list's first CPU and one forwarding
+# lcore per queue pair round-robin over the others (over the first when it
+# is alone), so with a list of 1 + Q CPUs every queue pair has a core.
+PINNING = {"backend": (BACKEND_CPU,), "peer": (PEER_CPU,)}
+
+
+def pin(backend_cpus, peer_cpus):
+    """Run the back-ends on backend_cpus and the front-end on peer_cpus."""
+    if set(backend_cpus) & set(peer_cpus):
+        raise ValueError(f"back-end CPUs {backend_cpus} and front-end CPUs {peer_cpus} overlap")
+    PINNING["backend"], PINNING["peer"] = tuple(backend_cpus), tuple(peer_cpus)
+
+
+def testpmd_cores(side, queues):
+    """(cpus, nb_cores) for a testpmd on one side's CPU list."""
+    cpus = list(PINNING[side])
+    return cpus, max(1, min(queues, len(cpus) - 1))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A row: what the back-end does, what the front-end does, which front-end
@@ -66,9 +87,10 @@ class DpdkBackend:
     name = "dpdk"
 
     def __init__(self, sock, row, pkt_size, queues=1):
+        cpus, nb_cores = testpmd_cores("backend", queues)
         self.tp = Testpmd([vhost_vdev(sock, queues=queues)], forward_mode=ROWS[row]["dpdk"],
-                          cpus=BACKEND_CPU, huge=False, txpkts=pkt_size, rxq=queues, txq=queues,
-                          nb_cores=1)
+                          cpus=cpus, huge=False, txpkts=pkt_size, rxq=queues, txq=queues,
+                          nb_cores=nb_cores)
 
     def __enter__(self):
         self.tp.launch()
@@ -98,7 +120,7 @@ class VhuBackend:
         self.argv = [sys.executable, "-m", "vhu.master", "--socket", sock, *more, "--app", row,
                      "--pkt-size", str(pkt_size), "--queues", str(queues),
                      "--workers", str(workers), "--poll", poll,
-                     "--cpus", str(BACKEND_CPU), "--stats-interval", "5", "--log-level", "WARNING"]
+                     "--cpus", ",".join(map(str, PINNING["backend"])), "--stats-interval", "5", "--log-level", "WARNING"]
         self.proc = None
 
     def __enter__(self):
@@ -141,7 +163,8 @@ class OvsBackend:
         self.sockets = []
 
     def __enter__(self):
-        self.ovs = Ovs(pmd_cpu=BACKEND_CPU, main_cpu=BACKEND_CPU)
+        cpu = PINNING["backend"][0]          # one queue pair: one PMD
+        self.ovs = Ovs(pmd_cpu=cpu, main_cpu=cpu)
         try:
             self.ovs.start()
             self.ovs.add_bridge("br0")
@@ -185,8 +208,8 @@ def measure_two_ports(backend, sockets, pkt_size, seconds=3.0, warmup=1.0, packe
         vdevs = [virtio_user_vdev(s, i, packed_vq=packed, mac=SWITCH_MACS[i])
                  for i, s in enumerate(socks)]
         peers = [f"--eth-peer={i},{SWITCH_MACS[1 - i]}" for i in (0, 1)]
-        fe = Testpmd(vdevs, forward_mode="mac", cpus=PEER_CPU, huge=False, txpkts=pkt_size,
-                     nb_cores=1, extra_args=peers)
+        fe = Testpmd(vdevs, forward_mode="mac", cpus=PINNING["peer"][0], huge=False,
+                     txpkts=pkt_size, nb_cores=1, extra_args=peers)
         with fe:
             fe.wait_link_up(0, timeout=20)
             fe.wait_link_up(1, timeout=20)
@@ -210,10 +233,11 @@ def measure(backend, sock, row, pkt_size, seconds=3.0, warmup=1.0, queues=1, pac
     """Run one row; returns dict(mpps, cpu_ns_per_pkt, rss_mib, packets).
     packed: the front-end asks for packed virtqueues (both back-ends offer them)."""
     spec = ROWS[row]
+    cpus, nb_cores = testpmd_cores("peer", queues)
     with backend:
         fe = Testpmd([virtio_user_vdev(sock, queues=queues, packed_vq=packed)], forward_mode=spec["frontend"],
-                     cpus=PEER_CPU, huge=False, txpkts=pkt_size, rxq=queues, txq=queues,
-                     nb_cores=1)
+                     cpus=cpus, huge=False, txpkts=pkt_size, rxq=queues, txq=queues,
+                     nb_cores=nb_cores)
         with fe:
             fe.wait_link_up(0, timeout=20)
             backend.ready()

@@ -3,6 +3,7 @@
     python perf/race.py [--seconds 2] [--repeat 3] [--sizes 64,1500] [--rows sink,source,echo]
                         [--rings split,packed] [--queues 1,4] [--workers N]
                         [--json perf/race.json] [--results perf/RESULTS.md] [--baseline DIR]
+                        [--cpus BACKEND:PEER]
 
 For each row (sink/rxonly, source/txonly, echo/io) and frame size, runs
 DPDK testpmd `--vdev net_vhost0` and then `python -m vhu.master` as the
@@ -10,7 +11,11 @@ back-end on CPU 0, against DPDK testpmd `--vdev net_virtio_user0` on CPU 1,
 and prints DPDK Mpps, vhu Mpps, vhu/DPDK, CPU time per packet and peak RSS
 of each back-end. --rings packed makes the front-end use packed virtqueues
 (virtio-user packed_vq=1); --queues 4 runs 4 queue pairs with as many vhu
-workers (--workers caps it), all on the back-end's one CPU.
+workers (--workers caps it), all on the back-end's one CPU. On a larger
+host, --cpus 0-4:5-9 gives the back-end and the front-end a CPU list each
+(default 0:1): vhu's workers round-robin over the back-end list, and each
+testpmd's main lcore on its list's first CPU with one forwarding lcore per
+queue pair over the rest (perf/backends.py PINNING).
 The two-port rows (--rows switch,patch) race `vhu.master --app switch` (or
 patch) with one worker against Open vSwitch-DPDK (netdev bridge, two
 dpdkvhostuser ports, the NORMAL action or two port-to-port flows, its PMD on
@@ -30,8 +35,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from backends import (SWITCH_ROWS, DpdkBackend, OvsBackend, VhuBackend,  # noqa: E402
-                      measure, measure_two_ports)
+from backends import (PINNING, SWITCH_ROWS, DpdkBackend, OvsBackend, VhuBackend,  # noqa: E402
+                      measure, measure_two_ports, pin)
+from vhu.config import UsageError, parse_cpus  # noqa: E402
 
 
 def machine():
@@ -65,7 +71,16 @@ def main(argv=None):
                          "(python setup.py build_ext --inplace): the 'base' column, same run")
     ap.add_argument("--json", default="perf/race.json")
     ap.add_argument("--results", default=None, help="also rewrite this markdown file")
+    ap.add_argument("--cpus", default="0:1", metavar="BACKEND:PEER",
+                    help="CPU lists of the back-end and the front-end, e.g. 0-4:5-9 (default 0:1)")
     a = ap.parse_args(argv)
+    backend_cpus, sep, peer_cpus = a.cpus.partition(":")
+    try:
+        if not sep:
+            raise UsageError(f"--cpus: {a.cpus!r} is not BACKEND:PEER, e.g. 0-4:5-9")
+        pin(parse_cpus(backend_cpus), parse_cpus(peer_cpus))
+    except (UsageError, ValueError) as exc:
+        ap.error(str(exc))
     results = []
     for ring, queues, size, row in itertools.product(
             a.rings.split(","), [int(q) for q in a.queues.split(",")],
@@ -79,6 +94,7 @@ def main(argv=None):
         results.append(entry)
         print(format_row(entry), flush=True)
     doc = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+           "cpus": {side: list(cpus) for side, cpus in PINNING.items()},
            "command": " ".join(["python", "perf/race.py"] + (argv or sys.argv[1:])),
            "results": results}
     with open(a.json, "w") as f:
@@ -183,23 +199,43 @@ def format_row(e):
             f"vhu {_f(v.get('mpps'), '6.2f')} Mpps  ratio {_f(e['ratio'], '.2f')}{base}{errors}")
 
 
+COLLAPSED = 0.05     # a run under 5% of the row's best: the loop died (not a slow mode)
+
+
+def collapsed_runs(runs):
+    """The runs whose loop collapsed: flagged in the table, never averaged away."""
+    best = max(runs, default=0)
+    return [r for r in runs if r < COLLAPSED * best] if best > 0 else list(runs)
+
+
 def _rate(side):
-    """Median Mpps, with the spread of the runs so noise is visible."""
+    """Median Mpps, with the spread of the runs so noise is visible and a
+    count of collapsed runs."""
     runs = side.get("runs_mpps") or []
     if len(runs) < 2:
         return _f(side.get("mpps"), ".2f")
-    return f"{_f(side.get('mpps'), '.2f')} ({min(runs):.1f}–{max(runs):.1f})"
+    dead = collapsed_runs(runs)
+    flag = f", **{len(dead)} collapsed**" if dead else ""
+    return f"{_f(side.get('mpps'), '.2f')} ({min(runs):.1f}–{max(runs):.1f}{flag})"
+
+
+def _pinning(doc):
+    """The run's CPU lists (back-end, front-end); runs before --cpus used 0 and 1."""
+    cpus = doc.get("cpus", {"backend": [0], "peer": [1]})
+    return cpus["backend"], cpus["peer"]
 
 
 def render(doc, chart=None):
     """The markdown of perf/RESULTS.md; chart: the PNG's path relative to it."""
     m = doc["machine"]
+    be_cpus, fe_cpus = _pinning(doc)
     lines = [f"# vhu vs DPDK vhost back-end ({doc['time']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}.",
-             f"Command: `{doc['command']}`. Back-end on CPU 0, DPDK virtio-user front-end "
-             f"(testpmd) on CPU 1; rates read at the front-end. Each figure is the median of "
+             f"Command: `{doc['command']}`. Back-end on CPU {','.join(map(str, be_cpus))}, DPDK virtio-user "
+             f"front-end (testpmd) on CPU {','.join(map(str, fe_cpus))}; rates read at the front-end. Each figure is the median of "
              f"interleaved runs, with the lowest and highest run in brackets (all runs "
-             f"in the JSON file).", "",
+             f"in the JSON file); a run under {COLLAPSED:.0%} of its row's best is counted "
+             f"as collapsed.", "",
              ]
     names = {"sink": "sink / txonly", "source": "source / rxonly", "echo": "echo / io",
              "switch": "switch / 2 ports mac", "patch": "patch / 2 ports mac"}
@@ -220,8 +256,8 @@ def render(doc, chart=None):
             f"{_f(d.get('rss_mib'), '.0f')} | {_f(v.get('rss_mib'), '.0f')} |")
     if two_port:
         lines += ["", "Two ports through the back-end's switch (or patch) against Open "
-                  "vSwitch-DPDK (NORMAL action, or two port-to-port flows; its PMD on CPU 0), "
-                  "one vhu worker on CPU 0; one testpmd on CPU 1 with two virtio-user ports "
+                  f"vSwitch-DPDK (NORMAL action, or two port-to-port flows; its PMD on CPU {be_cpus[0]}), "
+                  f"one vhu worker on CPU {be_cpus[0]}; one testpmd on CPU {fe_cpus[0]} with two virtio-user ports "
                   "in mac forwarding toward each other; the rate is both ports' RX:", "",
                   "| row (back-end/front-end) | ring | size | OVS Mpps | vhu Mpps | vhu/OVS | "
                   "OVS CPU ns/pkt | vhu CPU ns/pkt | OVS RSS MiB | vhu RSS MiB |",

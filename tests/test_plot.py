@@ -120,3 +120,35 @@ def test_two_port_rows_get_their_own_table_against_open_vswitch():
     md = race.render(doc)
     assert md.index("| sink / txonly | split | 64 | 1 |") < md.index("Open vSwitch-DPDK") \
         < md.index("| switch / 2 ports mac |")
+
+
+def test_a_collapsed_run_is_flagged_not_averaged_away():
+    doc = document()
+    doc["results"][1]["vhu"] = side(0.0, 5.9, 6.2)     # one echo run whose loop died
+    md = race.render(doc)
+    assert "| echo / io | split | 64 | 1 | 5.00 (4.0–5.5) | 5.90 (0.0–6.2, **1 collapsed**) |" in md
+    assert "collapsed" not in md.split("| echo / io")[0].split("| sink / txonly")[1], \
+        "a slow mode (a third of the best) is spread, not a collapse"
+    assert race.collapsed_runs([6.0, 19.0, 0.5]) == [0.5]
+
+
+def test_cpus_lists_pin_each_side_and_render_in_the_table(monkeypatch):
+    import backends
+    monkeypatch.setitem(backends.PINNING, "backend", backends.PINNING["backend"])
+    monkeypatch.setitem(backends.PINNING, "peer", backends.PINNING["peer"])
+    backends.pin((0, 2, 3), (4, 5))
+    assert backends.testpmd_cores("backend", 4) == ([0, 2, 3], 2)   # main lcore + 2 forwarding
+    assert backends.testpmd_cores("peer", 1) == ([4, 5], 1)
+    vhu = backends.VhuBackend("/tmp/x.sock", "sink", 64, queues=4, workers=4)
+    assert vhu.argv[vhu.argv.index("--cpus") + 1] == "0,2,3"
+    backends.pin((0,), (1,))
+    assert backends.testpmd_cores("backend", 4) == ([0], 1)          # today's one-core rows
+    try:
+        backends.pin((0, 1), (1,))
+    except ValueError as exc:
+        assert "overlap" in str(exc)
+    else:
+        raise AssertionError("overlapping CPU lists accepted")
+    doc = dict(document(), cpus={"backend": [0, 2, 3], "peer": [4, 5]})
+    assert "Back-end on CPU 0,2,3, DPDK virtio-user front-end (testpmd) on CPU 4,5;" in race.render(doc)
+    assert "Back-end on CPU 0, DPDK virtio-user front-end (testpmd) on CPU 1;" in race.render(document())
