@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 
 from tests.rawfront import RingFrontend
-from tests.vhuproc import REPO, VhuMaster
+from tests.vhuproc import REPO, VhuMaster, frontend_process
 import vhu.ctl
 from vhu.control import ControlError
 from vhu.testbed.dpdk import Testpmd, virtio_user_vdev
@@ -231,7 +231,8 @@ def test_another_uid_is_refused(tmp_path):
 
 def test_add_and_remove_a_port_100_times(tmp_path):
     """Each round: add a port, a front-end connects and moves frames, the
-    port is removed. At the end vhu holds what it held at start (the
+    port is removed (every other round while the front-end is still
+    connected: vhu closes its connection). At the end vhu holds what it held at start (the
     VhuMaster balance check) and the socket files are gone."""
     with VhuMaster(tmp_path, "--app", "echo", sockets=("a.sock",)) as vhu:
         control = vhu.sockets[0] + ".ctl"
@@ -248,10 +249,102 @@ def test_add_and_remove_a_port_100_times(tmp_path):
                 assert fe.wait_used(4) == 4
                 got = []
                 assert wait_for(lambda: got.extend(fe.received()) or len(got) == 4), i
+                if i % 2:       # removed under a front-end still connected
+                    reply = ask(control, {"cmd": "del-port", "port": path})
+                    assert reply["ok"] and not os.path.exists(path), reply
+                    assert fe.fe.sock.recv(1) == b"", "vhu kept the removed port's connection"
             finally:
                 fe.close()
-            reply = ask(control, {"cmd": "del-port", "port": path})
-            assert reply["ok"] and not os.path.exists(path), reply
+            if not i % 2:
+                reply = ask(control, {"cmd": "del-port", "port": path})
+                assert reply["ok"] and not os.path.exists(path), reply
+        vhu.stop()
+
+
+
+def _tap_usable():
+    return os.geteuid() == 0 and os.path.exists("/dev/net/tun")
+
+
+def _by_index(vhu, index):
+    """A port's counters by its index ({} until the stats file lists it:
+    removed ports are not listed, and an added one from the next report)."""
+    return next((p for p in vhu.stats()["ports"] if p["port"] == index), {})
+
+
+@pytest.mark.skipif(not _tap_usable(), reason="needs root and /dev/net/tun")
+def test_add_port_tap_and_client_socket_at_runtime(tmp_path):
+    """On a running switch: `add-port --tap NAME` makes a TAP port that
+    floods into port 0 and gets the frames port 0 addresses to what it
+    learnt on it (the kernel counts them); `add-port --socket PATH --client`
+    connects to a listening vhu.frontend, which sends N frames that vhu
+    counts; both come out of show and stats, and go with del-port."""
+    from tests.test_apps_engine import eth, mac
+    name = f"vhuc{os.getpid() % 100000}"
+    with VhuMaster(tmp_path, "--app", "switch", sockets=("a.sock",)) as vhu:
+        control = vhu.sockets[0] + ".ctl"
+        assert wait_for(lambda: os.path.exists(control))
+        fe = RingFrontend(vhu.sockets[0])
+        pkt = None
+        try:
+            rc, added = ctl(control, "add-port", "--tap", name)
+            assert rc == 0 and added["result"]["port"] == 1, added
+            assert added["result"]["kind"] == "tap" and os.path.exists(f"/sys/class/net/{name}")
+            subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1"], check=False)
+            subprocess.run(["ip", "link", "set", name, "up"], check=True)
+            pkt = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+            pkt.bind((name, 0))
+
+            # The kernel sends out of the TAP: unknown unicast, flooded to port 0.
+            fe.post_rx(64)
+            out = [eth(mac(1), mac(9), 0x88B5, size=100, fill=i) for i in range(20)]
+            for f in out:
+                pkt.send(f)
+            got = []
+            assert wait_for(lambda: got.extend(f for f in fe.received() if f[12:14] == b"\x88\xb5")
+                            or len(got) >= 20), f"{len(got)} of 20 TAP frames reached port 0"
+            assert got == out
+
+            # Port 0 answers mac(9), learnt on the TAP port: the kernel receives them.
+            def kernel_rx():
+                with open(f"/sys/class/net/{name}/statistics/rx_packets") as f:
+                    return int(f.read())
+            before = kernel_rx()
+            fe.send([eth(mac(9), mac(1), 0x88B5, size=80, fill=100 + i) for i in range(10)])
+            assert fe.wait_used(10) == 10
+            assert wait_for(lambda: kernel_rx() - before >= 10), kernel_rx() - before
+            assert wait_for(lambda: _by_index(vhu, 1).get("tx_packets", 0) >= 10)
+            assert kernel_rx() - before == 10
+
+            # A client-mode port, connecting to a front-end that listens.
+            csock = str(tmp_path / "fe.sock")
+            with frontend_process("--socket", csock, "--listen", "--mode", "tx", "--count", 5000,
+                                  "--duration", 60, "--quiet") as sender:
+                assert wait_for(lambda: os.path.exists(csock))
+                rc, added = ctl(control, "add-port", "--socket", csock, "--client")
+                assert rc == 0 and added["result"]["port"] == 2, added
+                assert added["result"]["mode"] == "client"
+                r = subprocess.run([sys.executable, "-m", "vhu.ctl", "--control", control, "show"],
+                                   capture_output=True, text=True, cwd=REPO, timeout=60)
+                assert r.returncode == 0, r.stderr
+                assert re.search(rf"port 1  tap {name}  up", r.stdout), r.stdout
+                assert re.search(r"port 2  client .*fe\.sock", r.stdout), r.stdout
+                text, err = sender.communicate(timeout=90)
+            assert sender.returncode == 0, err
+            assert "tx 5000 packets" in text, text
+            assert wait_for(lambda: _by_index(vhu, 2).get("rx_packets") == 5000), _by_index(vhu, 2)
+
+            rc, gone = ctl(control, "del-port", 2)
+            assert rc == 0 and gone["result"]["port"] == 2
+            rc, gone = ctl(control, "del-port", 1)
+            assert rc == 0 and gone["result"]["kind"] == "tap"
+            assert wait_for(lambda: not os.path.exists(f"/sys/class/net/{name}")), \
+                "the TAP outlived its port"
+            assert wait_for(lambda: [p["port"] for p in vhu.stats()["ports"]] == [0])
+        finally:
+            if pkt is not None:
+                pkt.close()
+            fe.close()
         vhu.stop()
 
 
