@@ -45,7 +45,7 @@ def switch():
     os.mkdir(pcap)
     vhu = VhuMaster(d, "--app", "switch", "--pcap", pcap, "--cpus", VHU_CPU,
                     sockets=[f"{n}.sock" for n in NAMES])
-    guests = {}
+    guests, served = {}, False
     try:
         vhu.wait_sockets()
         vhu.wait_started()
@@ -55,10 +55,11 @@ def switch():
         for g in guests.values():
             g.wait_ready(BOOT_TIMEOUT)
         yield vhu, guests, pcap
+        served = True
     finally:
         for g in guests.values():
             g.close()
-        vhu.stop(check=False)
+        vhu.stop(check=served)      # the balance check, unless set-up failed
         shutil.rmtree(d.path, ignore_errors=True)
 
 

@@ -68,7 +68,7 @@ def test_log_fd_smaller_than_claimed_costs_the_connection(tmp_path):
 
 def test_log_marked_then_shrunk_under_the_worker_cuts_off_that_port_alone(tmp_path):
     with VhuMaster(tmp_path, "--app", "sink", "--workers", "1",
-                   sockets=("a.sock", "b.sock"), balance=False) as vhu:
+                   sockets=("a.sock", "b.sock")) as vhu:
         a = RingFrontend(vhu.sockets[0], name="vhu-log-shrink")
         log_fd = log_memfd(4096)
         try:

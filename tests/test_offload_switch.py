@@ -21,7 +21,7 @@ IPS = {"a": "10.0.5.1", "b": "10.0.5.2", "c": "10.0.5.3"}
 def three():
     d = Short()
     vhu = VhuMaster(d, "--app", "switch", "--cpus", VHU_CPU, sockets=("a.sock", "b.sock", "c.sock"))
-    guests = {}
+    guests, served = {}, False
     try:
         vhu.wait_sockets()
         vhu.wait_started()
@@ -34,10 +34,11 @@ def three():
         for g in guests.values():
             g.wait_ready(BOOT_TIMEOUT)
         yield vhu, guests
+        served = True
     finally:
         for g in guests.values():
             g.close()
-        vhu.stop(check=False)
+        vhu.stop(check=served)      # the balance check, unless set-up failed
         d.remove()
 
 

@@ -30,7 +30,7 @@ def tap_guest():
     tap, ns = f"i15t{os.getpid() % 100000}", f"issue15-ns-{os.getpid()}"
     d = tempfile.mkdtemp(prefix="vhu-i15-")
     vhu = VhuMaster(_Dir(d), "--app", "patch", "--tap", tap, "--cpus", "0", sockets=("g.sock",))
-    guest = None
+    guest, served = None, False
     try:
         vhu.wait_sockets()
         vhu.wait_started()
@@ -45,10 +45,11 @@ def tap_guest():
         guest.launch()
         guest.wait_ready(120)
         yield vhu, guest, ns, d
+        served = True
     finally:
         if guest is not None:
             guest.close()
-        vhu.stop(check=False)
+        vhu.stop(check=served)      # the balance check, unless set-up failed
         ip("netns", "del", ns, check=False)
         shutil.rmtree(d, ignore_errors=True)
 

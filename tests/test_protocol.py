@@ -5,6 +5,7 @@ reference material (shared/reference/trace-*.txt), with the feature masks a
 real front-end would send to *our* offer. fds are eventfds and memfds; every
 test checks that the process holds no more fds at its end than at its start.
 """
+import logging
 import os
 import struct
 
@@ -767,6 +768,20 @@ def test_unknown_request_and_bad_flags(acked):
     # Known, but without the fd it must carry.
     assert acked.send(R.SET_LOG_FD, need_reply=True) == ack(R.SET_LOG_FD, 1)
     assert acked.raw(R.GET_CONFIG, b"\0" * 12).close
+
+
+def test_a_flood_of_bad_messages_is_refused_every_time_but_warned_of_only_at_first(acked, caplog):
+    """Each bad message still gets its failure reply; the log gets the first
+    REFUSALS_WARNED of them, one line saying the rest go to DEBUG, no more."""
+    from vhu.protocol.dispatch import REFUSALS_WARNED
+    caplog.set_level(logging.WARNING, logger="vhu.protocol.dispatch")
+    for _ in range(1000):
+        assert acked.send(R.SET_OWNER, flags=0x100, need_reply=True) == ack(R.SET_OWNER, 1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == REFUSALS_WARNED + 1, warnings[-3:]
+    assert warnings[0].startswith("SET_OWNER refused: reserved header flags set")
+    assert "further refusals are logged at DEBUG" in warnings[-1]
+    assert acked.send(R.GET_FEATURES)                      # the connection goes on
 
 
 def test_net_set_mtu(acked):

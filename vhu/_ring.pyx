@@ -23,12 +23,11 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 from vhu._barriers cimport *
 from vhu._mem cimport GuestMemory, MemTable, Region, gpa_clip, gpa_to_ptr, uva_to_ptr, make_view
-from vhu.ring_layout import MisalignedRing, check_alignment, part_lengths
+from vhu.ring_layout import MAX_QUEUE_SIZE, MisalignedRing, check_alignment, part_lengths
 
 __all__ = ["DeviceRing", "DriverRing", "Chain", "RingError", "net_header_len",
            "check_queue_size", "split_ring_layout", "COUNTER_NAMES"]
 
-MAX_QUEUE_SIZE = 32768
 NET_HDR_LEN_LEGACY = 10
 NET_HDR_LEN_MRG = 12
 VIRTQ_DESC_F_NEXT = DESC_F_NEXT

@@ -42,12 +42,11 @@ Rules this reference follows where the spec leaves room (and why):
 import struct
 
 from vhu._mem import GuestMemoryError
-from vhu.ring_layout import MisalignedRing, check_alignment, part_lengths
+from vhu.ring_layout import MAX_QUEUE_SIZE, MisalignedRing, check_alignment, part_lengths
 
 __all__ = ["DeviceRing", "DriverRing", "Chain", "RingError", "net_header_len",
            "check_queue_size", "split_ring_layout", "STATS_KEYS"]
 
-MAX_QUEUE_SIZE = 32768
 NET_HDR_LEN_LEGACY = 10
 NET_HDR_LEN_MRG = 12
 

@@ -23,6 +23,10 @@ between that and the spec is accepted and reported as out of spec.
 """
 from typing import NamedTuple
 
+# virtio 1.x 2.6 (Queue Size): at most 32768 entries; split rings a power of
+# two, packed rings any size (2.8.10.1). The one owner of the limit.
+MAX_QUEUE_SIZE = 32768
+
 SPLIT_PARTS = ("descriptor table", "avail ring", "used ring")
 PACKED_PARTS = ("descriptor ring", "driver event area", "device event area")
 

@@ -22,6 +22,7 @@ from typing import Optional
 from ._traffic import MODES, POLL_MODES
 from .client import FrontendError
 from .device import MAX_PKT, MAX_QUEUES, MIN_PKT, Frontend
+from ..ring_layout import MAX_QUEUE_SIZE
 
 
 class UsageError(Exception):
@@ -98,8 +99,9 @@ def parse_args(argv=None) -> Options:
     if a.timeout <= 0:
         raise UsageError("--timeout must be positive")
     n = a.ring_size
-    if not 1 <= n <= 32768 or (not a.packed and n & (n - 1)):
-        raise UsageError(f"--ring-size: {n} is not {'' if a.packed else 'a power of two '}in 1..32768")
+    if not 1 <= n <= MAX_QUEUE_SIZE or (not a.packed and n & (n - 1)):
+        raise UsageError(f"--ring-size: {n} is not {'' if a.packed else 'a power of two '}"
+                         f"in 1..{MAX_QUEUE_SIZE}")
     if a.legacy and a.packed:
         raise UsageError("--legacy and --packed exclude each other (packed rings need VERSION_1)")
     if a.legacy and a.queues > 1:

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 ACK_OK = 0
 ACK_FAILED = 1
 
+# A front-end can repeat a bad message as fast as it likes: its first
+# refusals are warnings, the rest of that connection's go to DEBUG (one more
+# warning says so), so the log says what went wrong without a flood on demand.
+REFUSALS_WARNED = 20
+
 
 class CloseConnection(Exception):
     """This connection (only) must be closed; ``reason`` says why."""
@@ -83,6 +88,7 @@ class Dispatcher:
     def __init__(self, device: Device, reader: Optional[MessageReader] = None):
         self.device = device
         self.reader = reader if reader is not None else MessageReader()
+        self.refusals = 0          # messages refused on this connection (quiet ones aside)
 
     def receive(self, data: bytes, fds=()) -> Outcome:
         """Bytes and fds just read from the socket -> bytes to send back (and
@@ -166,8 +172,7 @@ class Dispatcher:
                     result = yield from result
                 status = ACK_OK
             except ProtocolError as e:
-                log.log(logging.DEBUG if e.quiet else logging.WARNING, "%s refused: %s",
-                        msg.name, e)
+                self._log_refusal(msg, e)
                 if row is not None and row.reply:
                     # The peer waits for a reply we cannot give: do not leave it hanging.
                     raise CloseConnection(f"{msg.name}: {e}") from None
@@ -183,6 +188,17 @@ class Dispatcher:
         if status == ACK_OK and row.reply:
             return pack_reply(msg.request, result)
         return self._ack(msg, status)
+
+    def _log_refusal(self, msg: Message, e: ProtocolError) -> None:
+        if e.quiet:
+            log.debug("%s refused: %s", msg.name, e)
+            return
+        self.refusals += 1
+        log.log(logging.WARNING if self.refusals <= REFUSALS_WARNED else logging.DEBUG,
+                "%s refused: %s", msg.name, e)
+        if self.refusals == REFUSALS_WARNED:
+            log.warning("%d messages refused on this connection: its further refusals are "
+                        "logged at DEBUG", REFUSALS_WARNED)
 
     def _ack(self, msg: Message, status: int) -> bytes:
         """REPLY_ACK: a u64 status when the peer asked (NEED_REPLY) and the feature is on."""

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar
 
+from vhu.ring_layout import MAX_QUEUE_SIZE
+
 
 class ProtocolError(ValueError):
     """A message that cannot be accepted; the text says why (logged, failure reply)."""
@@ -170,7 +172,7 @@ VRING_F_LOG = 0x1                    # vhost_vring_addr.flags: log used-ring wri
 VHOST_MEMORY_BASELINE_NREGIONS = 8   # regions in SET_MEM_TABLE, and fds per message
 MAX_FDS = VHOST_MEMORY_BASELINE_NREGIONS
 MAX_PAYLOAD_SIZE = 4096              # no legitimate request payload comes near this
-VIRTQUEUE_MAX_SIZE = 32768           # virtio: Queue Size is at most 32768
+VIRTQUEUE_MAX_SIZE = MAX_QUEUE_SIZE  # virtio: Queue Size is at most 32768 (vhu.ring_layout)
 U64_MAX = (1 << 64) - 1
 
 HEADER = struct.Struct("=III")       # request, flags, size
