@@ -157,6 +157,10 @@ def test_testpmd_through_ovs_into_vhu_sink(ovs, bridge, short):
         assert sent > 1000
         # Everything testpmd sent left OVS towards vhu, or is counted as dropped there ...
         assert out["tx_packets"] + out["tx_dropped"] == sent, (out, sent)
+        # ... and vhu's sink, on a core of its own, took most of it: OVS
+        # drops only when vhu's RX ring is full (bounded loosely, as this
+        # machine may stall vhu's core; a sink that stopped would fail).
+        assert out["tx_dropped"] <= sent // 2, (out, sent)
         # ... and vhu counted exactly what OVS handed it.
         assert vhu.wait_stable("rx_packets") == out["tx_packets"] > 1000
         port = vhu.port()
@@ -215,6 +219,9 @@ def test_frontend_tx_through_ovs(ovs, bridge, short, ovs_listens):
         assert rc == 0 and fe["tx"] == COUNT and fe["tx_bytes"] == 64 * COUNT, fe
         out = wait_stable(lambda: ovs.port_stats(bridge, vu))
         assert out["tx_packets"] + out["tx_dropped"] == COUNT, out
+        # No bound on OVS's drops here: vhu.frontend runs on vhu's CPU, and
+        # while its burst of COUNT runs vhu's worker waits for that CPU (the
+        # sink test above, with the sender on the other CPU, bounds them).
         assert vhu.wait_stable("rx_packets") == out["tx_packets"] > 0
         ovs.del_bridge(bridge)
         vhu.stop()
