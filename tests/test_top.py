@@ -38,7 +38,7 @@ def put(snap, port, qp, rx=(0, 0), tx=(0, 0), **more):
 
 def document(t, snap, queues=2, workers=2, connected=(True, True, True)):
     """A stats document as vhu.master writes it (vhu.stats.port_stats, write_json)."""
-    worker_of = lambda qp: qp % workers   # noqa: E731  (MasterConfig.worker_of's rule)
+    worker_of = lambda qp: qp % workers   # noqa: E731  (any placement: the document names it)
     return {"time": t, "ports": [stats.port_stats(snap, p, queues, f"/run/vhu/vm{p}.sock",
                                                   connected[p], worker_of)
                                  for p in range(snap.shape[0])]}
@@ -189,13 +189,15 @@ def test_top_in_80x24_tmux_over_a_master_with_testpmd_traffic(tmp_path):
     if not shutil.which("tmux"):
         (pytest.fail if IN_CI else pytest.skip)("tmux not installed (scripts/setup-peers.sh)")
     rc_file = tmp_path / "top.rc"
-    with VhuMaster(tmp_path, "--app", "sink", "--queues", 2, "--workers", 2, "--cpus", "0",
+    # vhu echoes, testpmd forwards back what it gets (io, a first burst per
+    # queue): frames go round on both queue pairs, so both directions move.
+    with VhuMaster(tmp_path, "--app", "echo", "--queues", 2, "--workers", 2, "--cpus", "0",
                    sockets=("vm0.sock", "vm1.sock")) as vhu:
         vhu.stats()
-        with Testpmd([virtio_user_vdev(vhu.sockets[0], queues=2)], forward_mode="txonly",
+        with Testpmd([virtio_user_vdev(vhu.sockets[0], queues=2)], forward_mode="io",
                      cpus=1, huge=False, rxq=2, txq=2, nb_cores=1) as tp:
             tp.wait_link_up(0)
-            tp.start()
+            tp.start(tx_first=True)
             cmd = (f"cd {REPO} && {sys.executable} -m vhu.stats --top --stats-file "
                    f"{vhu.stats_file}; echo $? > {rc_file}")
             term = Tmux(tmp_path, cmd)
@@ -203,7 +205,8 @@ def test_top_in_80x24_tmux_over_a_master_with_testpmd_traffic(tmp_path):
                 def busy_screen():
                     lines = term.screen()
                     rows = [ln.split() for ln in lines if re.match(r"[01] vm[01]\.sock ", ln)]
-                    moving = [r for r in rows if r[0] == "0" and r[5] != "-" and float(r[5]) > 0]
+                    moving = [r for r in rows if r[0] == "0" and "-" not in (r[5], r[7])
+                              and float(r[5]) > 0 and float(r[7]) > 0]
                     return (lines, rows) if len(moving) == 2 else None
                 lines, rows = wait_for("port 0's two queues with a rate on the screen", busy_screen, 60)
                 text = "\n".join(lines)
@@ -221,7 +224,12 @@ def test_top_in_80x24_tmux_over_a_master_with_testpmd_traffic(tmp_path):
                 total = next(ln.split() for ln in lines if ln.startswith("total"))
                 assert float(total[1]) == pytest.approx(float(rows[0][5]) + float(rows[1][5]),
                                                         abs=0.016), text
-                assert float(rows[0][6]) > 0, "Gbit/s shown too"
+                assert float(rows[0][6]) > 0 and float(rows[0][8]) > 0, "Gbit/s each way too"
+                # Sorted by packet rate, both directions (as drawn, to 0.01 Mpps).
+                pps = [float(r[5]) + float(r[7]) for r in rows[:2]]
+                assert pps[0] >= pps[1] - 0.02, text
+                assert float(total[3]) == pytest.approx(float(rows[0][7]) + float(rows[1][7]),
+                                                        abs=0.016), text
                 term.run("send-keys", "-t", "top", "q")
                 wait_for("vhu.stats --top to exit", lambda: rc_file.exists()
                          and rc_file.read_text().strip(), 30)
@@ -242,3 +250,34 @@ def test_a_file_that_is_not_a_stats_document_is_refused(tmp_path):
                           str(tmp_path / "missing.json")], cwd=REPO, capture_output=True, text=True,
                          timeout=60, stdin=subprocess.DEVNULL)
     assert out.returncode == 1 and "No such file" in out.stderr, out
+
+
+def test_follower_over_a_copied_file_takes_rates_from_the_documents_clock(tmp_path, monkeypatch):
+    """A stats file copied from another machine now and then (scp, rsync):
+    the two documents' own times give the rates, whatever this machine's
+    clock says; a copy caught half-written keeps the last good document and
+    says so; a file no longer refreshed is flagged in the title."""
+    import json
+    before, now = two_samples()             # times 100.0 and 102.0: the other machine's clock
+    copy = tmp_path / "copied-stats.json"
+    copy.write_text(json.dumps(before))
+    follow = top.Follower(str(copy))
+    follow.poll()                           # the same copy again: still one sample
+    assert follow.before is None and all(r.rate is None for r in top.rows(follow.now, follow.before))
+    copy.write_text(json.dumps(now))        # the next copy lands
+    follow.poll()
+    assert (follow.before["time"], follow.now["time"]) == (100.0, 102.0)
+    by = {(r.port, r.queue): r for r in top.rows(follow.now, follow.before)}
+    assert by[0, 0].rate["rx_pps"] == 1.5e6 and by[0, 1].rate["tx_pps"] == 0.2e6
+    copy.write_text('{"time": 103.0, "ports": [')      # half a copy
+    follow.poll()
+    assert follow.now["time"] == 102.0 and follow.note(1.0).startswith("read failed"), follow.error
+    shown = "\n".join(screen(top.render(follow.now, follow.before, source=str(copy),
+                                        note=follow.note(1.0))))
+    assert "read failed" in shown and "1.50" in shown, shown
+    copy.write_text(json.dumps(now))
+    follow.poll()
+    assert follow.error == "" and follow.note(1.0) == ""
+    later = time.monotonic() + 10
+    monkeypatch.setattr(top.time, "monotonic", lambda: later)
+    assert follow.note(1.0) == "not updated for 10s"
