@@ -691,10 +691,21 @@ cdef int dev_rx_enqueue_hdr(DevRing *r, const uint8_t *vnet_hdr, const Seg *src,
             # driver's own rule (5.1.6.3.1): return it unused.
             dev_push_used(r, c.head, 0)
             continue
-        if done == 0 and c.nwrite == 1 and nsrc == 1 and room >= need:
-            # Fast path: header and frame into one buffer, one frame segment.
+        if done == 0 and c.nwrite == 1 and room >= need:
+            # Fast path: header and frame into one buffer. The frame is one
+            # segment, or a few (the switch's private head copy and the rest
+            # of the guest's buffer: copied in one pass, no bookkeeping of
+            # where the header landed).
             memcpy(w.ptr, hdr, hdr_len)
-            memcpy(w.ptr + hdr_len, src.ptr + skip, frame_len)
+            if nsrc == 1:
+                memcpy(w.ptr + hdr_len, src.ptr + skip, frame_len)
+            elif (nsrc == 2 and skip <= src[0].len and frame_len >= src[0].len - skip
+                    and frame_len - (src[0].len - skip) <= src[1].len):
+                n = src[0].len - skip          # the head copy, then the guest's rest
+                memcpy(w.ptr + hdr_len, src[0].ptr + skip, n)
+                memcpy(w.ptr + hdr_len + n, src[1].ptr, frame_len - n)
+            else:
+                copy_segs(w, 1, hdr_len, src, nsrc, skip, frame_len)
             dev_push_used(r, c.head, <uint32_t>need)
             r.counters[C_RX_FRAMES] += 1
             r.counters[C_RX_BYTES] += frame_len
