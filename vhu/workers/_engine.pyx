@@ -1053,23 +1053,18 @@ cdef class Engine:
         while s < nsrc and skip >= src[s].len:
             skip -= src[s].len
             s += 1
-        if flen >= HEAD_COPY and src[0].len >= self.fskip[i] + HEAD_COPY and nsrc <= HEAD_SEGS:
-            # The common frame: its head all in the first segment. A copy
-            # of constant size, which the compiler inlines.
-            memcpy(out[0].ptr, src[0].ptr + self.fskip[i], HEAD_COPY)
-            while s < nsrc:
-                out[k].ptr = src[s].ptr + skip
-                out[k].len = <uint32_t>(src[s].len - skip)
-                skip = 0
-                k += 1
-                s += 1
-        elif nsrc - s > HEAD_SEGS:
+        if nsrc - s > HEAD_SEGS:
             out = &self.whole_segs[i]
             out[0].ptr = self.whole + <size_t>i * MAX_FRAME
             out[0].len = <uint32_t>flen
             copy_segs(out, 1, 0, src, nsrc, self.fskip[i], flen)
         else:
-            copy_segs(out, 1, 0, src, nsrc, self.fskip[i], head)
+            if head == HEAD_COPY and src[0].len >= self.fskip[i] + HEAD_COPY:
+                # The common frame, its head all in the first segment: a
+                # copy of constant size, which the compiler inlines.
+                memcpy(out[0].ptr, src[0].ptr + self.fskip[i], HEAD_COPY)
+            else:
+                copy_segs(out, 1, 0, src, nsrc, self.fskip[i], head)
             while s < nsrc:
                 out[k].ptr = src[s].ptr + skip
                 out[k].len = <uint32_t>(src[s].len - skip)
