@@ -19,6 +19,7 @@ import urllib.request
 import pytest
 
 from tests.rawfront import RingFrontend
+from tests.test_apps_engine import _tap_usable
 from tests.vhuproc import REPO, VhuMaster, frontend_process
 import vhu.ctl
 from vhu.control import ControlError
@@ -260,10 +261,6 @@ def test_add_and_remove_a_port_100_times(tmp_path):
                 assert reply["ok"] and not os.path.exists(path), reply
         vhu.stop()
 
-
-
-def _tap_usable():
-    return os.geteuid() == 0 and os.path.exists("/dev/net/tun")
 
 
 def _by_index(vhu, index):

@@ -43,13 +43,13 @@ MAX_STALL = 1.0
 
 
 class Monitor(threading.Thread):
-    """Samples port B: vhu's counter (its stats file, every 0.1 s) and
-    testpmd's own TX counter (once a second): the longest time either stood
-    still, since a mark."""
+    """Samples port B: vhu's counter (b_count(), every 0.1 s) and testpmd's
+    own TX counter (once a second): the longest time either stood still,
+    since a mark."""
 
-    def __init__(self, vhu, tp):
+    def __init__(self, b_count, tp):
         super().__init__(daemon=True)
-        self.vhu, self.tp = vhu, tp
+        self.b_count, self.tp = b_count, tp
         self.samples, self.tp_samples = [], []
         self.stopped = threading.Event()
         self.lock = threading.Lock()
@@ -58,7 +58,7 @@ class Monitor(threading.Thread):
         next_tp = time.monotonic()
         while not self.stopped.is_set():
             try:
-                n = self.vhu.port(1)["rx_packets"]
+                n = self.b_count()
             except Exception:
                 n = None
             now = time.monotonic()
@@ -118,7 +118,7 @@ def iso(tmp_path_factory):
         with tp:
             tp.wait_link_up(0)
             tp.start()
-            mon = Monitor(vhu, tp)
+            mon = Monitor(lambda: vhu.port(1)["rx_packets"], tp)
             mon.start()
             state = type("Iso", (), {})()
             state.vhu, state.tp, state.mon, state.a = vhu, tp, mon, vhu.sockets[0]
@@ -254,15 +254,18 @@ def test_ten_thousand_enable_toggles_cost_b_nothing(iso):
     seconds = []
 
     def b_rate_while(act):
-        t0, n0, c0 = time.monotonic(), iso.vhu.port(1)["rx_packets"], cpu_seconds(iso.vhu.proc.pid)
-        p0 = iso.vhu.stats()["workers"][0]["packets"]
+        """B's rate between two stats reports around act(), by the reports'
+        own times; also the master's CPU and the worker's command packets."""
+        before, c0, t0 = iso.vhu.stats(), cpu_seconds(iso.vhu.proc.pid), time.monotonic()
         act()
         seconds.append(time.monotonic() - t0)
         master_cpu.append(cpu_seconds(iso.vhu.proc.pid) - c0)
-        # The stats file trails by up to a report interval (0.1 s): wait for it.
-        time.sleep(0.3)
-        packets.append(iso.vhu.stats()["workers"][0]["packets"] - p0)
-        return (iso.vhu.port(1)["rx_packets"] - n0) / seconds[-1]
+        acted = time.time()          # the stats file trails: wait for a report after the act
+        assert wait_for(lambda: iso.vhu.stats()["time"] > acted), "no stats report"
+        after = iso.vhu.stats()
+        packets.append(after["workers"][0]["packets"] - before["workers"][0]["packets"])
+        return ((after["ports"][1]["rx_packets"] - before["ports"][1]["rx_packets"])
+                / (after["time"] - before["time"]))
 
     def paced(message):
         for i in range(10000):
@@ -372,18 +375,12 @@ def test_stage_bypass_attempt_on_a_leaves_the_filter_whole_and_b_served(tmp_path
     flips their EtherType (IPv6 <-> not) in A's buffers. Not one IPv6 frame
     of A's reaches C; B was never without service for more than a second
     and vhu counted exactly what testpmd sent."""
-    from tests.test_private_copies import IPV6, MAC_A, MAC_C, Flipper, frame, no_ipv6, pump
+    from tests.test_private_copies import IPV6, MAC_A, MAC_C, frame, no_ipv6, pump_while_flipping
     from vhu.workers.forwarder import Forwarder
     paths = [str(tmp_path / f"{n}.sock") for n in "abc"]
     with Forwarder(paths, pipeline=[no_ipv6, "switch"], workers=1, poll="busy",
                    cpus=(int(VHU_CPU),), stats_interval=0.1) as fw:
         a, c = RingFrontend(paths[0]), RingFrontend(paths[2])
-        samples, done = [], threading.Event()
-
-        def sample_b():
-            while not done.is_set():
-                samples.append((time.monotonic(), fw.stats()[1]["rx_packets"]))
-                time.sleep(0.1)
         try:
             c.send([frame(b"\xff" * 6, MAC_C, 0x0800, 0)])     # the switch learns C
             assert c.wait_used(1) == 1
@@ -391,20 +388,16 @@ def test_stage_bypass_attempt_on_a_leaves_the_filter_whole_and_b_served(tmp_path
                          huge=False, nb_cores=1) as tp:
                 tp.wait_link_up(0)
                 tp.start()
-                watch = threading.Thread(target=sample_b, daemon=True)
-                watch.start()
-                assert wait_for(lambda: fw.stats()[1]["rx_packets"] > 1000), "B not served"
-                since = time.monotonic()
-                flip = Flipper(a, 13, (0xDD, 0xDC))     # 0x86DD (IPv6) <-> 0x86DC
-                flip.start()
+                mon = Monitor(lambda: fw.stats()[1]["rx_packets"], tp)
+                mon.start()
                 try:
-                    (got,) = pump(a, [c], 100, frame(MAC_C, MAC_A, IPV6, 0))
+                    assert wait_for(lambda: fw.stats()[1]["rx_packets"] > 1000), "B not served"
+                    since = mon.mark()       # 0x86DD (IPv6) <-> 0x86DC in A's buffers
+                    (got,) = pump_while_flipping(a, 13, (0xDD, 0xDC), [c],
+                                                 frame(MAC_C, MAC_A, IPV6, 0))
+                    mon.assert_served(since, "stage-bypass attempt")
                 finally:
-                    flip.stop.set()
-                    flip.join()
-                time.sleep(1.2)            # a stall that began at the attack's end is seen
-                done.set()
-                watch.join(5)
+                    mon.stop()
                 sent = tp.stop()[0]["tx_packets"]
         finally:
             a.close()
@@ -414,10 +407,7 @@ def test_stage_bypass_attempt_on_a_leaves_the_filter_whole_and_b_served(tmp_path
         dropped = fw.stats()[0]["drops_by_reason"]["stage"]
         assert not leaked, f"{len(leaked)} IPv6 frames got through the filter"
         assert from_a and dropped, f"the race was not exercised: {len(from_a)} passed, {dropped} dropped"
-        assert Monitor._longest_still(samples, since) <= MAX_STALL, "port B stalled"
-        deadline = time.monotonic() + 10
-        while fw.stats()[1]["rx_packets"] < sent and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert wait_for(lambda: fw.stats()[1]["rx_packets"] >= sent), (fw.stats()[1], sent)
         assert fw.stats()[1]["rx_packets"] == sent > 1000
 
 

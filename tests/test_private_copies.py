@@ -67,17 +67,24 @@ def pump(sender, receivers, rounds, template):
     return [got[id(r)] for r in receivers]
 
 
+def pump_while_flipping(sender, offset, values, receivers, template, rounds=100):
+    """pump() while a Flipper rewrites byte `offset` of the sender's frames."""
+    flip = Flipper(sender, offset, values)
+    flip.start()
+    try:
+        return pump(sender, receivers, rounds, template)
+    finally:
+        flip.stop.set()
+        flip.join()
+
+
 def test_a_stage_cannot_be_bypassed_by_rewriting_the_frame(tmp_path):
     paths = [str(tmp_path / "a.sock"), str(tmp_path / "c.sock")]
     with Forwarder(paths, pipeline=[no_ipv6, "patch"]) as fw:
         a, c = RingFrontend(paths[0]), RingFrontend(paths[1])
-        flip = Flipper(a, 13, (0xDD, 0xDC))     # 0x86DD (IPv6) <-> 0x86DC
-        flip.start()
-        try:
-            (got,) = pump(a, [c], 100, frame(MAC_C, MAC_A, IPV6, 0))
+        try:                                    # 0x86DD (IPv6) <-> 0x86DC
+            (got,) = pump_while_flipping(a, 13, (0xDD, 0xDC), [c], frame(MAC_C, MAC_A, IPV6, 0))
         finally:
-            flip.stop.set()
-            flip.join()
             a.close()
             c.close()
         leaked = [f for f in got if f[12:14] == IPV6.to_bytes(2, "big")]
@@ -95,13 +102,8 @@ def test_the_switch_delivers_what_it_decided_on(tmp_path):
             for fe, mac in ((b, MAC_B), (c, MAC_C)):       # the switch learns B and C
                 fe.send([frame(b"\xff" * 6, mac, 0x0800, 0)])
                 assert fe.wait_used(1) == 1
-            flip = Flipper(a, 5, (0x0B, 0x0C))      # destination B <-> C
-            flip.start()
-            try:
-                at_b, at_c = pump(a, [b, c], 100, frame(MAC_B, MAC_A, 0x0800, 0))
-            finally:
-                flip.stop.set()
-                flip.join()
+            at_b, at_c = pump_while_flipping(a, 5, (0x0B, 0x0C), [b, c],   # destination B <-> C
+                                             frame(MAC_B, MAC_A, 0x0800, 0))
         finally:
             for fe in (a, b, c):
                 fe.close()
