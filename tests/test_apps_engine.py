@@ -63,6 +63,29 @@ class Ports:
         return self.pairs[port][ring].stats
 
 
+def test_switch_delivers_every_byte_around_its_head_copy(guest):
+    """The switch decides on a private copy of a frame's first 64 bytes and
+    delivers that copy and the rest of the guest's buffer (two pieces into
+    one RX buffer): frames shorter than, as long as and longer than the
+    head copy arrive byte for byte, unicast and flooded."""
+    import random
+    rnd = random.Random(14)
+    engine = Engine(app="switch", poll="busy")
+    ports = Ports(engine, guest, 3)
+    ports.send(1, [eth(BCAST, mac(2))])                 # learn B on port 1
+    ports.received()
+
+    def frames(dst):
+        return [dst + mac(1) + b"\x88\xb5" + bytes(rnd.randrange(256) for _ in range(n - 14))
+                for n in (60, 63, 64, 65, 100, 1000, 1514)]
+    unicast = frames(mac(2))
+    ports.send(0, unicast)
+    assert ports.received() == [[], unicast, []]
+    flooded = frames(mac(9))
+    ports.send(0, flooded)
+    assert ports.received() == [[], flooded, flooded]
+
+
 def test_switch_floods_learns_and_never_hairpins(guest):
     engine = Engine(app="switch", poll="busy")
     ports = Ports(engine, guest, 3)
