@@ -15,14 +15,16 @@ SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def rings(g, size, event_idx=False, features=VERSION_1 | MRG_RXBUF, start=None, indirect=True):
+def rings(g, size, event_idx=False, features=VERSION_1 | MRG_RXBUF, start=None, indirect=True,
+          device_reads=False):
     desc = g.alloc(16 * size, align=16)
     drv_area = g.alloc(4, align=4)
     dev_area = g.alloc(4, align=4)
     drv = DriverRing(g.driver_mem, size, desc, drv_area, dev_area, event_idx=event_idx,
                      packed=True, start_idx=start)
     dev = DeviceRing(g.device_mem, size, desc, drv_area, dev_area, addr_space="gpa",
-                     event_idx=event_idx, features=features, packed=True, indirect=indirect)
+                     event_idx=event_idx, features=features, packed=True, indirect=indirect,
+                     device_reads=device_reads)
     if start is not None:
         dev.last_avail_idx = start
     return drv, dev, desc, drv_area, dev_area
@@ -270,6 +272,35 @@ def test_hostile_packed_driver_breaks_only_its_ring(case):
         other_drv.add([(buf, 64)])
         other_drv.publish()
         assert [c.read_len for c in other_dev.pop(4)] == [64]
+
+
+@pytest.mark.parametrize("device_reads", [True, False], ids=["transmitq", "receiveq"])
+def test_dpdk_packed_tx_indirect_table_with_a_writable_header_entry(device_reads):
+    """DPDK's virtio PMD (22.11, virtqueue.h vring_desc_init_indirect_packed)
+    sets WRITE on every entry of each packed TX indirect table at start, then
+    overwrites the data entries' flags (NEXT and its avail/used bits) when it
+    sends a multi-segment mbuf: the header entry stays WRITE. On a transmit
+    queue the device reads every buffer and takes that chain whole, header
+    first; on a receive queue the same table is a readable buffer after a
+    writable one, and breaks the ring."""
+    with make_guest() as g:
+        drv, dev, desc, *_ = rings(g, 4, device_reads=device_reads)
+        hdr, seg1, seg2, table = g.alloc(12), g.alloc(700), g.alloc(300), g.alloc(48, align=16)
+        g.write(hdr, b"h" * 12)
+        g.write(seg1, b"a" * 700)
+        g.write(seg2, b"b" * 300)
+        g.write(table, struct.pack("<QIHH", hdr, 12, 0, F_WRITE)
+                + struct.pack("<QIHH", seg1, 700, 1, AV | F_NEXT)
+                + struct.pack("<QIHH", seg2, 300, 2, AV))
+        put_desc(g, desc, 0, table, 48, 0, AV | F_INDIRECT)
+        chains = dev.pop(4)
+        if not device_reads:
+            assert chains == [] and dev.broken_reason == _ring.BROKEN_READABLE_AFTER_WRITABLE
+            return
+        assert not dev.broken
+        (c,) = chains
+        assert (c.read_len, c.write_len) == (12 + 700 + 300, 0)
+        assert b"".join(bytes(v) for v in c.readable) == b"h" * 12 + b"a" * 700 + b"b" * 300
 
 
 # -- a hostile device (the driver side: vhu.frontend) -----------------------------

@@ -124,6 +124,7 @@ cdef struct DevRing:
     uint16_t mask
     bint event_idx
     bint indirect
+    bint device_reads              # a transmit queue: the device only reads its buffers
     bint mergeable
     bint addr_uva
     uint32_t hdr_len

@@ -70,8 +70,11 @@ class DeviceRing:
     hdr_len: int
     def __init__(self, mem: GuestMemory, size: int, desc_addr: int, avail_addr: int,
                  used_addr: int, *, addr_space: str = "uva", event_idx: bool = False,
-                 indirect: bool = True, features: int = 0) -> None:
-        """features (virtio feature bits) sets hdr_len and mergeable; event_idx/indirect may be given directly."""
+                 indirect: bool = True, features: int = 0, packed: bool = False,
+                 device_reads: bool = False) -> None:
+        """features (virtio feature bits) sets hdr_len and mergeable; event_idx/indirect may be given directly.
+        device_reads: a transmit queue, whose buffers the device only reads: the WRITE flags of a
+        packed indirect table's entries are not looked at (DPDK's virtio PMD sets one on the header)."""
     def remap(self) -> None:
         """Re-translate the ring addresses after the memory table changed (RingError, and the
         ring marked broken, if they no longer map). Rings also do this by themselves before

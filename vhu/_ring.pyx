@@ -983,7 +983,8 @@ cdef class DeviceRing:
         self.r.counters = self.own_counters
 
     def __init__(self, GuestMemory mem not None, size, desc_addr, avail_addr, used_addr, *,
-                 addr_space="uva", event_idx=False, indirect=True, features=0, packed=False):
+                 addr_space="uva", event_idx=False, indirect=True, features=0, packed=False,
+                 device_reads=False):
         check_queue_size(size, packed)
         if addr_space not in ("uva", "gpa"):
             raise RingError(f"addr_space must be 'uva' or 'gpa', not {addr_space!r}")
@@ -1002,6 +1003,7 @@ cdef class DeviceRing:
         self.r.used_addr = used_addr
         self.r.event_idx = bool(event_idx)
         self.r.indirect = bool(indirect)
+        self.r.device_reads = bool(device_reads)
         self.r.mergeable = bool(int(features) & F_MRG_RXBUF)
         self.r.hdr_len = net_header_len(features)
         # Scratch for one batch: at most `size` chains in flight, and a chain

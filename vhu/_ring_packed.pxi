@@ -116,11 +116,19 @@ cdef int pk_walk(DevRing *r, uint16_t pos, uint16_t wrap, uint16_t flags, ChainI
                     return dev_mark_broken(r, B_INDIRECT_UNMAPPED)
                 table = r.indirect_copy
             # Table entries are implicitly chained; only WRITE is valid in them.
+            # On a transmit queue (device_reads) WRITE is not looked at: the
+            # device reads every buffer there. DPDK's virtio PMD marks the
+            # header entry of each packed TX indirect table WRITE
+            # (virtqueue.h, vring_desc_init_indirect_packed) and its data
+            # entries readable; DPDK's vhost library maps table entries with
+            # the ring's direction, so that driver never learned otherwise.
             for k in range(ntable):
                 d = table + 16 * k
                 tflags = vhu_read_once_u16(d + 14)
                 if tflags & DESC_F_INDIRECT:
                     return dev_mark_broken(r, B_INDIRECT_NESTED)
+                if r.device_reads:
+                    tflags &= ~DESC_F_WRITE
                 rc = add_buffer(r, c, vhu_read_once_u64(d), vhu_read_once_u32(d + 8),
                                 tflags & DESC_F_WRITE, &seen_writable, &nseg, seg_base)
                 if rc != 0:

@@ -256,7 +256,7 @@ class WorkerState:
             ring = DeviceRing(p.mem, setup.size, setup.desc, setup.avail, setup.used,
                               addr_space="uva", event_idx=setup.event_idx,
                               indirect=setup.indirect, features=setup.features,
-                              packed=setup.packed)
+                              packed=setup.packed, device_reads=index % 2 == 1)
             if setup.shared:
                 # The ring's position is shared (the master set it; other
                 # workers may be publishing): ours is private until we take
