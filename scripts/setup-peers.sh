@@ -34,9 +34,12 @@ exec </dev/null   # never wait on a prompt
 # with --no-install-recommends, so the drivers testpmd needs are named explicitly:
 #   librte-net-virtio23 -> net_virtio_user, librte-net-vhost23 -> net_vhost,
 #   librte-mempool-ring23 -> the default "ring_mp_mc" mempool ops (without it
-#   testpmd fails with "mempool ops not found" / cannot create mbuf pool).
+#   testpmd fails with "mempool ops not found" / cannot create mbuf pool),
+#   librte-net-pcap23 -> net_pcap (tests/test_offload_dpdk.py feeds testpmd's
+#   csum engine from a pcap file and captures what vhu delivers into one).
 PKGS=(
     dpdk dpdk-dev librte-net-virtio23 librte-net-vhost23 librte-mempool23 librte-mempool-ring23
+    librte-net-pcap23
     qemu-system-x86 seabios ipxe-qemu
     openvswitch-switch-dpdk     # pulls openvswitch-switch/-common (ovsdb-server, ovs-vsctl, schema)
     busybox-static linux-image-amd64

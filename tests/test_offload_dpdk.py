@@ -26,7 +26,7 @@ import pytest
 
 from tests.test_offload import assert_l4_checksum
 from tests.vhuproc import VhuMaster, wait_until
-from vhu.testbed.dpdk import Testpmd, virtio_user_vdev
+from vhu.testbed.dpdk import Testpmd, pmd_installed, virtio_user_vdev
 
 Testpmd.__test__ = False
 
@@ -83,7 +83,16 @@ def l4_of(fr):
     return 6, struct.unpack("!H", fr[54:56])[0], None, fr[54:54 + struct.unpack("!H", fr[18:20])[0]]
 
 
+@pytest.fixture
+def pcap_pmd():
+    """DPDK's net_pcap plugin (Debian's librte-net-pcap23), which
+    scripts/setup-peers.sh installs: a machine without it is not set up."""
+    assert pmd_installed("librte_net_pcap.so"), \
+        "DPDK's net_pcap plugin is missing: run scripts/setup-peers.sh (librte-net-pcap23)"
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.usefixtures("pcap_pmd")
 def test_testpmd_tso_and_csum_frames_arrive_segmented_and_checksummed(tmp_path, packed):
     originals = {}
     for i, (version, proto, size) in enumerate(FRAMES):

@@ -97,17 +97,23 @@ def _pmd_dirs() -> List[str]:
     return glob.glob("/usr/lib/*/dpdk/pmds-*") + glob.glob("/usr/local/lib*/dpdk/pmds-*")
 
 
+def pmd_installed(driver: str) -> bool:
+    """True if DPDK's plugin ``driver`` (say ``librte_net_pcap.so``) is in a
+    pmds directory, or if there are none (a DPDK built with its PMDs in)."""
+    dirs = _pmd_dirs()
+    return not dirs or any(glob.glob(os.path.join(d, driver + "*")) for d in dirs)
+
+
 def testpmd_missing_reason() -> Optional[str]:
     """None if testpmd and the vhost/virtio-user PMDs look usable, else why not."""
     if find_testpmd() is None:
         return "dpdk-testpmd not found (run scripts/setup-peers.sh; it is in Debian's dpdk-dev)"
     if shutil.which("stdbuf") is None:
         return "stdbuf (coreutils) not found"
-    dirs = _pmd_dirs()
-    if dirs:  # Debian layout: PMDs are plugins loaded from the pmds-XX directory
-        for drv in ("librte_net_vhost.so", "librte_net_virtio.so", "librte_mempool_ring.so"):
-            if not any(glob.glob(os.path.join(d, drv + "*")) for d in dirs):
-                return f"DPDK plugin {drv} not installed (run scripts/setup-peers.sh)"
+    # Debian layout: PMDs are plugins loaded from the pmds-XX directory
+    for drv in ("librte_net_vhost.so", "librte_net_virtio.so", "librte_mempool_ring.so"):
+        if not pmd_installed(drv):
+            return f"DPDK plugin {drv} not installed (run scripts/setup-peers.sh)"
     if os.geteuid() != 0:
         return "testpmd peers need root (hugepages / shared memory / mlock)"
     return None
