@@ -75,6 +75,13 @@ class Net:
     def count(self, ns, ifname):
         return self.ns[ns].counter(ifname, "rx_packets")
 
+    def udp_receive_drops(self, ns):
+        """Datagrams the kernel dropped for a full socket buffer in ns
+        (/proc/net/snmp Udp RcvbufErrors): what a receiver did not keep up with."""
+        out = self.ns[ns].run("cat", "/proc/net/snmp").stdout
+        names, values = [line.split()[1:] for line in out.splitlines() if line.startswith("Udp:")]
+        return int(values[names.index("RcvbufErrors")])
+
     def close(self):
         for ns in self.ns.values():
             ns.delete()
@@ -104,14 +111,25 @@ class Vhu:
         with open(self.log.name) as f:
             return text in f.read()
 
-    def port(self, i):
+    def report(self):
         for _ in range(50):
             try:
                 with open(self.stats) as f:
-                    return json.load(f)["ports"][i]
+                    return json.load(f)
             except (OSError, ValueError, IndexError):
                 time.sleep(0.05)
         raise RuntimeError("no stats")
+
+    def port(self, i):
+        return self.report()["ports"][i]
+
+    def sample(self, i, key):
+        """(counter, the time of the report it is from): a rate over vhu's
+        own report times, not over when this script happened to read the
+        file (reports come every 0.2 s, which would be up to 13 % of a 3 s
+        window)."""
+        doc = self.report()
+        return doc["ports"][i][key], doc["time"]
 
     def close(self):
         self.proc.terminate()
@@ -124,11 +142,15 @@ class Vhu:
 
 
 def window(read, seconds):
-    """(count per second) of a counter over `seconds` after a 1 s warm-up."""
+    """(count per second) of a counter over `seconds` after a 1 s warm-up.
+    read() returns the count, or (count, the time it was taken)."""
+    def timed():
+        v = read()
+        return v if isinstance(v, tuple) else (v, time.time())
     time.sleep(1.0)
-    c0, t0 = read(), time.monotonic()
+    c0, t0 = timed()
     time.sleep(seconds)
-    c1, t1 = read(), time.monotonic()
+    c1, t1 = timed()
     return (c1 - c0) / (t1 - t0)
 
 
@@ -157,7 +179,23 @@ def run(seconds, sizes):
                 pps = window(lambda: net.count(PB, "vx1"), seconds)
                 tp.stop()
             rows.append({"path": "encap", "who": "kernel", "size": size, "mpps": pps / 1e6})
-            # decap, vhu: af_packet into v16pb vx0 -> vhu -> testpmd rxonly.
+            # decap, vhu: af_packet into v16pb vx0 -> vhu's VXLAN port, which
+            # decapsulates and checks each frame; its patch peer (the socket)
+            # has no front-end, so the frames end there, as the kernel row's
+            # end in v16pc's IP input. Nothing else polls on the sender's CPU.
+            with NsTestpmd([af_packet("vx0")], forward_mode="txonly", cpus=PEER_CPU,
+                           huge=False, txpkts=size, interactive=True, netns=PB) as tp:
+                full0 = net.udp_receive_drops(PA)
+                tp.start()
+                pps = window(lambda: vhu.sample(1, "rx_packets"), seconds)
+                offered = tp.stop()[0]["tx_packets"]
+                full = net.udp_receive_drops(PA) - full0
+            drops = vhu.port(1)["drops_by_reason"]
+            rows.append({"path": "decap", "who": "vhu", "size": size, "mpps": pps / 1e6,
+                         "vxlan_bad": drops.get("vxlan_bad", 0), "sender_tx": offered,
+                         "socket_full_drops": full})
+            # decap and deliver, vhu: the same, into testpmd rxonly; that
+            # testpmd busy-polls on the sender's CPU, so the offered load drops.
             with Testpmd([virtio_user_vdev(vhu.sock)], forward_mode="rxonly", cpus=PEER_CPU,
                          huge=False, interactive=True) as rx:
                 rx.wait_link_up(0, timeout=30)
@@ -166,24 +204,26 @@ def run(seconds, sizes):
                                huge=False, txpkts=size, interactive=True, netns=PB) as tp:
                     tp.start()
                     time.sleep(1.0)
-                    p0, d0 = vhu.port(1)["rx_packets"], vhu.port(0)["tx_packets"]
-                    t1 = time.monotonic()
+                    r0 = vhu.report()
                     time.sleep(seconds)
-                    p1, d1 = vhu.port(1)["rx_packets"], vhu.port(0)["tx_packets"]
-                    dt = time.monotonic() - t1
+                    r1 = vhu.report()
+                    p0, d0 = r0["ports"][1]["rx_packets"], r0["ports"][0]["tx_packets"]
+                    p1, d1 = r1["ports"][1]["rx_packets"], r1["ports"][0]["tx_packets"]
+                    dt = r1["time"] - r0["time"]
                     tp.stop()
                 rx.stop()
             drops = vhu.port(1)["drops_by_reason"]
-            rows.append({"path": "decap", "who": "vhu", "size": size, "mpps": (p1 - p0) / dt / 1e6,
-                         "delivered_mpps": (d1 - d0) / dt / 1e6,
+            rows.append({"path": "decap+rx", "who": "vhu", "size": size,
+                         "mpps": (p1 - p0) / dt / 1e6, "delivered_mpps": (d1 - d0) / dt / 1e6,
                          "vxlan_bad": drops.get("vxlan_bad", 0)})
             # decap, kernel: af_packet into v16pb vx1 -> kernel decap (v16pc vx0).
             with NsTestpmd([af_packet("vx1")], forward_mode="txonly", cpus=PEER_CPU,
                            huge=False, txpkts=size, interactive=True, netns=PB) as tp:
                 tp.start()
                 pps = window(lambda: net.count(PC, "vx0"), seconds)
-                tp.stop()
-            rows.append({"path": "decap", "who": "kernel", "size": size, "mpps": pps / 1e6})
+                offered = tp.stop()[0]["tx_packets"]
+            rows.append({"path": "decap", "who": "kernel", "size": size, "mpps": pps / 1e6,
+                         "sender_tx": offered})
     finally:
         if vhu is not None:
             vhu.close()
@@ -202,7 +242,7 @@ def main():
     a = p.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
     runs = [run(a.seconds, sizes) for _ in range(a.runs)]
-    print(f"{'path':6} {'who':7} {'size':>5} {'Mpps (median)':>14}  runs")
+    print(f"{'path':8} {'who':7} {'size':>5} {'Mpps (median)':>14}  runs")
     table = []
     for i, r in enumerate(runs[0]):
         values = sorted(run_[i]["mpps"] for run_ in runs)
@@ -211,9 +251,11 @@ def main():
         if "delivered_mpps" in r:
             d = sorted(run_[i]["delivered_mpps"] for run_ in runs)[len(values) // 2]
             extra = f"  (delivered to testpmd {d:.3f})"
+        if "socket_full_drops" in r:
+            extra = f"  (socket-full drops: {' '.join(str(run_[i]['socket_full_drops']) for run_ in runs)})"
         table.append({**{k: r[k] for k in ("path", "who", "size")}, "mpps_median": med,
                       "mpps_runs": [run_[i]["mpps"] for run_ in runs]})
-        print(f"{r['path']:6} {r['who']:7} {r['size']:5d} {med:14.3f}  "
+        print(f"{r['path']:8} {r['who']:7} {r['size']:5d} {med:14.3f}  "
               f"{' '.join(f'{v:.3f}' for v in values)}{extra}")
     if a.json:
         with open(a.json, "w") as f:
