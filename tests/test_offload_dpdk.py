@@ -123,6 +123,9 @@ def test_testpmd_tso_and_csum_frames_arrive_segmented_and_checksummed(tmp_path, 
             wait_until(lambda: vhu.port(0)["offload"]["tx_gso"] >= tso, 30, "the TSO frames")
             want = sum(-(-len(pl) // MSS) if p == 6 else 1 for v, p, pl in originals.values())
             wait_until(lambda: vhu.port(1)["tx_packets"] >= want, 30, "every segment delivered")
+            # ... and taken off the ring by the receiving testpmd, before it stops
+            wait_until(lambda: rx.port_stats()[0]["rx_packets"] >= want, 30,
+                       "the receiving testpmd to take every segment")
             tx.stop()
             got = rx.stop()
             a, b = vhu.port(0), vhu.port(1)       # while both are connected
