@@ -11,19 +11,22 @@ counts), v16pc (a kernel VTEP as the kernel path's other end).
     encap, kernel: testpmd txonly (af_packet on v16pc vx0: the kernel
                    encapsulates) -> veth -> v16pb vx1 (vni 43): rx_packets
     decap, vhu:    testpmd txonly (af_packet on v16pb vx0) -> veth -> vhu's
-                   VXLAN port (frames decapsulated: its rx_packets) -> patch ->
-                   testpmd rxonly (virtio-user)
+                   VXLAN port (frames decapsulated: its rx_packets) -> patch
+                   (no front-end on the socket: the frames end there)
+    decap+rx, vhu: the same, patched into testpmd rxonly (virtio-user)
     decap, kernel: testpmd txonly (af_packet on v16pb vx1) -> veth ->
                    v16pc vx0: rx_packets
 
-Each pair shares its fixed end: the encap rows are counted by the same
-kernel decapsulation, the decap rows are fed by the same kernel
+The decap pair runs twice: at the host's net.core.skb_defer_max and at 0
+(the "defer" column; see SKB_DEFER_MAX). Each pair shares its fixed end:
+the encap rows are counted by the same kernel decapsulation, the decap rows are fed by the same kernel
 encapsulation (its rate is the offered load, printed beside). vhu's worker
 runs on CPU 0, testpmd on CPU 1; the kernel's softirq work runs on the CPU
 of whoever sent (veth hands packets over on the sender's CPU). The machine
 is shared and loaded: figures are "on a loaded machine", A/B in one run.
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -40,6 +43,35 @@ from vhu.testbed.netns import Netns, kernel_vxlan, veth  # noqa: E402
 
 VHU_CPU, PEER_CPU = 0, 1
 PA, PB, PC = "v16pa", "v16pb", "v16pc"
+
+# Since Linux 6.x a UDP socket's recvmsg hands each datagram's buffer back to
+# the CPU that allocated it, to be freed there (skb_attempt_defer_free), up
+# to this many per CPU; 0 frees it on the reader's CPU. Here the allocating
+# CPU is the sender's, the one both decap rows are bound by, and vhu reads
+# on the other CPU: the sender's CPU then spends about 15 % of its time
+# freeing vhu's datagrams (perf: skb_defer_free_flush, skb_release_data).
+# The kernel row decapsulates on the sender's CPU and frees nothing across.
+# The setting is host-wide (init namespace only): the decap rows run once at
+# the host's value and once at 0, and it is restored afterwards.
+SKB_DEFER_MAX = "/proc/sys/net/core/skb_defer_max"
+
+
+@contextlib.contextmanager
+def sysctl(path, value):
+    """Set a sysctl for the block (value None: leave it) and restore it;
+    yields the value in force."""
+    with open(path) as f:
+        old = f.read().strip()
+    if value is None:
+        yield int(old)
+        return
+    with open(path, "w") as f:
+        f.write(str(value))
+    try:
+        yield value
+    finally:
+        with open(path, "w") as f:
+            f.write(old)
 
 
 @dataclass
@@ -154,6 +186,37 @@ def window(read, seconds):
     return (c1 - c0) / (t1 - t0)
 
 
+def decap_pair(net, vhu, size, seconds, defer_max):
+    """The decap rows, vhu's and the kernel's, at one skb_defer_max."""
+    rows = []
+    # decap, vhu: af_packet into v16pb vx0 -> vhu's VXLAN port, which
+    # decapsulates and checks each frame; its patch peer (the socket)
+    # has no front-end, so the frames end there, as the kernel row's
+    # end in v16pc's IP input. Nothing else polls on the sender's CPU.
+    with NsTestpmd([af_packet("vx0")], forward_mode="txonly", cpus=PEER_CPU,
+                   huge=False, txpkts=size, interactive=True, netns=PB) as tp:
+        full0 = net.udp_receive_drops(PA)
+        tp.start()
+        pps = window(lambda: vhu.sample(1, "rx_packets"), seconds)
+        offered = tp.stop()[0]["tx_packets"]
+        full = net.udp_receive_drops(PA) - full0
+    drops = vhu.port(1)["drops_by_reason"]
+    rows.append({"path": "decap", "who": "vhu", "size": size, "mpps": pps / 1e6,
+                 "skb_defer_max": defer_max,
+                 "vxlan_bad": drops.get("vxlan_bad", 0), "sender_tx": offered,
+                 "socket_full_drops": full})
+    # decap, kernel: af_packet into v16pb vx1 -> kernel decap (v16pc vx0).
+    with NsTestpmd([af_packet("vx1")], forward_mode="txonly", cpus=PEER_CPU,
+                   huge=False, txpkts=size, interactive=True, netns=PB) as tp:
+        tp.start()
+        pps = window(lambda: net.count(PC, "vx0"), seconds)
+        offered = tp.stop()[0]["tx_packets"]
+    rows.append({"path": "decap", "who": "kernel", "size": size, "mpps": pps / 1e6,
+                 "skb_defer_max": defer_max,
+                 "sender_tx": offered})
+    return rows
+
+
 def run(seconds, sizes):
     rows = []
     d = tempfile.mkdtemp(prefix="v16perf-")
@@ -179,21 +242,11 @@ def run(seconds, sizes):
                 pps = window(lambda: net.count(PB, "vx1"), seconds)
                 tp.stop()
             rows.append({"path": "encap", "who": "kernel", "size": size, "mpps": pps / 1e6})
-            # decap, vhu: af_packet into v16pb vx0 -> vhu's VXLAN port, which
-            # decapsulates and checks each frame; its patch peer (the socket)
-            # has no front-end, so the frames end there, as the kernel row's
-            # end in v16pc's IP input. Nothing else polls on the sender's CPU.
-            with NsTestpmd([af_packet("vx0")], forward_mode="txonly", cpus=PEER_CPU,
-                           huge=False, txpkts=size, interactive=True, netns=PB) as tp:
-                full0 = net.udp_receive_drops(PA)
-                tp.start()
-                pps = window(lambda: vhu.sample(1, "rx_packets"), seconds)
-                offered = tp.stop()[0]["tx_packets"]
-                full = net.udp_receive_drops(PA) - full0
-            drops = vhu.port(1)["drops_by_reason"]
-            rows.append({"path": "decap", "who": "vhu", "size": size, "mpps": pps / 1e6,
-                         "vxlan_bad": drops.get("vxlan_bad", 0), "sender_tx": offered,
-                         "socket_full_drops": full})
+            # The two decap rows once at the host's skb_defer_max and once
+            # with deferred freeing off (see SKB_DEFER_MAX).
+            for defer in (None, 0):
+                with sysctl(SKB_DEFER_MAX, defer) as defer_max:
+                    rows.extend(decap_pair(net, vhu, size, seconds, defer_max))
             # decap and deliver, vhu: the same, into testpmd rxonly; that
             # testpmd busy-polls on the sender's CPU, so the offered load drops.
             with Testpmd([virtio_user_vdev(vhu.sock)], forward_mode="rxonly", cpus=PEER_CPU,
@@ -216,14 +269,6 @@ def run(seconds, sizes):
             rows.append({"path": "decap+rx", "who": "vhu", "size": size,
                          "mpps": (p1 - p0) / dt / 1e6, "delivered_mpps": (d1 - d0) / dt / 1e6,
                          "vxlan_bad": drops.get("vxlan_bad", 0)})
-            # decap, kernel: af_packet into v16pb vx1 -> kernel decap (v16pc vx0).
-            with NsTestpmd([af_packet("vx1")], forward_mode="txonly", cpus=PEER_CPU,
-                           huge=False, txpkts=size, interactive=True, netns=PB) as tp:
-                tp.start()
-                pps = window(lambda: net.count(PC, "vx0"), seconds)
-                offered = tp.stop()[0]["tx_packets"]
-            rows.append({"path": "decap", "who": "kernel", "size": size, "mpps": pps / 1e6,
-                         "sender_tx": offered})
     finally:
         if vhu is not None:
             vhu.close()
@@ -242,7 +287,7 @@ def main():
     a = p.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
     runs = [run(a.seconds, sizes) for _ in range(a.runs)]
-    print(f"{'path':8} {'who':7} {'size':>5} {'Mpps (median)':>14}  runs")
+    print(f"{'path':8} {'who':7} {'size':>5} {'defer':>5} {'Mpps (median)':>14}  runs")
     table = []
     for i, r in enumerate(runs[0]):
         values = sorted(run_[i]["mpps"] for run_ in runs)
@@ -253,9 +298,11 @@ def main():
             extra = f"  (delivered to testpmd {d:.3f})"
         if "socket_full_drops" in r:
             extra = f"  (socket-full drops: {' '.join(str(run_[i]['socket_full_drops']) for run_ in runs)})"
-        table.append({**{k: r[k] for k in ("path", "who", "size")}, "mpps_median": med,
-                      "mpps_runs": [run_[i]["mpps"] for run_ in runs]})
-        print(f"{r['path']:8} {r['who']:7} {r['size']:5d} {med:14.3f}  "
+        defer = r.get("skb_defer_max")
+        table.append({**{k: r[k] for k in ("path", "who", "size")}, "skb_defer_max": defer,
+                      "mpps_median": med, "mpps_runs": [run_[i]["mpps"] for run_ in runs]})
+        print(f"{r['path']:8} {r['who']:7} {r['size']:5d} {'' if defer is None else defer:>5} "
+              f"{med:14.3f}  "
               f"{' '.join(f'{v:.3f}' for v in values)}{extra}")
     if a.json:
         with open(a.json, "w") as f:
