@@ -116,6 +116,36 @@ def test_switch_floods_learns_and_never_hairpins(guest):
     assert ports.stats(0)["tx_frames"] == 5
 
 
+def test_switch_decides_each_frame_of_one_batch_on_its_own(guest):
+    """The switch keeps the last source it learned and the last destination
+    it looked up for the rest of a batch: every frame of one batch (one
+    send is one batch) must still go where the table says at that frame.
+    A destination first unknown (flooded) that the batch itself then
+    learns behind the in-port is filtered from then on, not flooded from
+    the remembered lookup; alternating destinations and sources each go
+    their own way."""
+    engine = Engine(app="switch", poll="busy")
+    ports = Ports(engine, guest, 3)
+    ports.send(1, [eth(BCAST, mac(2))])             # B behind port 1
+    ports.send(2, [eth(BCAST, mac(3))])             # C behind port 2
+    ports.received()
+    to_x = eth(mac(9), mac(1), fill=1)              # X unknown yet: flooded
+    from_x = eth(mac(2), mac(9), fill=2)            # X speaks from port 0: learned there
+    to_x_again = eth(mac(9), mac(1), fill=3)        # X is behind the in-port now: filtered
+    to_b, to_c = eth(mac(2), mac(1), fill=4), eth(mac(3), mac(1), fill=5)
+    from_d = eth(mac(3), mac(4), fill=6)            # another source, same destination
+    ports.send(0, [to_x, from_x, to_x_again, to_b, to_c, to_b, from_d, to_c])
+    assert ports.received() == [[], [to_x, from_x, to_b, to_b], [to_x, to_c, from_d, to_c]]
+    assert ports.stats(0)["drop_filtered"] == 1
+    table = engine.mac_table()
+    assert {table[int.from_bytes(mac(i), "big")] for i in (1, 4, 9)} == {0}
+    # A station that moves between batches is followed at once.
+    ports.send(2, [eth(BCAST, mac(9))])
+    ports.received()
+    ports.send(0, [to_x_again, to_x_again])
+    assert ports.received() == [[], [], [to_x_again, to_x_again]]
+
+
 def test_switch_moved_station_and_ageing(guest):
     engine = Engine(app="switch", poll="busy", mac_ageing=0.2)
     ports = Ports(engine, guest, 3)

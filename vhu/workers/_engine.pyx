@@ -253,6 +253,15 @@ cdef class Engine:
     # switch
     cdef MacEntry *macs
     cdef readonly double mac_ageing
+    # The last source learned and the last destination looked up, good
+    # for one batch (its clock `t`): a batch is mostly one flow, so most
+    # frames skip the table. Learning anything new forgets the lookup.
+    cdef uint64_t last_src
+    cdef int last_src_port
+    cdef double last_src_t
+    cdef uint64_t last_dst
+    cdef int last_dst_port
+    cdef double last_dst_t
     # captures
     cdef Capture caps[MAX_CAPTURES]
     cdef int ncap
@@ -313,6 +322,8 @@ cdef class Engine:
         self.obuf = <char *>malloc(MAX_FRAME)
         self.beat = &self.own_beat
         self.holder = 1
+        self.last_src_t = -1.0
+        self.last_dst_t = -1.0
         if (self.frame == NULL or self.macs == NULL or self.tap_out == NULL
                 or self.injected == NULL or self.heads == NULL or self.obuf == NULL):
             raise MemoryError()
@@ -494,6 +505,8 @@ cdef class Engine:
         """Drop every station learned on `port` (it was removed: its index may
         be given to another port)."""
         cdef int i
+        self.last_src_t = -1.0
+        self.last_dst_t = -1.0
         if self.smacs != NULL:
             smac_forget_port(self.smacs, port)
             return
@@ -786,16 +799,34 @@ cdef class Engine:
         if self.flen[i] < 14:
             cnt[C_DROP_FILTERED] += 1   # not an Ethernet frame
             return -1
-        d.ptr = <char *>eth
-        d.len = 12
-        copy_segs(&d, 1, 0, self.fsrc[i], self.fnsrc[i], self.fskip[i], 12)
+        if self.fsrc[i][0].len >= self.fskip[i] + 12:
+            # One snapshot of both addresses (the common frame: the head
+            # copy or a private buffer; a constant-size copy, inlined).
+            memcpy(eth, self.fsrc[i][0].ptr + self.fskip[i], 12)
+        else:
+            d.ptr = <char *>eth
+            d.len = 12
+            copy_segs(&d, 1, 0, self.fsrc[i], self.fnsrc[i], self.fskip[i], 12)
         src = mac_of(eth + 6)
-        if not (eth[6] & 1) and src != 0:           # never learn group addresses
+        if not (eth[6] & 1) and src != 0 and (
+                src != self.last_src or b.port != self.last_src_port or t != self.last_src_t):
+            # never learn group addresses; the same station from the same
+            # port in the same batch would write the same entry again
             self.mac_learn(src, b.port, t)
+            self.last_src = src
+            self.last_src_port = b.port
+            self.last_src_t = t
+            self.last_dst_t = -1.0
         if eth[0] & 1:
             return -2                               # broadcast / multicast
         dst = mac_of(eth)
-        port = self.mac_lookup(dst, t)
+        if dst == self.last_dst and t == self.last_dst_t:
+            port = self.last_dst_port
+        else:
+            port = self.mac_lookup(dst, t)
+            self.last_dst = dst
+            self.last_dst_port = port
+            self.last_dst_t = t
         if port < 0:
             return -2                               # unknown unicast
         if port == b.port:
@@ -1354,6 +1385,8 @@ cdef class Engine:
             raise ValueError(f"the MAC table needs {MAC_SLOTS * sizeof(SharedMac)} aligned bytes")
         self.smacs_owner = buffer
         self.smacs = <SharedMac *>&mv[offset]
+        self.last_src_t = -1.0
+        self.last_dst_t = -1.0
 
     def begin_shared_ring(self, DeviceRing ring, uint64_t epoch, uint64_t position,
                           double timeout=0.2):
