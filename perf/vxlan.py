@@ -19,8 +19,8 @@ counts), v16pc (a kernel VTEP as the kernel path's other end).
 
 The decap pair runs twice: at the host's net.core.skb_defer_max and at 0
 (the "defer" column; see SKB_DEFER_MAX). Each pair shares its fixed end:
-the encap rows are counted by the same kernel decapsulation, the decap rows are fed by the same kernel
-encapsulation (its rate is the offered load, printed beside). vhu's worker
+the encap rows are counted by the same kernel decapsulation, the decap
+rows are fed by the same kernel encapsulation (its rate is the offered load, printed beside). vhu's worker
 runs on CPU 0, testpmd on CPU 1; the kernel's softirq work runs on the CPU
 of whoever sent (veth hands packets over on the sender's CPU). The machine
 is shared and loaded: figures are "on a loaded machine", A/B in one run.
@@ -48,8 +48,9 @@ PA, PB, PC = "v16pa", "v16pb", "v16pc"
 # the CPU that allocated it, to be freed there (skb_attempt_defer_free), up
 # to this many per CPU; 0 frees it on the reader's CPU. Here the allocating
 # CPU is the sender's, the one both decap rows are bound by, and vhu reads
-# on the other CPU: the sender's CPU then spends about 15 % of its time
-# freeing vhu's datagrams (perf: skb_defer_free_flush, skb_release_data).
+# on the other CPU: a profile of the sender's CPU put about 15 % of it in
+# freeing vhu's datagrams (skb_defer_free_flush, skb_release_data), yet
+# turning it off made no difference the runs could show (perf/VXLAN.md).
 # The kernel row decapsulates on the sender's CPU and frees nothing across.
 # The setting is host-wide (init namespace only): the decap rows run once at
 # the host's value and once at 0, and it is restored afterwards.

@@ -253,15 +253,15 @@ cdef class Engine:
     # switch
     cdef MacEntry *macs
     cdef readonly double mac_ageing
-    # The last source learned and the last destination looked up, good
-    # for one batch (its clock `t`): a batch is mostly one flow, so most
-    # frames skip the table. Learning anything new forgets the lookup.
+    # The last source learned and the last destination looked up in the
+    # batch being dispatched (dispatch forgets both at its start): a batch
+    # is mostly one flow, so most of its frames skip the table. Learning
+    # anything new forgets the lookup.
     cdef uint64_t last_src
-    cdef int last_src_port
-    cdef double last_src_t
+    cdef int last_src_port                 # -1: nothing learned yet this batch
     cdef uint64_t last_dst
     cdef int last_dst_port
-    cdef double last_dst_t
+    cdef bint last_dst_known
     # captures
     cdef Capture caps[MAX_CAPTURES]
     cdef int ncap
@@ -322,8 +322,6 @@ cdef class Engine:
         self.obuf = <char *>malloc(MAX_FRAME)
         self.beat = &self.own_beat
         self.holder = 1
-        self.last_src_t = -1.0
-        self.last_dst_t = -1.0
         if (self.frame == NULL or self.macs == NULL or self.tap_out == NULL
                 or self.injected == NULL or self.heads == NULL or self.obuf == NULL):
             raise MemoryError()
@@ -505,8 +503,6 @@ cdef class Engine:
         """Drop every station learned on `port` (it was removed: its index may
         be given to another port)."""
         cdef int i
-        self.last_src_t = -1.0
-        self.last_dst_t = -1.0
         if self.smacs != NULL:
             smac_forget_port(self.smacs, port)
             return
@@ -809,24 +805,23 @@ cdef class Engine:
             copy_segs(&d, 1, 0, self.fsrc[i], self.fnsrc[i], self.fskip[i], 12)
         src = mac_of(eth + 6)
         if not (eth[6] & 1) and src != 0 and (
-                src != self.last_src or b.port != self.last_src_port or t != self.last_src_t):
+                src != self.last_src or b.port != self.last_src_port):
             # never learn group addresses; the same station from the same
             # port in the same batch would write the same entry again
             self.mac_learn(src, b.port, t)
             self.last_src = src
             self.last_src_port = b.port
-            self.last_src_t = t
-            self.last_dst_t = -1.0
+            self.last_dst_known = False
         if eth[0] & 1:
             return -2                               # broadcast / multicast
         dst = mac_of(eth)
-        if dst == self.last_dst and t == self.last_dst_t:
+        if self.last_dst_known and dst == self.last_dst:
             port = self.last_dst_port
         else:
             port = self.mac_lookup(dst, t)
             self.last_dst = dst
             self.last_dst_port = port
-            self.last_dst_t = t
+            self.last_dst_known = True
         if port < 0:
             return -2                               # unknown unicast
         if port == b.port:
@@ -1217,6 +1212,8 @@ cdef class Engine:
             with gil:
                 self.call_stage(bi, n, frames)
         members = self.members[b.group]
+        self.last_src_port = -1        # the switch's memory is for one batch
+        self.last_dst_known = False
         for i in range(n):
             if self.flen[i] < 0:
                 continue
@@ -1385,8 +1382,6 @@ cdef class Engine:
             raise ValueError(f"the MAC table needs {MAC_SLOTS * sizeof(SharedMac)} aligned bytes")
         self.smacs_owner = buffer
         self.smacs = <SharedMac *>&mv[offset]
-        self.last_src_t = -1.0
-        self.last_dst_t = -1.0
 
     def begin_shared_ring(self, DeviceRing ring, uint64_t epoch, uint64_t position,
                           double timeout=0.2):
