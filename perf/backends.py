@@ -5,6 +5,7 @@ DPDK's virtio-user in testpmd on PEER_CPU (or vhu.frontend). Rates are read
 at the front-end, so every back-end is measured by the same instrument.
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import time
 from vhu.testbed.dpdk import Testpmd, vhost_vdev, virtio_user_vdev
 from vhu.testbed.ovs import Ovs
 from vhu.testbed.procs import process_tree
+from vhu import ctl
+from vhu.config import default_control_path
 
 Testpmd.__test__ = False
 BACKEND_CPU, PEER_CPU = 0, 1          # the default pinning: one core each side
@@ -57,6 +60,40 @@ SWITCH_ROWS = ("switch", "patch")
 SWITCH_MACS = ("02:00:00:00:00:01", "02:00:00:00:00:02")
 
 
+# Which side bounds a row: each side's busy share over the measured window,
+# the part of its polling time spent in iterations that moved packets. All
+# three count it the same way (an iteration that polled empty rings is idle):
+# vhu's workers in ticks (vhu.ctl show), OVS's PMD in cycles (pmd-stats-show),
+# testpmd's forwarding cores in TSC cycles (--record-core-cycles; its total
+# is the window's wall time). A side near 1.0 is the bound; the other waits.
+# testpmd 22.11 calls them "total cycles", but counts only bursts that
+# received something (its forwarding functions return before the count on
+# an empty burst; 23.03 renamed them "busy cycles").
+TESTPMD_BUSY = re.compile(r"(?:total|busy) cycles=(\d+) / total \S+ packets=\d+\) at (\d+) MHz")
+
+
+class TestpmdBusy:
+    """A testpmd's forwarding cores' busy share (it needs --record-core-cycles)."""
+
+    def __init__(self, tp, cores):
+        self.tp, self.cores = tp, cores
+
+    def _cycles(self):
+        m = TESTPMD_BUSY.search(self.tp.cmd("show fwd stats all"))
+        return (int(m.group(1)), int(m.group(2)) * 1e6) if m else (None, None)
+
+    def begin(self):
+        self.c0, _ = self._cycles()
+        self.t0 = time.monotonic()
+
+    def end(self):
+        c1, hz = self._cycles()
+        dt = time.monotonic() - self.t0
+        if self.c0 is None or c1 is None or dt <= 0:
+            return None
+        return round((c1 - self.c0) / (dt * hz * self.cores), 3)
+
+
 def cpu_seconds(pids):
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
@@ -90,7 +127,8 @@ class DpdkBackend:
         cpus, nb_cores = testpmd_cores("backend", queues)
         self.tp = Testpmd([vhost_vdev(sock, queues=queues)], forward_mode=ROWS[row]["dpdk"],
                           cpus=cpus, huge=False, txpkts=pkt_size, rxq=queues, txq=queues,
-                          nb_cores=nb_cores)
+                          nb_cores=nb_cores, extra_args=["--record-core-cycles"])
+        self.busy = TestpmdBusy(self.tp, nb_cores)
 
     def __enter__(self):
         self.tp.launch()
@@ -102,6 +140,12 @@ class DpdkBackend:
 
     def pids(self):
         return process_tree(self.tp.pid)
+
+    def busy_begin(self):
+        self.busy.begin()
+
+    def busy_end(self):
+        return self.busy.end()
 
     def __exit__(self, *exc):
         self.tp.close()
@@ -139,6 +183,24 @@ class VhuBackend:
 
     def pids(self):
         return process_tree(self.proc.pid)
+
+    def _ticks(self):
+        """(polling ticks, busy ticks) over the workers, live from the
+        master's control socket; None from a build that has no such counters."""
+        try:
+            workers = ctl.ask(default_control_path(self.sock), {"cmd": "show"})["result"]["workers"]
+            return (sum(w["poll_ticks"] for w in workers), sum(w["busy_ticks"] for w in workers))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def busy_begin(self):
+        self.t0 = self._ticks()
+
+    def busy_end(self):
+        t1 = self._ticks()
+        if self.t0 is None or t1 is None or t1[0] <= self.t0[0]:
+            return None
+        return round((t1[1] - self.t0[1]) / (t1[0] - self.t0[0]), 3)
 
     def __exit__(self, *exc):
         if self.proc.poll() is None:
@@ -193,6 +255,18 @@ class OvsBackend:
         return [p for proc in (self.ovs.vswitchd, self.ovs.ovsdb) if proc
                 for p in process_tree(proc.pid)]
 
+    def busy_begin(self):
+        self.ovs.appctl("dpif-netdev/pmd-stats-clear")
+
+    def busy_end(self):
+        """The PMD's processing cycles over idle + processing, since busy_begin."""
+        out = self.ovs.appctl("dpif-netdev/pmd-stats-show")
+        idle = re.search(r"idle cycles:\s*(\d+)", out)
+        work = re.search(r"processing cycles:\s*(\d+)", out)
+        if not idle or not work or int(idle.group(1)) + int(work.group(1)) == 0:
+            return None
+        return round(int(work.group(1)) / (int(idle.group(1)) + int(work.group(1))), 3)
+
     def __exit__(self, *exc):
         if exc[0] is not None:   # what OVS said goes with the failure
             self.log_tail = "\n".join(self.ovs.log_text().splitlines()[-40:])
@@ -209,7 +283,8 @@ def measure_two_ports(backend, sockets, pkt_size, seconds=3.0, warmup=1.0, packe
                  for i, s in enumerate(socks)]
         peers = [f"--eth-peer={i},{SWITCH_MACS[1 - i]}" for i in (0, 1)]
         fe = Testpmd(vdevs, forward_mode="mac", cpus=PINNING["peer"][0], huge=False,
-                     txpkts=pkt_size, nb_cores=1, extra_args=peers)
+                     txpkts=pkt_size, nb_cores=1, extra_args=peers + ["--record-core-cycles"])
+        fe_busy = TestpmdBusy(fe, 1)
         with fe:
             fe.wait_link_up(0, timeout=20)
             fe.wait_link_up(1, timeout=20)
@@ -217,16 +292,19 @@ def measure_two_ports(backend, sockets, pkt_size, seconds=3.0, warmup=1.0, packe
             fe.start(tx_first=True)
             time.sleep(warmup)
             pids = backend.pids()
+            backend.busy_begin()
+            fe_busy.begin()
             s0, c0, t0 = fe.port_stats(), cpu_seconds(pids), time.monotonic()
             time.sleep(seconds)
             s1, c1, t1 = fe.port_stats(), cpu_seconds(pids), time.monotonic()
+            busy = {"backend": backend.busy_end(), "frontend": fe_busy.end()}
             rss = peak_rss_kib(pids)
             fe.stop()
     packets = sum(s1[p]["rx_packets"] - s0[p]["rx_packets"] for p in (0, 1))
     dt = t1 - t0
     return {"mpps": packets / dt / 1e6, "packets": packets, "seconds": dt,
             "cpu_ns_per_pkt": (c1 - c0) / packets * 1e9 if packets else None,
-            "rss_mib": rss / 1024}
+            "rss_mib": rss / 1024, "busy": busy}
 
 
 def measure(backend, sock, row, pkt_size, seconds=3.0, warmup=1.0, queues=1, packed=False):
@@ -237,20 +315,24 @@ def measure(backend, sock, row, pkt_size, seconds=3.0, warmup=1.0, queues=1, pac
     with backend:
         fe = Testpmd([virtio_user_vdev(sock, queues=queues, packed_vq=packed)], forward_mode=spec["frontend"],
                      cpus=cpus, huge=False, txpkts=pkt_size, rxq=queues, txq=queues,
-                     nb_cores=nb_cores)
+                     nb_cores=nb_cores, extra_args=["--record-core-cycles"])
+        fe_busy = TestpmdBusy(fe, nb_cores)
         with fe:
             fe.wait_link_up(0, timeout=20)
             backend.ready()
             fe.start(tx_first=spec.get("tx_first", False))
             time.sleep(warmup)
             pids = backend.pids()
+            backend.busy_begin()
+            fe_busy.begin()
             s0, c0, t0 = fe.port_stats()[0], cpu_seconds(pids), time.monotonic()
             time.sleep(seconds)
             s1, c1, t1 = fe.port_stats()[0], cpu_seconds(pids), time.monotonic()
+            busy = {"backend": backend.busy_end(), "frontend": fe_busy.end()}
             rss = peak_rss_kib(pids)
             fe.stop()
     packets = s1[spec["count"]] - s0[spec["count"]]
     dt = t1 - t0
     return {"mpps": packets / dt / 1e6, "packets": packets, "seconds": dt,
             "cpu_ns_per_pkt": (c1 - c0) / packets * 1e9 if packets else None,
-            "rss_mib": rss / 1024}
+            "rss_mib": rss / 1024, "busy": busy}

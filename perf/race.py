@@ -22,6 +22,8 @@ dpdkvhostuser ports, the NORMAL action or two port-to-port flows, its PMD on
 CPU 0): one testpmd on CPU 1 with two virtio-user ports in mac forwarding,
 each port's --eth-peer the other port's MAC, --tx-first; the rate is both
 ports' RX (single queue pair only). Only ratios from one run are meaningful on shared machines.
+Each run also records both sides' busy share (perf/backends.py): which of
+the back-end and the front-end bounds the row.
 With --results, the chart of every row (perf/plot.py, needs the perf extra) is
 written beside the JSON (race.json -> race.png) and embedded in the markdown.
 """
@@ -196,7 +198,8 @@ def format_row(e):
     errors = "".join(f"  {name} failed: {e[name]['error']}" for name in (peer, "vhu", "base")
                      if e.get(name, {}).get("error"))
     return (f"{e['row']:6} {e.get('ring', 'split'):6} {e['queues']}q {e['pkt_size']:5}B  {peer:4} {_f(d.get('mpps'), '6.2f')} Mpps  "
-            f"vhu {_f(v.get('mpps'), '6.2f')} Mpps  ratio {_f(e['ratio'], '.2f')}{base}{errors}")
+            f"vhu {_f(v.get('mpps'), '6.2f')} Mpps  ratio {_f(e['ratio'], '.2f')}{base}  "
+            f"busy back-end/front-end: {peer} {_busy(d)}, vhu {_busy(v)}{errors}")
 
 
 COLLAPSED = 0.05     # a run under 5% of the row's best: the loop died (not a slow mode)
@@ -219,6 +222,13 @@ def _rate(side):
     return f"{_f(side.get('mpps'), '.2f')} ({min(runs):.1f}–{max(runs):.1f}{flag})"
 
 
+def _busy(side):
+    """The median run's busy shares, back-end / front-end (backends.py:
+    which side bounds the row); '-' where a build or peer does not say."""
+    b = side.get("busy") or {}
+    return f"{_f(b.get('backend'), '.2f')} / {_f(b.get('frontend'), '.2f')}"
+
+
 def _pinning(doc):
     """The run's CPU lists (back-end, front-end); runs before --cpus used 0 and 1."""
     cpus = doc.get("cpus", {"backend": [0], "peer": [1]})
@@ -235,15 +245,18 @@ def render(doc, chart=None):
              f"front-end (testpmd) on CPU {','.join(map(str, fe_cpus))}; rates read at the front-end. Each figure is the median of "
              f"interleaved runs, with the lowest and highest run in brackets (all runs "
              f"in the JSON file); a run under {COLLAPSED:.0%} of its row's best is counted "
-             f"as collapsed.", "",
+             f"as collapsed. Busy: the share of each side's polling time spent in iterations "
+             f"that moved packets, back-end / front-end (testpmd), in the median run: the "
+             f"side near 1.00 bounds the row, the other waits for it.", "",
              ]
     names = {"sink": "sink / txonly", "source": "source / rxonly", "echo": "echo / io",
              "switch": "switch / 2 ports mac", "patch": "patch / 2 ports mac"}
     two_port = [e for e in doc["results"] if e.get("peer") == "ovs"]
     if len(two_port) < len(doc["results"]):
         lines += ["| row (back-end/front-end) | ring | size | queues | DPDK Mpps | vhu Mpps | vhu/DPDK | "
-                  "DPDK CPU ns/pkt | vhu CPU ns/pkt | DPDK RSS MiB | vhu RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "DPDK CPU ns/pkt | vhu CPU ns/pkt | DPDK RSS MiB | vhu RSS MiB | busy with DPDK | "
+                  "busy with vhu |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in doc["results"]:
         if e in two_port:
             continue
@@ -253,22 +266,25 @@ def render(doc, chart=None):
             f"{e['queues']} | "
             f"{_rate(d)} | {_rate(v)} | {_f(e['ratio'], '.2f')} | "
             f"{_f(d.get('cpu_ns_per_pkt'), '.0f')} | {_f(v.get('cpu_ns_per_pkt'), '.0f')} | "
-            f"{_f(d.get('rss_mib'), '.0f')} | {_f(v.get('rss_mib'), '.0f')} |")
+            f"{_f(d.get('rss_mib'), '.0f')} | {_f(v.get('rss_mib'), '.0f')} | "
+            f"{_busy(d)} | {_busy(v)} |")
     if two_port:
         lines += ["", "Two ports through the back-end's switch (or patch) against Open "
                   f"vSwitch-DPDK (NORMAL action, or two port-to-port flows; its PMD on CPU {be_cpus[0]}), "
                   f"one vhu worker on CPU {be_cpus[0]}; one testpmd on CPU {fe_cpus[0]} with two virtio-user ports "
                   "in mac forwarding toward each other; the rate is both ports' RX:", "",
                   "| row (back-end/front-end) | ring | size | OVS Mpps | vhu Mpps | vhu/OVS | "
-                  "OVS CPU ns/pkt | vhu CPU ns/pkt | OVS RSS MiB | vhu RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "OVS CPU ns/pkt | vhu CPU ns/pkt | OVS RSS MiB | vhu RSS MiB | busy with OVS | "
+                  "busy with vhu |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in two_port:
             o, v = e["ovs"], e["vhu"]
             lines.append(
                 f"| {names.get(e['row'], e['row'])} | {e.get('ring', 'split')} | {e['pkt_size']} | "
                 f"{_rate(o)} | {_rate(v)} | {_f(e['ratio'], '.2f')} | "
                 f"{_f(o.get('cpu_ns_per_pkt'), '.0f')} | {_f(v.get('cpu_ns_per_pkt'), '.0f')} | "
-                f"{_f(o.get('rss_mib'), '.0f')} | {_f(v.get('rss_mib'), '.0f')} |")
+                f"{_f(o.get('rss_mib'), '.0f')} | {_f(v.get('rss_mib'), '.0f')} | "
+                f"{_busy(o)} | {_busy(v)} |")
     based = [e for e in doc["results"] if "base" in e]
     if based:
         lines += ["", "Against the baseline build (`--baseline`), same run:", "",

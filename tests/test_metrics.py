@@ -40,6 +40,7 @@ def test_prometheus_endpoint_and_stats_cli_during_traffic(tmp_path):
         _, before = scrape(url)
         assert value(before, "vhu_rx_packets_total", port=0, queue=0) == 0
         assert value(before, "vhu_port_connected", port=0) == 0
+        assert value(before, "vhu_worker_busy_ticks_total", worker=0) == 0
         with Testpmd([virtio_user_vdev(vhu.sockets[0])], forward_mode="txonly", cpus=1,
                      huge=False) as tp:
             tp.wait_link_up(0)
@@ -48,6 +49,15 @@ def test_prometheus_endpoint_and_stats_cli_during_traffic(tmp_path):
             text, during = scrape(url)
             assert value(during, "vhu_rx_packets_total", port=0) > 0
             assert value(during, "vhu_port_connected", port=0) == 1
+            # The worker moved frames: busy ticks, a part of its loop's ticks;
+            # and the stats file says which share (between two reports).
+            busy = value(during, "vhu_worker_busy_ticks_total", worker=0)
+            assert 0 < busy < value(during, "vhu_worker_poll_ticks_total", worker=0)
+            deadline = time.monotonic() + 30
+            while vhu.stats()["workers"][0]["busy"] is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            share = vhu.stats()["workers"][0]["busy"]
+            assert share is not None and 0 < share <= 1, vhu.stats()["workers"]
             # python -m vhu.stats follows the stats file and shows live rates
             out = subprocess.run([sys.executable, "-m", "vhu.stats", "--stats-file", vhu.stats_file,
                                   "--interval", "0.3", "--count", "3"], cwd=REPO,

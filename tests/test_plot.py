@@ -106,15 +106,19 @@ def test_two_port_rows_get_their_own_table_against_open_vswitch():
     doc = document()
     doc["results"] = [dict(e, peer="ovs") for e in [
         {"row": "switch", "pkt_size": 64, "queues": 1, "workers": 1, "ring": "split",
-         "ovs": side(4.0, 5.0, 5.5), "vhu": side(6.0, 7.5, 8.0), "ratio": 1.5},
+         "ovs": dict(side(4.0, 5.0, 5.5), busy={"backend": 0.99, "frontend": 0.4}),
+         "vhu": dict(side(6.0, 7.5, 8.0), busy={"backend": 0.62, "frontend": None}), "ratio": 1.5},
         {"row": "patch", "pkt_size": 1500, "queues": 1, "workers": 1, "ring": "split",
          "ovs": side(error="port 1 link still down"), "vhu": side(2.0, 2.5, 3.0), "ratio": None}]]
     md = race.render(doc)
     assert "DPDK Mpps" not in md, "no single-port table without single-port rows"
     assert "| switch / 2 ports mac | split | 64 | 5.00 (4.0–5.5) | 7.50 (6.0–8.0) | 1.50 |" in md
     assert "| patch / 2 ports mac | split | 1500 | - | 2.50 (2.0–3.0) | - |" in md
+    # each side's busy share (back-end / front-end), '-' where unknown
+    assert "| 0.99 / 0.40 | 0.62 / - |" in md.split("| switch / 2 ports mac")[1].split("\n")[0]
     line = race.format_row(doc["results"][1])
     assert line == ("patch  split  1q  1500B  ovs  - Mpps  vhu   2.50 Mpps  ratio -"
+                    "  busy back-end/front-end: ovs - / -, vhu - / -"
                     "  ovs failed: port 1 link still down")
     doc["results"].insert(0, document()["results"][0])
     md = race.render(doc)

@@ -119,6 +119,38 @@ def test_engine_echo_returns_every_frame_unchanged(guest):
         assert len(tx.get_used()) == 100
 
 
+def test_engine_counts_busy_ticks_only_in_rounds_that_move_frames(guest):
+    """The load a worker reports (vhu.stats.WorkerSlot.LOAD, the stats'
+    "busy"): polling ticks grow with the loop's time, busy ticks only in the
+    rounds that moved frames, here the four batches a stage holds for 30 ms
+    each, out of a 0.4 s run."""
+    def slow(meta, bufs):
+        time.sleep(0.03)
+        return np.full(len(meta), -2)             # each frame to the app (echo)
+
+    engine = Engine(app="echo", poll="busy", stage=slow)
+    drivers, _ = bind(engine, guest, 1, [0])
+    rx, tx = drivers[0]
+    guest.post_rx(rx, 0, 200)
+    t0 = time.monotonic()
+    engine.run(0.2)
+    idle_seconds = time.monotonic() - t0
+    poll, busy = engine.load_ticks()
+    assert poll > 0 and busy == 0, "no frames: nothing busy"
+    ticks_per_second = poll / idle_seconds
+    guest.send(tx, 0, frames(4 * 32))
+    t0 = time.monotonic()
+    engine.run(0.4)
+    seconds = time.monotonic() - t0
+    poll2, busy2 = engine.load_ticks()
+    assert len(guest.received(rx, 0)) == 4 * 32
+    busy_seconds = busy2 / ticks_per_second
+    print(f"{ticks_per_second / 1e9:.2f} G ticks/s; busy {busy_seconds * 1e3:.0f} ms "
+          f"of a {seconds * 1e3:.0f} ms run")
+    # At least the four stage calls (a loaded machine only adds to both).
+    assert 0.9 * 4 * 0.03 <= busy_seconds < (poll2 - poll) / ticks_per_second, (poll2 - poll, busy2)
+
+
 def test_engine_patch_crosses_queue_pairs_and_sink_counts(guest):
     engine = Engine(app="patch", poll="busy")
     drivers, pairs = bind(engine, guest, 2, [1, 0])     # two "ports" on one memory

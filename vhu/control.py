@@ -84,6 +84,8 @@ class ControlLoop:
         self._stop_event = None
         self._last_snapshot = {}
         self._last_time = None
+        self._last_load = {}          # worker index -> (pid, polling ticks, busy ticks) at the last report
+        self._busy = {}               # worker index -> busy share between the last two reports
         # Who polls which queue pair; frames cross ports (and so workers)
         # with the switch, patch and pipeline stages.
         self.placement = Placement(config.worker_count,
@@ -401,6 +403,7 @@ class ControlLoop:
 
     def report(self):
         ports = self.port_stats()
+        self._measure_load()
         now = time.monotonic()
         dt = now - self._last_time if self._last_time else 0
         for ps in ports:
@@ -417,11 +420,33 @@ class ControlLoop:
 
     def workers(self):
         """The workers as the stats file lists them: index, pid, how many
-        times the worker of that index was replaced so far, and how many
+        times the worker of that index was replaced so far, how many
         command packets the current one was sent (control traffic it had to
-        stop for)."""
+        stop for), its loop's polling and busy ticks so far (its CPU's
+        tick counter, vhu.workers poll_ticks.h; from 0 again in a
+        replacement), and "busy": the share of its loop's time spent in
+        rounds that moved frames between the last two reports (None before
+        there are two)."""
         if self.pool is None:
             return []
-        return [{"index": i, "pid": h.pid, "replaced": self.pool.replaced[i],
-                 "packets": h.packets}
-                for i, h in enumerate(self.pool.workers)]
+        out = []
+        for i, h in enumerate(self.pool.workers):
+            poll, busy = self.stats.load(i)
+            out.append({"index": i, "pid": h.pid, "replaced": self.pool.replaced[i],
+                        "packets": h.packets, "poll_ticks": poll, "busy_ticks": busy,
+                        "busy": self._busy.get(i)})
+        return out
+
+    def _measure_load(self):
+        """Each worker's busy share since the last report (a new worker, or
+        one whose loop has not run since, has none yet)."""
+        if self.pool is None:
+            return
+        for i, h in enumerate(self.pool.workers):
+            poll, busy = self.stats.load(i)
+            last = self._last_load.get(i)
+            if last is not None and last[0] == h.pid and poll > last[1]:
+                self._busy[i] = round((busy - last[2]) / (poll - last[1]), 4)
+            else:
+                self._busy[i] = None
+            self._last_load[i] = (h.pid, poll, busy)

@@ -141,6 +141,7 @@ def human(command, result):
     if command == "show":
         workers = " ".join(f"w{w['index']}=pid {w['pid']}" + (f" (replaced {w['replaced']}x)"
                                                                if w["replaced"] else "")
+                           + (f" busy {w['busy']:.0%}" if w.get("busy") is not None else "")
                            for w in result["workers"])
         lines = [f"app {result['app']}, poll {result['poll']}, {result['queues_offered']} queue "
                  f"pairs offered per port; workers: {workers}"]

@@ -7,7 +7,7 @@ families from it through vhu.stats (itself driven by vhu._ring.COUNTER_NAMES),
 so the endpoint, the stats line and the JSON file always agree.
 
 Names are prefixed vhu_, counters end in _total; labels: port (index),
-socket, queue, reason. rx/tx are vhu's view, as in the stats file.
+socket, queue, reason, worker (index). rx/tx are vhu's view, as in the stats file.
 """
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -79,6 +79,23 @@ class VhuCollector:
         yield up
         yield from remote.values()
         yield macs
+        workers = getattr(self.source, "workers", None)
+        if workers is not None:
+            yield from worker_families(workers())
+
+
+def worker_families(workers):
+    """Each worker's loop time and the part of it spent moving frames, in
+    its CPU's ticks: rate(busy) / rate(poll) is its utilisation."""
+    poll = CounterMetricFamily("vhu_worker_poll_ticks", "Ticks the worker's polling loop ran "
+                               "(its CPU's tick counter; from 0 again in a replacement)",
+                               labels=["worker"])
+    busy = CounterMetricFamily("vhu_worker_busy_ticks", "Ticks of the worker's loop spent in "
+                               "rounds that moved frames", labels=["worker"])
+    for w in workers:
+        poll.add_metric([str(w["index"])], w["poll_ticks"])
+        busy.add_metric([str(w["index"])], w["busy_ticks"])
+    return [poll, busy]
 
 
 class MetricsServer:

@@ -56,6 +56,7 @@ class WorkerSlot:
     SIZE = 64
     HEARTBEAT = 0           # u64 the engine bumps about every millisecond
     FAULT = 8               # u64 x 3: signal, faulting address, port + 1 (vhu.workers._guard)
+    LOAD = 32               # u64 x 2: the loop's polling ticks, and its busy ticks (Engine.set_load)
 
     @staticmethod
     def offset(layout, worker):
@@ -96,6 +97,12 @@ class StatsMemory:
 
     def heartbeat(self, worker):
         return int(self.slots[worker, WorkerSlot.HEARTBEAT // 8])
+
+    def load(self, worker):
+        """(polling ticks, busy ticks) of the worker in that slot: busy over
+        polling is the share of its loop's time spent moving frames."""
+        w = WorkerSlot.LOAD // 8
+        return int(self.slots[worker, w]), int(self.slots[worker, w + 1])
 
     def fault(self, worker):
         """(signal, address, port or None) the worker's fault guard recorded, or None."""

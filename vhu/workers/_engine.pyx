@@ -58,6 +58,9 @@ from libc.errno cimport errno, EINTR, EAGAIN
 from posix.unistd cimport read, write, close
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC, CLOCK_REALTIME
 from vhu._barriers cimport vhu_likely, vhu_unlikely
+
+cdef extern from "poll_ticks.h" nogil:
+    uint64_t vhu_poll_ticks()
 from vhu._ring cimport (DeviceRing, DevRing, Seg, ChainInfo, dev_pop_batch, dev_push_popped,
                         dev_publish_used, dev_notifications_on, dev_notifications_off,
                         dev_rx_enqueue, dev_avail_pending, dev_mark_broken, copy_segs,
@@ -299,6 +302,11 @@ cdef class Engine:
     cdef volatile uint64_t *beat
     cdef object beat_owner
     cdef uint64_t own_beat
+    # load: [polling ticks, busy ticks] (vhu.stats.WorkerSlot.LOAD): time in
+    # run()'s loop, and the part of it spent in rounds that moved something
+    cdef volatile uint64_t *load
+    cdef object load_owner
+    cdef uint64_t own_load[2]
     # offloads (take_offload, deliver_offload): frames whose header asks for one
     cdef uint8_t foff[MAX_BATCH]           # 1: finfo holds its checked header
     cdef Offload finfo[MAX_BATCH]
@@ -321,6 +329,7 @@ cdef class Engine:
         self.heads = <char *>malloc(MAX_BATCH * HEAD_COPY)
         self.obuf = <char *>malloc(MAX_FRAME)
         self.beat = &self.own_beat
+        self.load = &self.own_load[0]
         self.holder = 1
         if (self.frame == NULL or self.macs == NULL or self.tap_out == NULL
                 or self.injected == NULL or self.heads == NULL or self.obuf == NULL):
@@ -368,6 +377,20 @@ cdef class Engine:
             raise ValueError("the heartbeat must be an aligned u64 inside the buffer")
         self.beat_owner = buffer
         self.beat = <volatile uint64_t *>&mv[offset]
+
+    def set_load(self, buffer, Py_ssize_t offset):
+        """Keep the loop's [polling ticks, busy ticks] in the two u64 at
+        buffer[offset] (written about every millisecond while running)."""
+        cdef unsigned char[::1] mv = buffer
+        if offset < 0 or offset % 8 or offset + 16 > mv.shape[0]:
+            raise ValueError("the load counters must be two aligned u64 inside the buffer")
+        self.load_owner = buffer
+        self.load = <volatile uint64_t *>&mv[offset]
+
+    def load_ticks(self):
+        """(polling ticks, busy ticks) so far: their ratio is the share of
+        the loop's time spent in rounds that moved frames."""
+        return self.load[0], self.load[1]
 
     def heartbeat(self):
         """One beat from Python (the worker's command loop)."""
@@ -1625,7 +1648,12 @@ cdef class Engine:
     def run(self, double max_seconds=1.0):
         """Process the bound queues until the control fd is readable or
         max_seconds pass. Returns the number of chains handled."""
-        cdef uint64_t total = 0, work, rounds = 0
+        cdef uint64_t total = 0, work = 0, rounds = 0
+        # One tick read a round, at its start: the round before was busy if
+        # it moved anything, and a busy round neither sleeps nor yields, so
+        # all of the time since the last read was work.
+        cdef uint64_t tick, last_tick = vhu_poll_ticks()
+        cdef uint64_t poll_ticks = self.load[0], busy_ticks = self.load[1]
         # An idle worker stays asleep across run() calls (the control check
         # returns every max_seconds) instead of spinning idle_spins rounds
         # again each time.
@@ -1653,6 +1681,11 @@ cdef class Engine:
                 if self.bindings[i].rx != NULL:
                     dev_notifications_off(self.bindings[i].rx)
             while not stop:
+                tick = vhu_poll_ticks()
+                poll_ticks += tick - last_tick
+                if work:
+                    busy_ticks += tick - last_tick
+                last_tick = tick
                 work = self.round()
                 total += work
                 rounds += 1
@@ -1667,6 +1700,8 @@ cdef class Engine:
                     if t >= next_ctrl_check:
                         next_ctrl_check = t + CTRL_CHECK_SECONDS
                         self.beat[0] += 1
+                        self.load[0] = poll_ticks
+                        self.load[1] = busy_ticks
                         pfd.revents = 0
                         if self.ctrl_fd >= 0 and poll(&pfd, 1, 0) > 0:
                             break
@@ -1687,5 +1722,8 @@ cdef class Engine:
                     # a ping-pong (echo) loop that is only briefly empty.
                     sched_yield()
             self.flush_captures()
+            tick = vhu_poll_ticks()
+            self.load[0] = poll_ticks + (tick - last_tick)
+            self.load[1] = busy_ticks + (tick - last_tick if work else 0)
         self.idle_rounds = idle
         return total

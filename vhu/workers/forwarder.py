@@ -464,3 +464,8 @@ class Forwarder:
     def stats(self):
         """Per-port statistics as in the JSON stats file (vhu.stats.port_stats)."""
         return self._serving().port_stats()
+
+    def workers(self):
+        """The workers as the JSON stats file lists them (pid, replacements,
+        command packets, polling and busy ticks, busy share)."""
+        return self._serving().workers()

@@ -182,6 +182,7 @@ class WorkerState:
         if self.stats_map is not None:
             slot = WorkerSlot.offset(self.config["stats_layout"], index)
             self.engine.set_heartbeat(self.stats_map, slot + WorkerSlot.HEARTBEAT)
+            self.engine.set_load(self.stats_map, slot + WorkerSlot.LOAD)
             _guard.install(self.stats_map, slot + WorkerSlot.FAULT)
         for handler in logging.getLogger().handlers:
             handler.setFormatter(logging.Formatter(
