@@ -24,7 +24,7 @@ from tests.vhuproc import REPO, VhuMaster, frontend_process
 import vhu.ctl
 from vhu.control import ControlError
 from vhu.testbed.dpdk import Testpmd, virtio_user_vdev
-from vhu.workers.forwarder import Forwarder, TapDevice
+from vhu.workers.forwarder import Forwarder
 
 Testpmd.__test__ = False
 VHU_CPU, PEER_CPU = "0", 1

@@ -309,6 +309,19 @@ def test_two_workers_share_one_mac_table():
         g.send(drivers[1][1][0], 1, [to_1])
         b.run(0.02)
         assert received() == [[to_1], [], [to_1]]          # unknown again: flooded
+        # A worker remembers a lookup for the rest of one batch, no longer:
+        # a station worker A learns between two of B's batches is found by
+        # B's very next batch, not flooded to from a remembered miss.
+        to_3 = eth(mac(3), mac(2), fill=3)
+        g.send(drivers[1][1][0], 1, [to_3, to_3])
+        b.run(0.02)
+        assert received() == [[to_3, to_3], [], [to_3, to_3]], "unknown: both flooded"
+        g.send(drivers[2][1][0], 2, [eth(BCAST, mac(3), fill=4)])
+        a.run(0.02)                                      # A learns mac 3 behind port 2
+        received()
+        g.send(drivers[1][1][0], 1, [to_3])
+        b.run(0.02)
+        assert received() == [[], [], [to_3]], "B's next batch found what A learned"
         rows = np.frombuffer(cmap, dtype=np.uint64).reshape(3, 2, C)
         assert (rows[:, :, shared.RX_LOCK] == 0).all()
     finally:

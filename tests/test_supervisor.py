@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.test_worker import FEATURES, GUEST, UVA, Guest, frames
+from tests.test_worker import FEATURES, GUEST, UVA, Guest
 from tests.workerpool import PoolThread
 from vhu._mem import GuestMemory
 from vhu._ring import DriverRing

@@ -186,7 +186,7 @@ def ping_and_tcp_both_ways(lab):
 def test_tap_host_and_kernel_vxlan_ping_and_tcp_both_ways(lab):
     v = ping_and_tcp_both_ways(lab)
     assert v["socket"] == f"vxlan:{VNI}@{A_IP}:4789" and v["connected"]
-    r = wait_until(lambda: (lambda r: r["rx_packets"] > FILE_SIZE // 1450 and
+    wait_until(lambda: (lambda r: r["rx_packets"] > FILE_SIZE // 1450 and
                           r["tx_packets"] > FILE_SIZE // 1450 and r["macs"] >= 1 and r)(
                               lab.remote(B_IP)), 10, "the remote's counters")
     assert v["drops_by_reason"]["vxlan_bad"] == 0 and v["drops_by_reason"]["vxlan_foreign"] == 0

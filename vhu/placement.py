@@ -14,6 +14,8 @@ frames move between ports (switch, patch, a pipeline stage): then every
 worker maps it, and takes its lock (vhu/workers/_shared.pxi) to deliver.
 """
 
+from vhu.netqueues import is_transmitq
+
 
 class Placement:
     def __init__(self, workers, cross_delivery):
@@ -60,7 +62,7 @@ class Placement:
 
     def shared(self, port, ring):
         """Is the ring written by more than one worker (it takes the lock)?"""
-        return ring % 2 == 0 and self.cross_delivery and self.count > 1
+        return not is_transmitq(ring) and self.cross_delivery and self.count > 1
 
     def next_epoch(self, port, ring):
         """A new start of a shared RX ring: its number, never 0 and never

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from vhu._ring import COUNTER_NAMES
+from vhu.netqueues import queue_pair, side
 
 _INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 BROKEN_NAMES = [n for n in COUNTER_NAMES if n.startswith("broken_") and n != "broken_ok_unused"]
@@ -46,8 +47,8 @@ class Layout(NamedTuple):
 def counter_offset(port, ring, rings_per_port):
     """Byte offset of (port, ring)'s counters in the shared stats memory (a
     queue pair's RX ring, then its TX ring, in a block of PAIR_WORDS)."""
-    return ((port * (rings_per_port // 2) + ring // 2) * PAIR_WORDS
-            + (ring % 2) * COUNTERS_PER_RING) * 8
+    return ((port * (rings_per_port // 2) + queue_pair(ring)) * PAIR_WORDS
+            + side(ring) * COUNTERS_PER_RING) * 8
 
 
 class WorkerSlot:
@@ -93,7 +94,7 @@ class StatsMemory:
 
     def ring(self, port, ring):
         """A view of one ring's counters."""
-        return self.array[port, ring // 2, ring % 2]
+        return self.array[port, queue_pair(ring), side(ring)]
 
     def heartbeat(self, worker):
         return int(self.slots[worker, WorkerSlot.HEARTBEAT // 8])

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 from vhu._mem import GuestMemory
 from vhu._ring import DriverRing, packed_ring_layout, split_ring_layout, check_queue_size
+from vhu.netqueues import is_transmitq
 from vhu.protocol.messages import VRING_F_LOG, ProtocolFeature as PF, VirtioFeature as VF, mask
 
 from . import _traffic
@@ -257,7 +258,7 @@ class Frontend:
         sizes = packed_ring_layout(n) if self.packed else split_ring_layout(n)
         off, out = 0, []
         for q in range(2 * self.queues):
-            slot = self.rx_slot if q % 2 == 0 else self.tx_slot
+            slot = self.tx_slot if is_transmitq(q) else self.rx_slot
             parts = []
             for s in sizes:
                 parts.append(off)
@@ -362,7 +363,7 @@ class Frontend:
         sizes = packed_ring_layout(n) if self.packed else split_ring_layout(n)
         for q, (desc, avail, used, slots) in enumerate(self._layout_parts):
             yield GPA_BASE + used, sizes[2]
-            if q % 2 == 0:
+            if not is_transmitq(q):
                 yield GPA_BASE + slots, self.rx_slot * n
 
     def logged(self, gpa: int) -> bool:
@@ -479,7 +480,6 @@ class Frontend:
 
     @staticmethod
     def _count_done(tr, mode: str, count: int) -> bool:
-        c = tr.counters()
         if mode == "rx":
             return tr.done()
         return not tr.sending

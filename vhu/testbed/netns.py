@@ -7,7 +7,6 @@ failing test leaves nothing behind. Needs root and iproute2.
 """
 import ctypes
 import fcntl
-import os
 import socket
 import struct
 import subprocess

@@ -63,7 +63,7 @@ from vhu.config import APPS, DEFAULT_QUEUES, MAX_PORTS, POLL_MODES, MasterConfig
 from vhu.control import ControlLoop
 from vhu.portspecs import TapDevice, VhostUserPort, VxlanPort  # noqa: F401  (part of this API)
 from vhu.protocol.backend import MAX_QUEUE_PAIRS
-from vhu.workers._engine import META_DTYPE, VERDICT_APP, VERDICT_DROP
+from vhu.workers._engine import VERDICT_APP, VERDICT_DROP
 
 log = logging.getLogger("vhu.forwarder")
 

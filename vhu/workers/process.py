@@ -33,6 +33,7 @@ import numpy as np
 
 from vhu._mem import GuestMemory
 from vhu._ring import DeviceRing
+from vhu.netqueues import is_transmitq, queue_pair, side
 from vhu.stats import COUNTERS_PER_RING, WorkerSlot, counter_offset
 from vhu.tap import TAP_FEATURES, vnet_hdr_len
 from vhu.workers import _guard, channel
@@ -257,7 +258,7 @@ class WorkerState:
             ring = DeviceRing(p.mem, setup.size, setup.desc, setup.avail, setup.used,
                               addr_space="uva", event_idx=setup.event_idx,
                               indirect=setup.indirect, features=setup.features,
-                              packed=setup.packed, device_reads=index % 2 == 1)
+                              packed=setup.packed, device_reads=is_transmitq(index))
             if setup.shared:
                 # The ring's position is shared (the master set it; other
                 # workers may be publishing): ours is private until we take
@@ -387,7 +388,7 @@ class WorkerState:
         _nonblocking(call)
         if not self.dirty:
             try:
-                self.engine.update_ring(port, index // 2, index % 2, bool(enabled),
+                self.engine.update_ring(port, queue_pair(index), side(index), bool(enabled),
                                         -1 if polled else kick, call)
             except (KeyError, OSError):
                 _close(kick)

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from vhu._ring import COUNTER_NAMES
+from vhu.netqueues import queue_pair, side
 from vhu.workers._engine import LOCK_DEAD_WORD, MAC_TABLE_BYTES
 
 RX_LOCK = COUNTER_NAMES.index("state_rx_lock")
@@ -50,12 +51,12 @@ def release_locks(array, word):
 
 def free_lock(array, port, ring):
     """A ring that nobody runs (about to start): its lock is free."""
-    _lock_words(array)[port, ring // 2, ring % 2] = 0
+    _lock_words(array)[port, queue_pair(ring), side(ring)] = 0
 
 
 def lock_word(array, port, ring):
     """The lock word of (port, ring) now."""
-    return int(_lock_words(array)[port, ring // 2, ring % 2])
+    return int(_lock_words(array)[port, queue_pair(ring), side(ring)])
 
 
 def locks_held(array):
