@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from vhu.testbed.dpdk import Testpmd, vhost_vdev, virtio_user_vdev
@@ -159,6 +160,7 @@ class VhuBackend:
     def __init__(self, sock, row, pkt_size, queues=1, workers=1, poll="busy", tree=None,
                  more_sockets=()):
         self.sock = sock
+        self.sockets = (sock, *more_sockets)
         self.tree = tree
         more = [arg for s in more_sockets for arg in ("--socket", s)]
         self.argv = [sys.executable, "-m", "vhu.master", "--socket", sock, *more, "--app", row,
@@ -169,12 +171,18 @@ class VhuBackend:
 
     def __enter__(self):
         env = dict(os.environ, PYTHONPATH=self.tree) if self.tree else None
+        # The master's warnings and errors go with a failed run.
+        self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(self.argv, cwd=self.tree or REPO, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 20
-        while not os.path.exists(self.sock):
+        # Every socket, not only the first: a front-end that finds one
+        # missing fails that port.
+        while not all(os.path.exists(s) for s in self.sockets):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vhu.master did not start ({self.proc.returncode})")
+                err = RuntimeError(f"vhu.master did not start ({self.proc.returncode})")
+                self.__exit__(RuntimeError, err, None)
+                raise err
             time.sleep(0.05)
         return self
 
@@ -210,6 +218,11 @@ class VhuBackend:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.seek(0)
+        text = self.log.read().decode(errors="replace")
+        self.log.close()
+        if isinstance(exc[1], BaseException):
+            exc[1].add_note("vhu.master said:\n" + "\n".join(text.splitlines()[-40:]))
 
 
 class OvsBackend:
@@ -268,8 +281,8 @@ class OvsBackend:
         return round(int(work.group(1)) / (int(idle.group(1)) + int(work.group(1))), 3)
 
     def __exit__(self, *exc):
-        if exc[0] is not None:   # what OVS said goes with the failure
-            self.log_tail = "\n".join(self.ovs.log_text().splitlines()[-40:])
+        if isinstance(exc[1], BaseException):   # what OVS said goes with the failure
+            exc[1].add_note("ovs-vswitchd said:\n" + "\n".join(self.ovs.log_text().splitlines()[-40:]))
         self.ovs.stop()
 
 

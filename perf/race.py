@@ -35,6 +35,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from backends import (PINNING, SWITCH_ROWS, DpdkBackend, OvsBackend, VhuBackend,  # noqa: E402
@@ -166,6 +167,9 @@ def interleaved(entry, peer, run, a):
                 runs[name].append(run(name))
             except Exception as exc:          # a failed run is reported, not hidden
                 errors[name] = str(exc).splitlines()[0][:200]
+                # The whole story (the peer's output, the back-end's log) to stderr.
+                print(f"{entry['row']} {entry.get('ring', '')} {entry['pkt_size']}: {name} run failed:\n"
+                      + "".join(traceback.format_exception_only(exc)), file=sys.stderr)
             time.sleep(0.3)
     for name in names:
         entry[name] = median_run(runs[name]) if runs[name] else {}

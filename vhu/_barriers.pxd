@@ -12,7 +12,6 @@ cdef extern from "vhu_barriers.h" nogil:
     void vhu_write_once_u32(void *p, uint32_t v)
     void vhu_write_once_u64(void *p, uint64_t v)
     void vhu_prefetch(const void *p)
-    void vhu_prefetch_write(const void *p)
     void vhu_fence_release()
     void vhu_log_or_u8(void *p, uint8_t bits)
     bint vhu_likely(bint x)

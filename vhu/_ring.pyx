@@ -592,23 +592,16 @@ cdef bint dev_notifications_on(DevRing *r) noexcept nogil:
 cdef inline ChainInfo *rx_next_chain(DevRing *r) noexcept nogil:
     """The next receive chain: from the stash, refilled a batch at a time
     (one avail->idx load and one memory check per batch, not per frame)."""
-    cdef int n, k
-    cdef Seg *w
+    cdef int n
     if r.stash_i == r.stash_n:
         n = pop_chains(r, RX_STASH if RX_STASH < r.max_chains else r.max_chains)
         r.stash_n = n if n > 0 else 0
         r.stash_i = 0
         if n <= 0:
             return NULL
-        # The lines each buffer's header and frame start go to: the
-        # front-end read them last (its CPU owns them), so ask for all of
-        # them now, while the first frames are copied.
-        for k in range(n):
-            if r.chains[k].nwrite:
-                w = &r.segs[r.chains[k].seg_start + r.chains[k].nread]
-                vhu_prefetch_write(w.ptr)
-                if w.len > 64:
-                    vhu_prefetch_write(w.ptr + 64)
+        # No prefetch of the buffers' lines for writing here: it cost the
+        # source app up to 3x and packed forwarding 5-10% (perf/PROFILE.md,
+        # "Prefetching the batch").
     VHU_ASSERT(r.stash_i < r.stash_n and r.stash_n <= r.max_chains)
     r.stash_i += 1
     return &r.chains[r.stash_i - 1]

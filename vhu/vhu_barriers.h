@@ -65,13 +65,6 @@ static inline void vhu_log_or_u8(void *p, uint8_t bits) {
 /* Hint the next cache line of a ring entry in: the peer wrote it last. */
 static inline void vhu_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 
-/* Ask for a line we are about to write, owned (read for ownership): a
- * receive buffer whose header line the front-end's CPU read last. Issued
- * for a whole stash of buffers at once, the ownership requests overlap
- * instead of each stalling one frame's copy in turn. A hint: it never
- * faults and reads nothing into the program. */
-static inline void vhu_prefetch_write(const void *p) { __builtin_prefetch(p, 1, 3); }
-
 #define vhu_likely(x) __builtin_expect(!!(x), 1)
 #define vhu_unlikely(x) __builtin_expect(!!(x), 0)
 

@@ -1046,7 +1046,10 @@ cdef class Engine:
         # Every frame's first lines (its header, the addresses the switch
         # reads), written last by the front-end's CPU: asked for together,
         # so their transfers overlap instead of each stalling its frame.
-        for i in range(n):
+        # Not for sink, which reads two header bytes of each and drops it:
+        # a line it never reads, pulled over, only makes the front-end's
+        # next write to it miss.
+        for i in range(n if self.app != APP_SINK else 0):
             if tx.chains[i].nread:
                 s0 = &tx.segs[tx.chains[i].seg_start]
                 vhu_prefetch(s0.ptr)
