@@ -30,6 +30,7 @@ import time
 from vhu import stats as stats_mod
 from vhu.config import MAX_PORTS
 from vhu.controlsock import ControlServer
+from vhu.netqueues import RECEIVEQ, ring_index
 from vhu.portspecs import TapDevice, VhostUserPort, VxlanPort
 from vhu.protocol.backend import negotiated_offloads
 from vhu.ports import Port
@@ -286,10 +287,10 @@ class ControlLoop:
         not up yet), `rx_writers` are the workers that may deliver into its
         RX ring (locked when more than one)."""
         w = self.placement.lookup(port, q)
-        writers = [] if w is None else self.placement.writers(port, 2 * q)
+        writers = [] if w is None else self.placement.writers(port, ring_index(q, RECEIVEQ))
         # Who holds its RX ring's lock right now (a worker inside a batch;
         # "dead" until the master has reaped and released a dead holder).
-        word = shared.lock_word(self.stats.array, port, 2 * q)
+        word = shared.lock_word(self.stats.array, port, ring_index(q, RECEIVEQ))
         holder = (None if word == 0 else "dead" if word == LOCK_DEAD else (word & 0xFFFF) - 1)
         return {"queue": q, "worker": w, "rx_writers": writers, "rx_lock_holder": holder}
 

@@ -14,7 +14,7 @@ frames move between ports (switch, patch, a pipeline stage): then every
 worker maps it, and takes its lock (vhu/workers/_shared.pxi) to deliver.
 """
 
-from vhu.netqueues import is_transmitq
+from vhu.netqueues import is_transmitq, queue_pair
 
 
 class Placement:
@@ -52,10 +52,10 @@ class Placement:
         return self.owner.get((port, qp))
 
     def writers(self, port, ring):
-        """The workers that run ring `ring` of `port` (virtio-net numbering:
-        2 qp is the RX ring, 2 qp + 1 the TX ring): the owner, and for an RX
+        """The workers that run ring `ring` of `port` (vhu.netqueues): the
+        owner of its queue pair, and for an RX
         ring that frames of other ports reach, every worker."""
-        owner = self.worker(port, ring // 2)
+        owner = self.worker(port, queue_pair(ring))
         if self.shared(port, ring):
             return [owner] + [w for w in range(self.count) if w != owner]
         return [owner]

@@ -32,6 +32,7 @@ import time
 
 from vhu import regions as region_rules
 from vhu._mem import GuestMemory
+from vhu.netqueues import queue_pair
 from vhu.protocol.backend import (F_LOG_ALL, OFFLOAD_FEATURES, SUPPORTED_FEATURES, BackendConfig,
                                   NetBackend)
 from vhu.protocol.dispatch import Dispatcher
@@ -102,7 +103,7 @@ class WorkerHooks:
 
     def _worker_of(self, ring):
         """The worker that polls the ring's queue pair (vhu.placement)."""
-        return self.control.placement.worker(self.index, ring // 2)
+        return self.control.placement.worker(self.index, queue_pair(ring))
 
     def _writers(self, ring):
         """Every worker that runs the ring: the owner first (vhu.placement)."""
@@ -153,7 +154,7 @@ class WorkerHooks:
         if self.closed:
             return
         if cfg.ready and cfg.enabled:     # the stats list these (vhu.stats.port_stats)
-            self.port.queue_pairs_in_use = max(self.port.queue_pairs_in_use, index // 2 + 1)
+            self.port.queue_pairs_in_use = max(self.port.queue_pairs_in_use, queue_pair(index) + 1)
         was = self.running.get(index)
         if not cfg.ready:
             if was is not None:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from vhu._ring import COUNTER_NAMES
-from vhu.netqueues import queue_pair, side
+from vhu.netqueues import RECEIVEQ, TRANSMITQ, queue_pair, ring_index, side
 
 _INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 BROKEN_NAMES = [n for n in COUNTER_NAMES if n.startswith("broken_") and n != "broken_ok_unused"]
@@ -158,7 +158,7 @@ OFFLOAD_COUNTERS = ("tx_gso", "tx_csum", "rx_gso", "rx_csum", "rx_segmented", "r
 
 
 def queue_stats(snap, port, qp):
-    rx_ring, tx_ring = snap[port, 2 * qp], snap[port, 2 * qp + 1]
+    rx_ring, tx_ring = snap[port, ring_index(qp, RECEIVEQ)], snap[port, ring_index(qp, TRANSMITQ)]
 
     def both(name):
         return int(rx_ring[_INDEX[name]] + tx_ring[_INDEX[name]])

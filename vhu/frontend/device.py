@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 from vhu._mem import GuestMemory
 from vhu._ring import DriverRing, packed_ring_layout, split_ring_layout, check_queue_size
-from vhu.netqueues import is_transmitq
+from vhu.netqueues import RECEIVEQ, TRANSMITQ, is_transmitq, ring_index
 from vhu.protocol.messages import VRING_F_LOG, ProtocolFeature as PF, VirtioFeature as VF, mask
 
 from . import _traffic
@@ -400,7 +400,7 @@ class Frontend:
             raise FrontendError("rings not started")
         qs = []
         for i in range(self.queues):
-            rx, tx = 2 * i, 2 * i + 1
+            rx, tx = ring_index(i, RECEIVEQ), ring_index(i, TRANSMITQ)
             qs.append((self.rings[tx], self.rings[rx], self.kick_fds[tx], self.kick_fds[rx],
                        self.call_fds[tx], self.call_fds[rx], self._slots[tx], self._slots[rx]))
         return _traffic.Traffic(self.mem, qs, mode, pkt_size=self.pkt_size, hdr_len=self.hdr_len,

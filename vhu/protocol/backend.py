@@ -46,6 +46,7 @@ from .messages import (
     VringFile, VringState, mask,
 )
 from .wire import Message, close_fds
+from ..netqueues import queue_pair
 from ..ring_layout import MisalignedRing, check_alignment, ring_parts
 
 log = logging.getLogger(__name__)
@@ -419,7 +420,7 @@ class NetBackend:
         if not 0 <= index < self.nrings:
             qp = self.config.max_queue_pairs
             self.refused = (f"ring index {index} out of range (0..{self.nrings - 1}): queue pair "
-                            f"{index // 2} asked for, {qp} offered (vhu.master --queues); the "
+                            f"{queue_pair(index)} asked for, {qp} offered (vhu.master --queues); the "
                             f"front-end's set-up is refused: give it at most {qp} queue "
                             f"pair{'s' if qp > 1 else ''}, or offer more")
             raise SetupRefused(self.refused)

@@ -1040,16 +1040,18 @@ cdef class Engine:
         cdef timespec ts
         cdef int *members
         cdef bint decide = self.app == APP_SWITCH and self.stage is None
+        cdef bint frames_read = (self.stage is not None or b.cap_rx >= 0 or
+                                 (self.app != APP_SINK and self.app != APP_SOURCE))
         cdef Seg *s0
         if n <= 0:
             return 0
         # Every frame's first lines (its header, the addresses the switch
         # reads), written last by the front-end's CPU: asked for together,
         # so their transfers overlap instead of each stalling its frame.
-        # Not for sink, which reads two header bytes of each and drops it:
-        # a line it never reads, pulled over, only makes the front-end's
-        # next write to it miss.
-        for i in range(n if self.app != APP_SINK else 0):
+        # Only where the frames are read on: sink and source drop what a
+        # guest sends after two header bytes, and a line pulled over that
+        # is never read only makes the front-end's next write to it miss.
+        for i in range(n if frames_read else 0):
             if tx.chains[i].nread:
                 s0 = &tx.segs[tx.chains[i].seg_start]
                 vhu_prefetch(s0.ptr)

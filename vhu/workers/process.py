@@ -33,7 +33,7 @@ import numpy as np
 
 from vhu._mem import GuestMemory
 from vhu._ring import DeviceRing
-from vhu.netqueues import is_transmitq, queue_pair, side
+from vhu.netqueues import RECEIVEQ, TRANSMITQ, is_transmitq, queue_pair, ring_index, side
 from vhu.stats import COUNTERS_PER_RING, WorkerSlot, counter_offset
 from vhu.tap import TAP_FEATURES, vnet_hdr_len
 from vhu.workers import _guard, channel
@@ -562,8 +562,8 @@ class WorkerState:
         pairs, where = [], {}
         for port in sorted(self.ports):
             rings = self.ports[port].rings
-            for qp in sorted({i // 2 for i in rings}):
-                rx, tx = rings.get(2 * qp), rings.get(2 * qp + 1)
+            for qp in sorted({queue_pair(i) for i in rings}):
+                rx, tx = rings.get(ring_index(qp, RECEIVEQ)), rings.get(ring_index(qp, TRANSMITQ))
                 where[(port, qp)] = len(pairs)
                 pairs.append(dict(
                     rx=rx.ring if rx else None, tx=tx.ring if tx else None,
