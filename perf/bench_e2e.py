@@ -21,10 +21,10 @@ WINDOW = 2.0
 
 
 def per_packet(loops, backend_name, row, size, packed=False):
-    d = tempfile.mkdtemp(prefix="vhu-bench-")
-    sock = os.path.join(d, "vhost.sock")
-    be = DpdkBackend(sock, row, size) if backend_name == "dpdk" else VhuBackend(sock, row, size)
-    r = measure(be, sock, row, size, seconds=WINDOW, warmup=0.5, packed=packed)
+    with tempfile.TemporaryDirectory(prefix="vhu-bench-") as d:
+        sock = os.path.join(d, "vhost.sock")
+        be = DpdkBackend(sock, row, size) if backend_name == "dpdk" else VhuBackend(sock, row, size)
+        r = measure(be, sock, row, size, seconds=WINDOW, warmup=0.5, packed=packed)
     if not r["packets"]:
         raise RuntimeError(f"{backend_name} {row} {size}B moved no packets")
     return r["seconds"] / r["packets"] * loops

@@ -7,6 +7,7 @@ machine's other load shows in it.
 """
 import argparse
 import os
+import shutil
 import tempfile
 import time
 
@@ -35,7 +36,7 @@ def drain_rate(pipeline, batch, seconds):
             time.sleep(seconds)
             n1, t1 = fw.stats()[0]["rx_packets"], time.monotonic()
             tp.stop()
-    os.rmdir(os.path.dirname(sock))
+    shutil.rmtree(os.path.dirname(sock), ignore_errors=True)
     return (n1 - n0) / (t1 - t0)
 
 

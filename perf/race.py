@@ -129,11 +129,12 @@ def race_row(row, size, ring, queues, workers, a):
     entry = {"row": row, "pkt_size": size, "queues": queues, "workers": workers, "ring": ring}
 
     def run(name):
-        sock = os.path.join(tempfile.mkdtemp(prefix="vhu-race-"), "vhost.sock")
-        be = (DpdkBackend(sock, row, size, queues) if name == "dpdk" else
-              VhuBackend(sock, row, size, queues, workers, a.poll,
-                         tree=a.baseline if name == "base" else None))
-        return measure(be, sock, row, size, a.seconds, queues=queues, packed=ring == "packed")
+        with tempfile.TemporaryDirectory(prefix="vhu-race-") as d:    # one per run, removed after it
+            sock = os.path.join(d, "vhost.sock")
+            be = (DpdkBackend(sock, row, size, queues) if name == "dpdk" else
+                  VhuBackend(sock, row, size, queues, workers, a.poll,
+                             tree=a.baseline if name == "base" else None))
+            return measure(be, sock, row, size, a.seconds, queues=queues, packed=ring == "packed")
     return interleaved(entry, "dpdk", run, a)
 
 
@@ -145,11 +146,11 @@ def race_two_port_row(row, size, ring, a):
     def run(name):
         if name == "ovs":
             return measure_two_ports(OvsBackend(row), None, size, a.seconds, packed=ring == "packed")
-        d = tempfile.mkdtemp(prefix="vhu-race-")
-        socks = [os.path.join(d, f"vhost{i}.sock") for i in (0, 1)]
-        be = VhuBackend(socks[0], row, size, 1, 1, a.poll, more_sockets=socks[1:],
-                        tree=a.baseline if name == "base" else None)
-        return measure_two_ports(be, socks, size, a.seconds, packed=ring == "packed")
+        with tempfile.TemporaryDirectory(prefix="vhu-race-") as d:
+            socks = [os.path.join(d, f"vhost{i}.sock") for i in (0, 1)]
+            be = VhuBackend(socks[0], row, size, 1, 1, a.poll, more_sockets=socks[1:],
+                            tree=a.baseline if name == "base" else None)
+            return measure_two_ports(be, socks, size, a.seconds, packed=ring == "packed")
     return interleaved(entry, "ovs", run, a)
 
 

@@ -125,6 +125,9 @@ cdef struct DevRing:
     bint event_idx
     bint indirect
     bint device_reads              # a transmit queue: the device only reads its buffers
+    # VIRTIO_F_IN_ORDER on a packed transmit queue: a publish writes one used
+    # descriptor for its whole batch (pk_publish_used).
+    bint batch_used
     bint mergeable
     bint addr_uva
     uint32_t hdr_len

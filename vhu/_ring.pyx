@@ -39,6 +39,7 @@ DEBUG_BUILD = bool(VHU_DEBUG_BUILD)
 
 cdef uint64_t F_MRG_RXBUF = 1ULL << 15
 cdef uint64_t F_VERSION_1 = 1ULL << 32
+cdef uint64_t F_IN_ORDER = 1ULL << 35
 
 # Broken reasons: code -> (constant name, text). Order matches enum Broken.
 _BROKEN = [
@@ -1007,6 +1008,7 @@ cdef class DeviceRing:
         self.r.event_idx = bool(event_idx)
         self.r.indirect = bool(indirect)
         self.r.device_reads = bool(device_reads)
+        self.r.batch_used = bool(packed and device_reads and int(features) & F_IN_ORDER)
         self.r.mergeable = bool(int(features) & F_MRG_RXBUF)
         self.r.hdr_len = net_header_len(features)
         # Scratch for one batch: at most `size` chains in flight, and a chain
@@ -1168,7 +1170,8 @@ cdef class DeviceRing:
         publish (after writing later slots, before the first slot's flags
         and the position): the device would wait there forever, since those
         slots no longer look available. Skip them, one slot each (exact for
-        one-descriptor chains, what virtio-net drivers post). Returns the
+        one-descriptor chains, what virtio-net drivers post); under IN_ORDER
+        batching, the one used slot and the batch it names. Returns the
         number of slots skipped; split rings resume at used->idx instead."""
         cdef uint32_t skipped = 0
         cdef uint16_t flags
@@ -1177,6 +1180,11 @@ cdef class DeviceRing:
         while skipped < self.r.size:
             flags = vhu_read_once_u16(self.r.desc + 16 * <uint32_t>self.r.last_avail + 14)
             if not pk_used(flags, self.r.avail_wrap):
+                break
+            if self.r.batch_used:
+                # One used descriptor stands for its whole batch (IN_ORDER):
+                # the batch's other chains still look available.
+                skipped += pk_skip_batch(&self.r)
                 break
             pk_advance(&self.r.last_avail, &self.r.avail_wrap, 1, self.r.size)
             skipped += 1

@@ -254,7 +254,7 @@ cdef void pk_push_used(DevRing *r, uint16_t buf_id, uint32_t written) noexcept n
 
 
 cdef bint pk_publish_used(DevRing *r) noexcept nogil:
-    cdef uint32_t i, n = r.npend, size = r.size
+    cdef uint32_t i, n = r.npend, npushed = r.npend, size = r.size
     cdef uint16_t pos = r.shadow_used, wrap = r.used_wrap, first_flags = 0, nd, old, ev_flags
     cdef uint16_t first_pos = r.shadow_used, buf_id
     cdef uint32_t written
@@ -268,6 +268,22 @@ cdef bint pk_publish_used(DevRing *r) noexcept nogil:
     if n == 0 or not dev_mem_ok(r):
         return False
     desc = r.desc
+    if r.batch_used:
+        # IN_ORDER (2.8.21): one used descriptor, in the batch's first slot,
+        # names the batch's last buffer; the driver returns every buffer up
+        # to it and moves on by the batch's descriptors. On a transmit queue
+        # nothing is written into the buffers, so no length is lost. The
+        # other slots stay as the driver wrote them: lines the front-end's
+        # CPU owns are left to it, one line changes hands a batch, not one
+        # line every four frames.
+        for i in range(n):
+            nd = id_ndesc[pend_id[i]]
+            pk_advance(&pos, &wrap, nd if nd else 1, size)
+        d = desc + 16 * <uint32_t>first_pos
+        vhu_write_once_u32(d + 8, pend_len[n - 1])
+        vhu_write_once_u16(d + 12, pend_id[n - 1])
+        first_flags = pk_used_flags(r.used_wrap, pend_len[n - 1] != 0)
+        n = 0
     for i in range(n):
         d = desc + 16 * <uint32_t>pos
         buf_id = pend_id[i]
@@ -293,7 +309,7 @@ cdef bint pk_publish_used(DevRing *r) noexcept nogil:
     # Where a replacement worker resumes (vhu.workers.supervisor): every
     # chain before this position is used, none after it is in flight.
     r.counters[C_POSITION] = pos | (<uint64_t>wrap << 15)
-    r.counters[C_PUSHED] += n
+    r.counters[C_PUSHED] += npushed
     r.counters[C_PUBLISHED] += 1
     # Store (used flags) then load (driver event suppression): full fence.
     vhu_fence_full()
@@ -310,6 +326,32 @@ cdef bint pk_publish_used(DevRing *r) noexcept nogil:
     else:
         r.counters[C_NOTIFY_SUPPRESSED] += 1
     return notify
+
+
+cdef uint32_t pk_skip_batch(DevRing *r) noexcept nogil:
+    """Resume (DeviceRing.resume) at a used slot a batching publish wrote
+    (batch_used) before the position: the slot names the batch's last
+    buffer, and the batch's other chains, which still look available, run
+    up to the chain with that id. Skip the slot (one descriptor: its own
+    flags are gone) and those chains; if no available chain carries the id
+    (a batch of one), the slot alone. Returns the slots skipped."""
+    cdef uint16_t last_id = vhu_read_once_u16(r.desc + 16 * <uint32_t>r.last_avail + 12)
+    cdef uint16_t pos = r.last_avail, wrap = r.avail_wrap, flags
+    cdef uint32_t k = 1
+    pk_advance(&pos, &wrap, 1, r.size)
+    while k < r.size:
+        flags = vhu_load_acquire_u16(r.desc + 16 * <uint32_t>pos + 14)
+        if not pk_avail(flags, wrap):
+            break
+        k += 1
+        if not (flags & DESC_F_NEXT) and vhu_read_once_u16(r.desc + 16 * <uint32_t>pos + 12) == last_id:
+            pk_advance(&pos, &wrap, 1, r.size)
+            r.last_avail = pos
+            r.avail_wrap = wrap
+            return k
+        pk_advance(&pos, &wrap, 1, r.size)
+    pk_advance(&r.last_avail, &r.avail_wrap, 1, r.size)
+    return 1
 
 
 cdef void pk_notifications(DevRing *r, bint on) noexcept nogil:
