@@ -13,7 +13,6 @@ the back-end pinned to CPU 0):
 """
 import os
 import sys
-import shutil
 import tempfile
 import time
 
@@ -55,8 +54,8 @@ class LoggedVhuBackend(VhuBackend):
 
 def per_packet(loops, name, size, packed):
     backend_name, row, mode, counter = ROWS[name]
-    tmp = tempfile.mkdtemp(prefix="vhu-bench-")
-    sock = os.path.join(tmp, "vhost.sock")
+    tmp = tempfile.TemporaryDirectory(prefix="vhu-bench-")
+    sock = os.path.join(tmp.name, "vhost.sock")
     be = DpdkBackend(sock, row, size) if backend_name == "dpdk" else LoggedVhuBackend(sock, row, size)
     cpus = os.sched_getaffinity(0)
     try:
@@ -71,7 +70,7 @@ def per_packet(loops, name, size, packed):
                 r = fe.run(mode, duration=WINDOW, batch=BATCH)
     finally:
         os.sched_setaffinity(0, cpus)
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.cleanup()
     packets = getattr(r, counter)
     if not packets or r.errors:
         raise RuntimeError(f"{name} {size}B: {r.summary()}")

@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import shutil
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -32,8 +31,8 @@ WARMUP = 0.5
 
 def measure(row, size, packed, log, seconds):
     mode, counter = MODES[row]
-    tmp = tempfile.mkdtemp(prefix="vhu-bench-log-")
-    sock = os.path.join(tmp, "vhost.sock")
+    tmp = tempfile.TemporaryDirectory(prefix="vhu-bench-log-")
+    sock = os.path.join(tmp.name, "vhost.sock")
     cpus = os.sched_getaffinity(0)
     try:
         with VhuBackend(sock, row, size):
@@ -49,7 +48,7 @@ def measure(row, size, packed, log, seconds):
                     check = fe.check_log()
     finally:
         os.sched_setaffinity(0, cpus)
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.cleanup()
     if r.errors or not getattr(r, counter):
         raise RuntimeError(f"{row} {size}B log={log}: {r.summary()}")
     if check is not None and check.unmarked:

@@ -7,7 +7,6 @@ machine's other load shows in it.
 """
 import argparse
 import os
-import shutil
 import tempfile
 import time
 
@@ -26,17 +25,17 @@ def no_ipv6(batch):
 
 
 def drain_rate(pipeline, batch, seconds):
-    sock = os.path.join(tempfile.mkdtemp(prefix="vhu-bs-"), "a.sock")
-    with Forwarder([sock], pipeline=pipeline, cpus=(0,), batch=batch) as fw:
-        with Testpmd([virtio_user_vdev(sock)], forward_mode="txonly", cpus=1, huge=False) as tp:
-            tp.wait_link_up(0)
-            tp.start()
-            time.sleep(0.5)
-            n0, t0 = fw.stats()[0]["rx_packets"], time.monotonic()
-            time.sleep(seconds)
-            n1, t1 = fw.stats()[0]["rx_packets"], time.monotonic()
-            tp.stop()
-    shutil.rmtree(os.path.dirname(sock), ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="vhu-bs-") as d:     # removed on failure too
+        sock = os.path.join(d, "a.sock")
+        with Forwarder([sock], pipeline=pipeline, cpus=(0,), batch=batch) as fw:
+            with Testpmd([virtio_user_vdev(sock)], forward_mode="txonly", cpus=1, huge=False) as tp:
+                tp.wait_link_up(0)
+                tp.start()
+                time.sleep(0.5)
+                n0, t0 = fw.stats()[0]["rx_packets"], time.monotonic()
+                time.sleep(seconds)
+                n1, t1 = fw.stats()[0]["rx_packets"], time.monotonic()
+                tp.stop()
     return (n1 - n0) / (t1 - t0)
 
 

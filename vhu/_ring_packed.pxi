@@ -253,6 +253,15 @@ cdef void pk_push_used(DevRing *r, uint16_t buf_id, uint32_t written) noexcept n
     r.npend += 1
 
 
+cdef inline uint16_t pk_write_first_used(char *d, uint16_t buf_id, uint32_t written,
+                                         uint16_t wrap) noexcept nogil:
+    """The slot the driver polls next: len and id now, and the flags it
+    gets last (returned), with release, once the batch's other slots are in."""
+    vhu_write_once_u32(d + 8, written)
+    vhu_write_once_u16(d + 12, buf_id)
+    return pk_used_flags(wrap, written != 0)
+
+
 cdef bint pk_publish_used(DevRing *r) noexcept nogil:
     cdef uint32_t i, n = r.npend, npushed = r.npend, size = r.size
     cdef uint16_t pos = r.shadow_used, wrap = r.used_wrap, first_flags = 0, nd, old, ev_flags
@@ -279,19 +288,15 @@ cdef bint pk_publish_used(DevRing *r) noexcept nogil:
         for i in range(n):
             nd = id_ndesc[pend_id[i]]
             pk_advance(&pos, &wrap, nd if nd else 1, size)
-        d = desc + 16 * <uint32_t>first_pos
-        vhu_write_once_u32(d + 8, pend_len[n - 1])
-        vhu_write_once_u16(d + 12, pend_id[n - 1])
-        first_flags = pk_used_flags(r.used_wrap, pend_len[n - 1] != 0)
+        first_flags = pk_write_first_used(desc + 16 * <uint32_t>first_pos, pend_id[n - 1],
+                                          pend_len[n - 1], r.used_wrap)
         n = 0
     for i in range(n):
         d = desc + 16 * <uint32_t>pos
         buf_id = pend_id[i]
         written = pend_len[i]
         if i == 0:
-            vhu_write_once_u32(d + 8, written)
-            vhu_write_once_u16(d + 12, buf_id)
-            first_flags = pk_used_flags(wrap, written != 0)
+            first_flags = pk_write_first_used(d, buf_id, written, wrap)
         else:
             # len, id and flags in one store: this slot is not the one the
             # driver polls next, so its order against the others is free.
@@ -334,7 +339,9 @@ cdef uint32_t pk_skip_batch(DevRing *r) noexcept nogil:
     buffer, and the batch's other chains, which still look available, run
     up to the chain with that id. Skip the slot (one descriptor: its own
     flags are gone) and those chains; if no available chain carries the id
-    (a batch of one), the slot alone. Returns the slots skipped."""
+    (a batch of one), the slot alone. Bounded by the ring; a driver that
+    gives a later chain the same id only loses its own frames (skipped as
+    if sent). Returns the slots skipped."""
     cdef uint16_t last_id = vhu_read_once_u16(r.desc + 16 * <uint32_t>r.last_avail + 12)
     cdef uint16_t pos = r.last_avail, wrap = r.avail_wrap, flags
     cdef uint32_t k = 1
