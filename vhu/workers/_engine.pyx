@@ -31,7 +31,7 @@ once per ring per batch (_shared.pxi); rings bound unshared take no lock.
 Decisions are made on private copies (STYLE.md pattern 14): the guest can
 rewrite its buffers while we look at them, so the bytes a decision reads are
 copied out of guest memory first and the copy is what gets delivered. The
-switch copies each frame's first HEAD_COPY bytes (every header it reads) and
+switch copies each frame's first HEAD_COPY bytes (the two addresses it reads) and
 delivers that copy followed by the rest of the frame; a Python stage sees,
 edits and sends whole copies. echo, patch and sink decide nothing per frame
 and copy a frame once, guest buffer to guest buffer (or not at all).
@@ -106,7 +106,7 @@ cdef enum:
     MAC_PROBES = 8            # linear-probe window: a full window evicts its oldest
     MAX_CAPTURES = 256
     CAP_BUF = 1 << 18         # bytes of pcap records buffered per file before write(2)
-    HEAD_COPY = 64            # switch: bytes of each frame copied out before deciding
+    HEAD_COPY = 12            # switch: bytes of each frame copied out before deciding (both MACs)
     HEAD_SEGS = 8             # ... a frame in more guest segments than this is copied whole
     TAP_SLOT = MAX_FRAME + 64 # a frame read from or written to a TAP, with its virtio-net header
     KIND_RX_KICK = 0          # epoll tags: binding << 2 | kind
@@ -263,7 +263,7 @@ cdef class Engine:
     cdef uint64_t last_src
     cdef int last_src_port                 # -1: nothing learned yet this batch
     cdef uint64_t last_dst
-    cdef int last_dst_port
+    cdef int last_dst_out                  # its verdict: a binding, -1 drop, -2 flood
     cdef bint last_dst_known
     # captures
     cdef Capture caps[MAX_CAPTURES]
@@ -811,21 +811,22 @@ cdef class Engine:
 
     cdef int switch_out(self, Binding *b, int i, double t, uint64_t *cnt) noexcept nogil:
         """Learn the source; the destination's binding, -1 to drop, -2 to flood."""
-        cdef uint8_t eth[12]
+        cdef uint8_t snap[12]
+        cdef const uint8_t *eth
         cdef Seg d
         cdef uint64_t dst, src
-        cdef int port
         if self.flen[i] < 14:
             cnt[C_DROP_FILTERED] += 1   # not an Ethernet frame
             return -1
         if self.fsrc[i][0].len >= self.fskip[i] + 12:
-            # One snapshot of both addresses (the common frame: the head
-            # copy or a private buffer; a constant-size copy, inlined).
-            memcpy(eth, self.fsrc[i][0].ptr + self.fskip[i], 12)
+            # Both addresses in the first segment (the common frame: the
+            # head copy or a private buffer): read where they are.
+            eth = <const uint8_t *>self.fsrc[i][0].ptr + self.fskip[i]
         else:
-            d.ptr = <char *>eth
+            d.ptr = <char *>snap
             d.len = 12
             copy_segs(&d, 1, 0, self.fsrc[i], self.fnsrc[i], self.fskip[i], 12)
+            eth = snap
         src = mac_of(eth + 6)
         if not (eth[6] & 1) and src != 0 and (
                 src != self.last_src or b.port != self.last_src_port):
@@ -838,18 +839,21 @@ cdef class Engine:
         if eth[0] & 1:
             return -2                               # broadcast / multicast
         dst = mac_of(eth)
-        if self.last_dst_known and dst == self.last_dst:
-            port = self.last_dst_port
-        else:
-            port = self.mac_lookup(dst, t)
+        if not (self.last_dst_known and dst == self.last_dst):
             self.last_dst = dst
-            self.last_dst_port = port
+            self.last_dst_out = self.unicast_out(b, self.mac_lookup(dst, t))
             self.last_dst_known = True
+        if self.last_dst_out == -1:
+            cnt[C_DROP_FILTERED] += 1     # never back to the in-port
+        return self.last_dst_out
+
+    cdef inline int unicast_out(self, Binding *b, int port) noexcept nogil:
+        """Where a unicast frame from b goes whose destination was learned
+        on `port` (-1: not learned): a binding, -1 to drop, -2 to flood."""
         if port < 0:
             return -2                               # unknown unicast
         if port == b.port:
-            cnt[C_DROP_FILTERED] += 1     # never back to the in-port
-            return -1
+            return -1                               # never back to the in-port
         if self.port_bind[b.group][port] < 0:
             return -2                               # that port's queue is not bound here
         return self.port_bind[b.group][port]
