@@ -626,6 +626,28 @@ cdef int dev_rx_enqueue(DevRing *r, const Seg *src, uint32_t nsrc, uint64_t skip
     return dev_rx_enqueue_hdr(r, NULL, src, nsrc, skip, frame_len)
 
 
+cdef inline void write_net_hdr(char *p, const uint8_t *vnet_hdr, uint32_t hdr_len) noexcept nogil:
+    """A one-buffer frame's virtio-net header, stored straight from
+    registers: the first 10 bytes from vnet_hdr (zeros if NULL), then
+    num_buffers 1 where the header has it.
+
+    Not copied from a header built on the stack: the copy's loads would
+    each span several of the stores that built it, a load the store buffer
+    cannot forward, and such a load waits until every older store has
+    reached the cache, behind the previous frame's stores into guest
+    buffers, whose lines the front-end's CPU holds (perf/PROFILE.md, "A
+    header load behind the last frame's stores")."""
+    cdef uint64_t head = 0          # flags, gso_type, hdr_len, gso_size, csum_start
+    cdef uint16_t csum_offset = 0
+    if vnet_hdr != NULL:
+        memcpy(&head, vnet_hdr, 8)
+        memcpy(&csum_offset, vnet_hdr + 8, 2)
+    memcpy(p, &head, 8)
+    memcpy(p + 8, &csum_offset, 2)
+    if hdr_len == 12:
+        vhu_write_once_u16(p + 10, 1)       # num_buffers
+
+
 cdef int dev_rx_enqueue_hdr(DevRing *r, const uint8_t *vnet_hdr, const Seg *src, uint32_t nsrc,
                             uint64_t skip, uint64_t frame_len) noexcept nogil:
     """Deliver one frame (frame_len bytes of src after skip) into the
@@ -700,7 +722,7 @@ cdef int dev_rx_enqueue_hdr(DevRing *r, const uint8_t *vnet_hdr, const Seg *src,
             # segment, or a few (the switch's private head copy and the rest
             # of the guest's buffer: copied in one pass, no bookkeeping of
             # where the header landed).
-            memcpy(w.ptr, hdr, hdr_len)
+            write_net_hdr(w.ptr, vnet_hdr, hdr_len)
             if nsrc == 1:
                 memcpy(w.ptr + hdr_len, src.ptr + skip, frame_len)
             elif (nsrc == 2 and skip <= src[0].len and frame_len >= src[0].len - skip
